@@ -1,0 +1,25 @@
+"""DePass decomposition engine (arXiv 2510.18462): exact additive attributions for causal LMs."""
+
+from engine.adapters import (
+    ADAPTERS,
+    ArchitectureAdapter,
+    UnsupportedArchitectureError,
+    supported_architectures,
+)
+from engine.engine import DePassEngine, ModelInfo
+from engine.request import AttributionRequest, RequestError
+from engine.result import AttributionResult
+from engine.splits import SPLIT_RULES
+
+__all__ = [
+    "ADAPTERS",
+    "SPLIT_RULES",
+    "ArchitectureAdapter",
+    "AttributionRequest",
+    "AttributionResult",
+    "DePassEngine",
+    "ModelInfo",
+    "RequestError",
+    "UnsupportedArchitectureError",
+    "supported_architectures",
+]

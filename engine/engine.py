@@ -1,0 +1,481 @@
+"""DePassEngine: load a causal LM once, answer attribution requests on it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.adapters import ArchitectureAdapter, adapter_for, norm_weight, rms_scale
+from engine.capture import ForwardTrace, trace_forward
+from engine.granularity import (
+    head_start,
+    module_start,
+    neuron_start,
+    subspace_start,
+    token_start,
+)
+from engine.propagate import Propagator, Snapshot, SplitSettings, Start
+from engine.request import AttributionRequest, RequestError
+from engine.result import AttributionResult
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+DEFAULT_BUDGET_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shape facts of the loaded model."""
+
+    architecture: str
+    family: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    dtype: str
+    device: str
+
+
+def resolve_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
+    """A torch dtype from its name; ``auto`` is bfloat16 on CUDA, float32 elsewhere."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+class DePassEngine:
+    """Decomposed forward passes on one resident model.
+
+    Args:
+        model: a supported Hugging Face causal LM using eager attention.
+        tokenizer: its tokenizer (optional when requests give ``input_ids``).
+        compute_dtype: dtype of the propagated components (float32 keeps conservation
+            tight even for bfloat16 weights).
+        memory_budget_bytes: working memory the propagation may use at once; larger
+            requests are processed in more, smaller chunks.
+        trace_cache_size: forward traces kept per prompt (LRU), so that several requests
+            on one prompt run the ordinary forward pass once.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        memory_budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        trace_cache_size: int = 4,
+    ) -> None:
+        self.adapter: ArchitectureAdapter = adapter_for(model)
+        _require_eager(model)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.compute_dtype = compute_dtype
+        self.memory_budget_bytes = memory_budget_bytes
+        self.trace_cache_size = trace_cache_size
+        self._traces: OrderedDict[tuple[int, ...], ForwardTrace] = OrderedDict()
+        self._lock = threading.Lock()
+        self.info = self._model_info()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str,
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        trust_remote_code: bool = False,
+        **engine_kwargs: Any,
+    ) -> DePassEngine:
+        """Load a model and its tokenizer (hub id or local path) with eager attention."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+        probe = type("Probe", (), {"config": config})()
+        adapter_for(probe)  # fail fast, before loading weights, on unsupported families
+        model = AutoModelForCausalLM.from_pretrained(
+            path_or_id,
+            dtype=resolve_dtype(dtype, device),
+            attn_implementation="eager",
+            trust_remote_code=trust_remote_code,
+        ).to(device)
+        tokenizer = load_tokenizer(path_or_id, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, **engine_kwargs)
+
+    # ------------------------------------------------------------------ model facts
+
+    def _model_info(self) -> ModelInfo:
+        config = self.model.config
+        heads = int(config.num_attention_heads)
+        hidden = int(config.hidden_size)
+        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+        embed = self.adapter.root_part(self.model, "embed_tokens")
+        return ModelInfo(
+            architecture=type(self.model).__name__,
+            family=self.adapter.family,
+            num_layers=len(self.adapter.decoder_layers(self.model)),
+            num_heads=heads,
+            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=head_dim,
+            hidden_size=hidden,
+            intermediate_size=int(config.intermediate_size),
+            vocab_size=int(embed.weight.shape[0]),
+            dtype=str(embed.weight.dtype).removeprefix("torch."),
+            device=str(embed.weight.device),
+        )
+
+    # ------------------------------------------------------------------ tokens
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt`` as the model sees it (special tokens included)."""
+        if self.tokenizer is None:
+            raise RequestError("prompt", "this engine has no tokenizer; send input_ids")
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Readable text of each token."""
+        if self.tokenizer is None:
+            return [str(i) for i in ids]
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def _resolve_targets(self, targets: Sequence[int | str]) -> list[int]:
+        resolved: list[int] = []
+        for target in targets:
+            if isinstance(target, int):
+                if not 0 <= target < self.info.vocab_size:
+                    raise RequestError(
+                        "targets",
+                        f"token id {target} is outside the vocabulary [0, {self.info.vocab_size})",
+                    )
+                resolved.append(target)
+                continue
+            ids = self._string_to_id(target)
+            if ids is None:
+                raise RequestError(
+                    "targets", f"{target!r} is not a single token of this tokenizer; send its id"
+                )
+            resolved.append(ids)
+        return resolved
+
+    def _string_to_id(self, text: str) -> int | None:
+        if self.tokenizer is None:
+            return None
+        vocab_id = self.tokenizer.convert_tokens_to_ids(text)
+        if isinstance(vocab_id, int) and vocab_id != self.tokenizer.unk_token_id:
+            return vocab_id
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[0] if len(ids) == 1 else None
+
+    # ------------------------------------------------------------------ forward pass
+
+    def trace(self, input_ids: Sequence[int]) -> ForwardTrace:
+        """The forward trace of ``input_ids``, from the LRU cache when possible."""
+        key = tuple(int(i) for i in input_ids)
+        with self._lock:
+            if key in self._traces:
+                self._traces.move_to_end(key)
+                return self._traces[key]
+        trace = trace_forward(self.model, self.adapter, torch.tensor(key, dtype=torch.long))
+        with self._lock:
+            self._traces[key] = trace
+            while len(self._traces) > self.trace_cache_size:
+                self._traces.popitem(last=False)
+        return trace
+
+    def clear_cache(self) -> None:
+        """Drop every cached forward trace."""
+        with self._lock:
+            self._traces.clear()
+
+    # ------------------------------------------------------------------ attribution
+
+    def attribute(self, request: AttributionRequest) -> AttributionResult:
+        """Decompose the prompt of ``request`` and return its components and scores.
+
+        Raises:
+            RequestError: the request does not fit the model (names the field).
+        """
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        input_ids = (
+            request.input_ids
+            if request.input_ids is not None
+            else self.tokenize(request.prompt or "")
+        )
+        self._check_ids(input_ids, "input_ids" if request.input_ids is not None else "prompt")
+        length = len(input_ids)
+        positions = _normalise_positions(request.positions, length, "positions")
+        layers = request.start_layers
+        end = self._check_layers(request, layers)
+        if request.groups is not None:
+            groups = [_normalise_positions(g, length, "groups") for g in request.groups]
+        else:
+            groups = None
+        if request.neurons is not None:
+            self._check_neurons(request.neurons)
+
+        with torch.inference_mode():
+            trace = self.trace(input_ids)
+            timings["forward_s"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            wanted = request.targets
+            if wanted is None:
+                wanted = [int(trace.last_logits.argmax())]
+            targets = self._resolve_targets(wanted)
+            unembed = self.adapter.root_part(self.model, "lm_head")
+            w_u = unembed.weight[targets].to(self.compute_dtype)  # (T, D)
+            bias = getattr(unembed, "bias", None)
+            b_u = None if bias is None else bias[targets].to(self.compute_dtype)
+            texts = self.token_texts(input_ids)
+            index = torch.tensor(positions, dtype=torch.long)
+            split = SplitSettings(
+                rule=request.mlp_split,
+                temperature=request.temperature,
+                ignore_first=request.first_token_rule
+                and (groups is None or any(g == [0] for g in groups)),
+            )
+            views: list[_View] = []
+            labels: list[str] = []
+            snapped: list[int] = []
+            for layer in layers:
+                propagator = Propagator(
+                    self.model, self.adapter, trace, self.compute_dtype, self.memory_budget_bytes
+                )
+                start = self._start(request, trace, layer, groups, texts, propagator)
+                labels = start.labels
+                for snap in propagator.run(start, split, end, index, request.all_layers):
+                    scaled = request.end_layer is None and not request.all_layers
+                    views.append(self._view(snap, trace, scaled, index, w_u, b_u))
+                    snapped.append(snap.layer)
+            if request.all_layers:
+                axis: list[int] | None = snapped
+            elif isinstance(request.start_layer, list):
+                axis = layers
+            else:
+                axis = None
+            result = self._assemble(
+                request, labels, views, axis, end, positions, targets, texts, input_ids
+            )
+        timings["decompose_s"] = time.perf_counter() - clock
+        result.timings = timings
+        return result
+
+    def _check_ids(self, ids: Sequence[int], field: str) -> None:
+        if not ids:
+            raise RequestError(field, "tokenizes to no tokens")
+        bad = [i for i in ids if not 0 <= i < self.info.vocab_size]
+        if bad:
+            raise RequestError(
+                field, f"token ids {bad[:5]} are outside the vocabulary [0, {self.info.vocab_size})"
+            )
+
+    def _check_layers(self, request: AttributionRequest, layers: list[int]) -> int:
+        """Validate start layers; return the end layer (``L`` for the model output)."""
+        n_layers = self.info.num_layers
+        # token and subspace runs decompose a residual (0..L); the others a layer's parts
+        top = n_layers if request.granularity in ("token", "subspace") else n_layers - 1
+        for layer in layers:
+            if not 0 <= layer <= top:
+                raise RequestError("start_layer", f"{layer} is outside [0, {top}] for this model")
+        end = n_layers if request.end_layer is None else request.end_layer
+        lowest = max(layers) if request.granularity in ("token", "subspace") else max(layers) + 1
+        if not lowest <= end <= n_layers:
+            raise RequestError(
+                "end_layer", f"{end} is outside [{lowest}, {n_layers}] for this request"
+            )
+        return end
+
+    def _check_neurons(self, neurons: Sequence[int]) -> None:
+        width = self.info.intermediate_size
+        if not neurons:
+            raise RequestError("neurons", "must name at least one neuron (or be null for all)")
+        if any(not 0 <= n < width for n in neurons):
+            raise RequestError("neurons", f"neuron indices must lie in [0, {width})")
+        if len(set(neurons)) != len(neurons):
+            raise RequestError("neurons", "repeats a neuron")
+
+    def _start(
+        self,
+        request: AttributionRequest,
+        trace: ForwardTrace,
+        layer: int,
+        groups: list[list[int]] | None,
+        texts: list[str],
+        propagator: Propagator,
+    ) -> Start:
+        """The initial components of one run (``layer`` is its start layer)."""
+        cast = lambda t: t.to(self.compute_dtype)  # noqa: E731
+        granularity = request.granularity
+        if granularity == "token":
+            return token_start(cast(trace.resid(layer)), layer, texts, groups)
+        if granularity == "subspace":
+            parts = torch.as_tensor(request.subspace, dtype=self.compute_dtype)
+            expected = (trace.num_tokens, self.info.hidden_size)
+            if tuple(parts.shape[1:]) != expected:
+                raise RequestError(
+                    "subspace",
+                    f"shape {tuple(parts.shape)} must be (K, {expected[0]}, {expected[1]})",
+                )
+            resid = cast(trace.resid(layer))
+            return subspace_start(resid, layer, parts.to(resid.device))
+        frozen = trace.layers[layer]
+        if granularity == "module":
+            return module_start(
+                cast(frozen.resid_pre),
+                cast(frozen.resid_mid),
+                cast(trace.resid(layer + 1)),
+                layer,
+                request.module or "attn",
+            )
+        weights = propagator.weights(layer)
+        if granularity == "head":
+            return head_start(cast(frozen.resid_pre).to(weights.device), weights, layer)
+        return neuron_start(
+            cast(frozen.resid_mid).to(weights.device), weights, layer, request.neurons
+        )
+
+    def _view(
+        self,
+        snap: Snapshot,
+        trace: ForwardTrace,
+        scaled_output: bool,
+        positions: torch.Tensor,
+        unembed: torch.Tensor,
+        unembed_bias: torch.Tensor | None,
+    ) -> _View:
+        """States, scores and conservation of one snapshot.
+
+        ``scaled_output``: the snapshot is the model output, so components are multiplied
+        by the final norm's frozen scale and compared with the normalised final state.
+        Other snapshots stay in the residual's units; their scores read them through the
+        final norm frozen at the true residual there (a logit lens that adds up).
+        """
+        final_norm = self.adapter.root_part(self.model, "final_norm")
+        true = trace.resid(snap.layer).to(self.compute_dtype)
+        scale = rms_scale(final_norm, true, self.adapter).to(self.compute_dtype) * norm_weight(
+            final_norm, self.adapter
+        ).to(self.compute_dtype)  # (N, D)
+        scale = scale.to(snap.values.device)
+        lens = scale[positions.to(scale.device)]  # (P, D)
+        total = snap.total
+        if scaled_output:
+            total = total * scale
+            true = trace.normed_final.to(self.compute_dtype)
+        error = float((total - true.to(total.device)).abs().max())
+        magnitude = max(float(true.abs().max()), torch.finfo(self.compute_dtype).tiny)
+        lensed = snap.values * lens  # (M + 1, P, D)
+        scores = lensed @ unembed.to(lensed.device).T  # (M + 1, P, T)
+        if unembed_bias is not None:
+            scores[-1] += unembed_bias.to(scores.device)
+        states = lensed if scaled_output else snap.values
+        return _View(
+            states=states.transpose(0, 1).cpu(),  # (P, M + 1, D)
+            scores=scores.transpose(0, 1).cpu(),  # (P, M + 1, T)
+            error=error,
+            relative_error=error / magnitude,
+        )
+
+    def _assemble(
+        self,
+        request: AttributionRequest,
+        labels: list[str],
+        views: list[_View],
+        layers: list[int] | None,
+        end: int,
+        positions: list[int],
+        targets: list[int],
+        texts: list[str],
+        input_ids: Sequence[int],
+    ) -> AttributionResult:
+        """Stack the views (a leading layer axis when ``layers`` is set) into a result."""
+
+        def pick(arrays: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(arrays) if layers is not None else arrays[-1]
+
+        want_states = "states" in request.outputs
+        want_scores = "scores" in request.outputs
+        return AttributionResult(
+            tokens=texts,
+            input_ids=list(input_ids),
+            components=labels,
+            positions=positions,
+            targets=targets,
+            target_tokens=self.token_texts(targets),
+            granularity=request.granularity,
+            mlp_split=request.mlp_split,
+            end="output" if request.end_layer is None else f"layer {end}",
+            layers=layers,
+            states=pick([v.states[:, :-1] for v in views]) if want_states else None,
+            remainder=pick([v.states[:, -1] for v in views]) if want_states else None,
+            scores=pick([v.scores[:, :-1] for v in views]) if want_scores else None,
+            remainder_scores=pick([v.scores[:, -1] for v in views]) if want_scores else None,
+            logits=pick([v.scores.sum(1) for v in views]),
+            conservation_error=max(v.error for v in views),
+            relative_conservation_error=max(v.relative_error for v in views),
+        )
+
+
+@dataclass
+class _View:
+    """One snapshot made ready for the result (remainder in the last component row)."""
+
+    states: torch.Tensor  # (P, M + 1, D)
+    scores: torch.Tensor  # (P, M + 1, T)
+    error: float
+    relative_error: float
+
+
+def _normalise_positions(values: Sequence[int] | None, length: int, field: str) -> list[int]:
+    if values is None:
+        return list(range(length))
+    out = []
+    for p in values:
+        if not -length <= p < length:
+            raise RequestError(field, f"position {p} is outside [-{length}, {length})")
+        out.append(p % length)
+    if not out:
+        raise RequestError(field, "must name at least one position")
+    return out
+
+
+def load_tokenizer(path_or_id: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model folder or hub id.
+
+    ``AutoTokenizer`` in transformers 5 picks the tokenizer class from the model type
+    (Qwen2Tokenizer for any qwen2 model), which re-tokenizes a plain ``tokenizer.json``
+    of another kind (a word-level one, say) wrongly. When the folder's
+    ``tokenizer_config.json`` names the generic fast tokenizer, load exactly that.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    declared = get_tokenizer_config(path_or_id).get("tokenizer_class")
+    if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+        return PreTrainedTokenizerFast.from_pretrained(path_or_id)
+    return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+
+
+def _require_eager(model: nn.Module) -> None:
+    implementation = getattr(model.config, "_attn_implementation", "eager")
+    if implementation != "eager":
+        raise ValueError(
+            f"the model uses {implementation!r} attention, which returns no probabilities; "
+            "load it with attn_implementation='eager' (DePassEngine.from_pretrained does)"
+        )

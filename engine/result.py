@@ -1,0 +1,46 @@
+"""The attribution result returned by :meth:`engine.DePassEngine.attribute`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AttributionResult:
+    """Components of the residual stream at the end of a decomposed forward pass.
+
+    Arrays are CPU tensors in the compute dtype (float32 by default). ``layers`` is set
+    when the arrays carry a leading layer axis (``all_layers`` or a list of head layers).
+    """
+
+    tokens: list[str]  # (N,) readable text of each input token
+    input_ids: list[int]  # (N,)
+    components: list[str]  # (M,) labels, in the order of the component axis
+    positions: list[int]  # (P,) non-negative positions of the position axis
+    targets: list[int]  # (T,) scored token ids
+    target_tokens: list[str]  # (T,)
+    granularity: str
+    mlp_split: str
+    end: str  # "output" (final-norm scaled) or "layer e" (residual entering layer e)
+    layers: list[int] | None  # leading-axis layers, or None
+    states: torch.Tensor | None  # ([layers,] P, M, D) components
+    remainder: torch.Tensor | None  # ([layers,] P, D) bias / remainder component
+    scores: torch.Tensor | None  # ([layers,] P, M, T) logit contribution of each component
+    remainder_scores: torch.Tensor | None  # ([layers,] P, T) the remainder's contribution
+    logits: torch.Tensor  # ([layers,] P, T) logit (lens) of each target: scores + remainder
+    conservation_error: float  # max |sum(components) + remainder - true state|
+    relative_conservation_error: float  # conservation_error / max |true state|
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+
+    def top_components(
+        self, k: int = 10, position: int = -1, target: int = 0
+    ) -> list[tuple[str, float]]:
+        """The ``k`` components with the largest score for one position and target."""
+        if self.scores is None:
+            raise ValueError("the result holds no scores; ask for outputs=['scores']")
+        scores = self.scores if self.layers is None else self.scores[-1]
+        row = scores[position, :, target]
+        order = torch.argsort(row, descending=True)[:k]
+        return [(self.components[i], float(row[i])) for i in order.tolist()]

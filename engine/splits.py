@@ -1,0 +1,128 @@
+"""MLP split rules: how one neuron's output is shared among the components.
+
+For a gated MLP ``down(act(g) * up)`` the true activation ``a[n, i]`` of neuron ``i`` at
+position ``n`` is frozen. Each component ``m`` has its own gate pre-activation
+``g_m = W_gate c_hat_m`` (its normalised part of the input), and a rule turns the
+``g_m`` into coefficients ``alpha_m`` that sum to one over the components, so that
+``sum_m alpha_m * a = a`` (conservation). The rules follow the method page
+(``docs/method.md``); where the public reference loses part of the neuron, the engine
+uses the conserving definition:
+
+- ``softmax``: ``exp(g_m / T)`` over the eligible components.
+- ``relu``: ``relu(g_m) / sum relu(g_j)``; a neuron with no positive gate goes to the
+  remainder (the reference drops it).
+- ``max``: the whole neuron to the eligible component with the largest gate.
+- ``linear``: ``relu(g_m - min_eligible g)`` normalised; equal shares when all eligible
+  gates are equal (the reference shifts by the float minimum and loses the neuron).
+- ``taylor``: ``g_m / g`` (first-order share of the true gate), not a convex split.
+
+Eligibility (softmax, relu, max, linear): a component whose gate is exactly zero is
+causally absent; the remainder's gate counts as zero below ``REMAINDER_GATE_EPS`` (and so
+does the last part of a subspace run, which the reference treats as its remainder); a
+neuron with no eligible component goes wholly to the remainder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+SplitRule = Literal["softmax", "relu", "max", "linear", "taylor"]
+SPLIT_RULES: tuple[str, ...] = ("softmax", "relu", "max", "linear", "taylor")
+
+REMAINDER_GATE_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How to split one chunk of positions.
+
+    Attributes:
+        rule: the coefficient rule.
+        temperature: softmax temperature.
+        anchor: index (on the chunk's component axis) of the component that holds the
+            first token: its gate is set to 1.0 at position 0 before the split, and the
+            first-token rule applies to it. ``None`` when it is not in the chunk.
+        ignore_anchor: the first-token rule: the anchor takes no share after position 0.
+        starts_at_zero: the chunk's first position is position 0 of the prompt.
+        floored: indices of the components whose gates below ``REMAINDER_GATE_EPS``
+            count as absent (the remainder, and the last part of a subspace run).
+    """
+
+    rule: SplitRule
+    temperature: float
+    anchor: int | None
+    ignore_anchor: bool
+    starts_at_zero: bool
+    floored: tuple[int, ...] = (-1,)
+
+
+def neuron_shares(
+    gates: torch.Tensor, act: torch.Tensor, true_gate: torch.Tensor, spec: SplitSpec
+) -> torch.Tensor:
+    """Each component's share of each neuron's activation.
+
+    Args:
+        gates: (M, P, I) component gate pre-activations; the LAST component is the
+            remainder. Modified in place.
+        act: (P, I) true neuron activations ``a``.
+        true_gate: (P, I) true gate pre-activations ``g``.
+        spec: the rule and the first-token settings.
+
+    Returns:
+        (M, P, I) shares whose sum over components is ``act`` (up to rounding).
+    """
+    if spec.rule == "taylor":
+        ratio = torch.where(true_gate != 0, act / true_gate, torch.zeros_like(act))
+        return gates.mul_(ratio)
+
+    if spec.anchor is not None and spec.starts_at_zero:
+        gates[spec.anchor, 0] = 1.0
+    eligible = gates != 0  # (M, P, I)
+    for index in spec.floored:
+        eligible[index] &= gates[index].abs() >= REMAINDER_GATE_EPS
+    if spec.anchor is not None and spec.ignore_anchor:
+        eligible[spec.anchor, 1 if spec.starts_at_zero else 0 :] = False
+
+    coefficients, assigned = _RULES[spec.rule](gates, eligible, spec.temperature)
+    coefficients[-1] += (~assigned).to(coefficients.dtype)  # unassigned -> remainder
+    return coefficients.mul_(act)
+
+
+def _normalise(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divide (M, P, I) non-negative weights by their sum; all-zero neurons stay zero."""
+    total = weights.sum(0)  # (P, I)
+    assigned = total > 0
+    return weights.div_(torch.where(assigned, total, torch.ones_like(total))), assigned
+
+
+def _softmax(gates: torch.Tensor, eligible: torch.Tensor, temperature: float):
+    logits = gates.div_(temperature).masked_fill_(~eligible, float("-inf"))
+    peak = logits.amax(0, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    return _normalise(logits.sub_(peak).exp_())  # exp(-inf) = 0 for the ineligible
+
+
+def _relu(gates: torch.Tensor, eligible: torch.Tensor, _temperature: float):
+    return _normalise(gates.clamp_(min=0).mul_(eligible))
+
+
+def _max(gates: torch.Tensor, eligible: torch.Tensor, _temperature: float):
+    winner = gates.masked_fill_(~eligible, float("-inf")).argmax(0, keepdim=True)
+    assigned = eligible.any(0)
+    coefficients = torch.zeros_like(gates).scatter_(0, winner, 1.0)
+    return coefficients.mul_(assigned), assigned
+
+
+def _linear(gates: torch.Tensor, eligible: torch.Tensor, _temperature: float):
+    floor = gates.masked_fill(~eligible, float("inf")).amin(0, keepdim=True)
+    floor = torch.where(torch.isfinite(floor), floor, torch.zeros_like(floor))
+    weights = gates.sub_(floor).clamp_(min=0).mul_(eligible)
+    # All eligible gates equal (a single eligible component included): equal shares.
+    tied = (weights.sum(0, keepdim=True) == 0) & eligible.any(0, keepdim=True)
+    return _normalise(torch.where(tied, eligible.to(weights.dtype), weights))
+
+
+_RULES = {"softmax": _softmax, "relu": _relu, "max": _max, "linear": _linear}

@@ -1,0 +1,96 @@
+"""Tiny random models and a word-level tokenizer, built in-process for tests and demos.
+
+Nothing here downloads anything: configs are written out, weights are drawn from a
+seeded generator, and the tokenizer is a ``tokenizers`` WordLevel model over a word list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+FAMILIES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+WORDS: tuple[str, ...] = tuple(
+    (
+        "the a of to and in is was on for with as by at from that it he she they we capital "
+        "city country France Paris Rome Italy Berlin Germany Spain Madrid Mary John Anna "
+        "Peter store park school market gave drink book ball went when then after located "
+        "continent Europe Asia Africa river mountain red blue green old new"
+    ).split()
+)
+
+
+def word_tokenizer(words: Sequence[str] = WORDS, bos: bool = True) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer; ``bos`` prepends ``<s>`` like Llama's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 1)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+
+
+def tiny_model(
+    family: str = "llama",
+    seed: int = 0,
+    vocab_size: int = 96,
+    bias_std: float = 0.1,
+    **overrides: Any,
+) -> PreTrainedModel:
+    """A small random causal LM of ``family`` with eager attention, in float32.
+
+    Defaults follow the Hugging Face model testers: hidden 32, 2 layers, GQA 4/2, MLP 48.
+    RMSNorm gains are drawn around 1 and, for families with q/k/v biases (Qwen2),
+    biases are drawn with ``bias_std`` so that bias handling is exercised.
+    """
+    import transformers
+
+    config_name, model_name = FAMILIES[family]
+    settings: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "attn_implementation": "eager",
+    }
+    settings.update(overrides)
+    config = getattr(transformers, config_name)(**settings)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("bias"):
+                param.copy_(bias_std * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model

@@ -1,0 +1,117 @@
+"""The fast paths (chunking under a memory budget, causal skipping, reordered groups,
+the trace cache) give the same numbers as the plain path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine import AttributionRequest, DePassEngine
+from engine.granularity import token_start
+from engine.propagate import Propagator, SplitSettings
+from engine.testing import tiny_model, word_tokenizer
+
+PROMPT = "when Mary and John went to the store John gave a drink to Mary"
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_model("qwen2", seed=11, bias_std=0.2, num_hidden_layers=3)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"granularity": "token"},
+        {"granularity": "token", "groups": [[5, 6], [0], [2, 1], [9]]},
+        {"granularity": "head", "start_layer": [0, 2]},
+        {"granularity": "neuron", "start_layer": 1},
+        {"granularity": "module", "module": "attn", "start_layer": 1},
+    ],
+    ids=["token", "groups", "heads", "neurons", "module"],
+)
+@pytest.mark.parametrize("rule", ["softmax", "linear", "taylor"])
+def test_tiny_budget_matches_large_budget(
+    model: torch.nn.Module, fields: dict[str, Any], rule: str
+) -> None:
+    """A 1 KiB budget forces one component per attention block and one position per MLP
+    chunk; the result must not change."""
+    fields = {"prompt": PROMPT, "mlp_split": rule, "outputs": ["states", "scores"], **fields}
+    big = DePassEngine(model, word_tokenizer(), memory_budget_bytes=1 << 32)
+    small = DePassEngine(model, word_tokenizer(), memory_budget_bytes=1 << 10)
+    want = big.attribute(AttributionRequest(**fields))
+    got = small.attribute(AttributionRequest(**fields))
+    torch.testing.assert_close(got.states, want.states, rtol=0, atol=2e-6)
+    torch.testing.assert_close(got.remainder, want.remainder, rtol=0, atol=2e-6)
+    torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("rule", ["softmax", "max", "relu"])
+def test_causal_skipping_matches_full_computation(model: torch.nn.Module, rule: str) -> None:
+    """Token components declared live from position 0 (no skipping) give the same states."""
+    engine = DePassEngine(model, word_tokenizer())
+    trace = engine.trace(engine.tokenize(PROMPT))
+    n_layers = engine.info.num_layers
+    positions = torch.arange(trace.num_tokens)
+    split = SplitSettings(rule=rule, ignore_first=True)
+    results = []
+    for skip in (True, False):
+        start = token_start(trace.resid(0), 0, engine.token_texts(trace.input_ids.tolist()), None)
+        if not skip:
+            start.first_position = torch.zeros_like(start.first_position)
+        propagator = Propagator(model, engine.adapter, trace, torch.float32, 1 << 30)
+        results.append(propagator.run(start, split, n_layers, positions)[-1].values)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=2e-6)
+
+
+def test_groups_equal_sums_of_token_components(model: torch.nn.Module) -> None:
+    """Groups of one token each, given out of order, equal the plain token run."""
+    engine = DePassEngine(model, word_tokenizer())
+    n = len(engine.tokenize(PROMPT))
+    singles = [[k] for k in reversed(range(n))]
+    token = engine.attribute(AttributionRequest(prompt=PROMPT, outputs=["states"]))
+    grouped = engine.attribute(
+        AttributionRequest(prompt=PROMPT, groups=singles, outputs=["states"])
+    )
+    order = list(reversed(range(n)))
+    torch.testing.assert_close(grouped.states, token.states[:, order], rtol=0, atol=1e-6)
+    assert grouped.components == [token.components[k] for k in order]
+
+
+def test_trace_cache_reuses_forward_pass(model: torch.nn.Module) -> None:
+    engine = DePassEngine(model, word_tokenizer(), trace_cache_size=2)
+    ids = engine.tokenize(PROMPT)
+    first = engine.trace(ids)
+    assert engine.trace(ids) is first
+    engine.trace(ids[:-1])
+    engine.trace(ids[:-2])  # evicts the oldest
+    assert engine.trace(ids) is not first
+
+
+def test_from_pretrained_round_trip(tmp_path: Path, model: torch.nn.Module) -> None:
+    """A saved model folder loads by path with eager attention and gives the same result."""
+    model.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    loaded = DePassEngine.from_pretrained(str(tmp_path), device="cpu", dtype="float32")
+    assert loaded.info.family == "qwen2"
+    assert loaded.info.num_layers == 3
+    request = AttributionRequest(prompt=PROMPT, outputs=["scores"])
+    want = DePassEngine(model, word_tokenizer()).attribute(request)
+    got = loaded.attribute(request)
+    torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-6)
+
+
+def test_bfloat16_weights_conserve_in_float32_compute(
+    tmp_path: Path, model: torch.nn.Module
+) -> None:
+    model.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    engine = DePassEngine.from_pretrained(str(tmp_path), dtype="bfloat16")
+    assert engine.info.dtype == "bfloat16"
+    result = engine.attribute(AttributionRequest(prompt=PROMPT, outputs=["states"]))
+    assert result.states.dtype == torch.float32
+    # bfloat16's own forward pass is the truth here: its rounding bounds the error.
+    assert result.relative_conservation_error <= 2e-2

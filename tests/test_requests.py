@@ -1,0 +1,122 @@
+"""Bad requests fail with an error that names the field, before any work is done."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from engine import AttributionRequest, DePassEngine, RequestError, UnsupportedArchitectureError
+
+PROMPT = "the capital of France is"
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"prompt": PROMPT, "input_ids": [1, 2]}, "input_ids"),
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"input_ids": []}, "input_ids"),
+        ({"input_ids": [1, -2]}, "input_ids"),
+        ({"prompt": PROMPT, "granularity": "layer"}, "granularity"),
+        ({"prompt": PROMPT, "start_layer": -1}, "start_layer"),
+        ({"prompt": PROMPT, "start_layer": [0, 1]}, "start_layer"),
+        ({"prompt": PROMPT, "granularity": "head", "start_layer": []}, "start_layer"),
+        ({"prompt": PROMPT, "granularity": "module"}, "module"),
+        ({"prompt": PROMPT, "module": "attn"}, "module"),
+        ({"prompt": PROMPT, "granularity": "module", "module": "ffn"}, "module"),
+        ({"prompt": PROMPT, "neurons": [1]}, "neurons"),
+        ({"prompt": PROMPT, "groups": [[0, 1], [1]]}, "groups"),
+        ({"prompt": PROMPT, "groups": [[]]}, "groups"),
+        ({"prompt": PROMPT, "granularity": "subspace"}, "subspace"),
+        ({"prompt": PROMPT, "granularity": "subspace", "subspace": np.zeros((2, 3))}, "subspace"),
+        (
+            {"prompt": PROMPT, "granularity": "subspace", "subspace": np.full((1, 2, 3), np.nan)},
+            "subspace",
+        ),
+        ({"prompt": PROMPT, "mlp_split": "gelu"}, "mlp_split"),
+        ({"prompt": PROMPT, "temperature": 0}, "temperature"),
+        ({"prompt": PROMPT, "temperature": float("nan")}, "temperature"),
+        ({"prompt": PROMPT, "temperature": float("inf")}, "temperature"),
+        ({"prompt": PROMPT, "all_layers": True, "granularity": "head"}, "all_layers"),
+        ({"prompt": PROMPT, "outputs": []}, "outputs"),
+        ({"prompt": PROMPT, "outputs": ["logits"]}, "outputs"),
+        ({"prompt": PROMPT, "layer": 3}, "layer"),
+    ],
+)
+def test_invalid_fields_are_named(fields: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        AttributionRequest(**fields)
+    assert field in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"start_layer": 3}, "start_layer"),  # token runs accept 0..L (L = 2)
+        ({"granularity": "head", "start_layer": 2}, "start_layer"),
+        ({"granularity": "head", "start_layer": [0, 5]}, "start_layer"),
+        ({"start_layer": 1, "end_layer": 0}, "end_layer"),
+        ({"end_layer": 3}, "end_layer"),
+        ({"granularity": "module", "module": "mlp", "start_layer": 1, "end_layer": 1}, "end_layer"),
+        ({"granularity": "neuron", "neurons": [48]}, "neurons"),
+        ({"granularity": "neuron", "neurons": [1, 1]}, "neurons"),
+        ({"groups": [[0], [9]]}, "groups"),
+        ({"positions": [6]}, "positions"),  # 6 tokens with the BOS
+        ({"positions": [-7]}, "positions"),
+        ({"targets": [96]}, "targets"),
+        ({"targets": ["zebra-crossing"]}, "targets"),
+        ({"granularity": "subspace", "subspace": np.zeros((1, 5, 32))}, "subspace"),
+        ({"granularity": "subspace", "subspace": np.zeros((1, 6, 31))}, "subspace"),
+    ],
+)
+def test_model_dependent_errors_name_the_field(
+    llama_engine: DePassEngine, fields: dict[str, Any], field: str
+) -> None:
+    request = AttributionRequest(prompt=PROMPT, **fields)
+    with pytest.raises(RequestError) as caught:
+        llama_engine.attribute(request)
+    assert caught.value.field == field
+    assert str(caught.value).startswith(field)
+
+
+def test_token_run_may_start_at_the_output_residual(llama_engine: DePassEngine) -> None:
+    result = llama_engine.attribute(AttributionRequest(prompt=PROMPT, start_layer=2))
+    assert result.relative_conservation_error <= 1e-6
+    # Nothing mixes after layer L: each position is its own token's.
+    assert float(result.scores[-1, :-1].abs().max()) == 0.0
+
+
+def test_out_of_vocabulary_ids(llama_engine: DePassEngine) -> None:
+    with pytest.raises(RequestError) as caught:
+        llama_engine.attribute(AttributionRequest(input_ids=[1, 500]))
+    assert caught.value.field == "input_ids"
+
+
+def test_string_targets_resolve_to_single_tokens(llama_engine: DePassEngine) -> None:
+    result = llama_engine.attribute(AttributionRequest(prompt=PROMPT, targets=["Paris", 5]))
+    assert result.target_tokens[0] == "Paris"
+    assert result.targets[1] == 5
+
+
+def test_unsupported_architecture_lists_supported() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError) as caught:
+        DePassEngine(model)
+    message = str(caught.value)
+    assert "GPT2LMHeadModel" in message
+    for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+        assert name in message
+
+
+def test_sdpa_model_is_refused() -> None:
+    from engine.testing import tiny_model
+
+    model = tiny_model("llama", attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="eager"):
+        DePassEngine(model)
