@@ -6,7 +6,7 @@ from engine.adapters import (
     UnsupportedArchitectureError,
     supported_architectures,
 )
-from engine.engine import DePassEngine, ModelInfo
+from engine.engine import DePassEngine, ModelInfo, Plan
 from engine.request import AttributionRequest, RequestError
 from engine.result import AttributionResult
 from engine.splits import SPLIT_RULES
@@ -19,6 +19,7 @@ __all__ = [
     "AttributionResult",
     "DePassEngine",
     "ModelInfo",
+    "Plan",
     "RequestError",
     "UnsupportedArchitectureError",
     "supported_architectures",

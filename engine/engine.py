@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +33,48 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 DEFAULT_BUDGET_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request, sized before any model work (see :meth:`DePassEngine.plan`)."""
+
+    input_ids: list[int]
+    positions: list[int]  # non-negative, in the order asked
+    groups: list[list[int]] | None
+    layers: list[int]  # start layers (one run each)
+    end: int  # the residual entering this layer (L: the output)
+    components: int  # M, the remainder not counted
+    snapshots: int  # entries of the leading layer axis (1 when there is none)
+    targets: int
+    hidden_size: int
+    intermediate_size: int
+    outputs: tuple[str, ...]
+    element_bytes: int
+    budget_bytes: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    def result_bytes(self, element_bytes: int | None = None) -> int:
+        """Bytes of the arrays the result will hold (states, remainder, scores, logits)."""
+        size = element_bytes or self.element_bytes
+        rows = self.snapshots * len(self.positions) * (self.components + 1)
+        total = self.snapshots * len(self.positions) * self.targets  # logits
+        if "states" in self.outputs:
+            total += rows * self.hidden_size
+        if "scores" in self.outputs:
+            total += rows * self.targets
+        return total * size
+
+    def working_bytes(self) -> int:
+        """Upper bound of the memory the decomposition holds at once, weights aside: the
+        (M + 1, N, D) components twice (a sorted copy), the snapshots kept, and the
+        chunked working set, which the budget bounds."""
+        components = (self.components + 1) * self.num_tokens * self.hidden_size
+        kept = self.snapshots * len(self.positions) * (self.components + 1) * self.hidden_size
+        return (2 * components + kept) * self.element_bytes + self.budget_bytes
 
 
 @dataclass(frozen=True)
@@ -206,6 +249,56 @@ class DePassEngine:
 
     # ------------------------------------------------------------------ attribution
 
+    def plan(self, request: AttributionRequest) -> Plan:
+        """Validate ``request`` against the model and size it, without any model work.
+
+        Raises:
+            RequestError: the request does not fit the model (names the field).
+        """
+        from_ids = request.input_ids is not None
+        input_ids = list(request.input_ids) if from_ids else self.tokenize(request.prompt or "")
+        self._check_ids(input_ids, "input_ids" if from_ids else "prompt")
+        length = len(input_ids)
+        positions = _normalise_positions(request.positions, length, "positions")
+        layers = request.start_layers
+        end = self._check_layers(request, layers)
+        groups = None
+        if request.groups is not None:
+            groups = [_normalise_positions(g, length, "groups") for g in request.groups]
+        if request.neurons is not None:
+            self._check_neurons(request.neurons)
+        info = self.info
+        granularity = request.granularity
+        if granularity == "token":
+            covered = length if groups is None else sum(len(g) for g in groups)
+            count = length if groups is None else len(groups) + (covered < length)
+        elif granularity == "module":
+            count = 2
+        elif granularity == "head":
+            count = info.num_heads + 1
+        elif granularity == "neuron":
+            count = 1 + (
+                info.intermediate_size if request.neurons is None else len(request.neurons)
+            )
+        else:
+            count = int(np.shape(request.subspace)[0])
+        snapshots = end - layers[0] + 1 if request.all_layers else len(layers)
+        return Plan(
+            input_ids=input_ids,
+            positions=positions,
+            groups=groups,
+            layers=layers,
+            end=end,
+            components=count,
+            snapshots=snapshots,
+            targets=1 if request.targets is None else len(request.targets),
+            hidden_size=info.hidden_size,
+            intermediate_size=info.intermediate_size,
+            outputs=tuple(request.outputs),
+            element_bytes=torch.finfo(self.compute_dtype).bits // 8,
+            budget_bytes=self.memory_budget_bytes,
+        )
+
     def attribute(self, request: AttributionRequest) -> AttributionResult:
         """Decompose the prompt of ``request`` and return its components and scores.
 
@@ -214,22 +307,14 @@ class DePassEngine:
         """
         timings: dict[str, float] = {}
         clock = time.perf_counter()
-        input_ids = (
-            request.input_ids
-            if request.input_ids is not None
-            else self.tokenize(request.prompt or "")
+        plan = self.plan(request)
+        input_ids, positions, layers, end, groups = (
+            plan.input_ids,
+            plan.positions,
+            plan.layers,
+            plan.end,
+            plan.groups,
         )
-        self._check_ids(input_ids, "input_ids" if request.input_ids is not None else "prompt")
-        length = len(input_ids)
-        positions = _normalise_positions(request.positions, length, "positions")
-        layers = request.start_layers
-        end = self._check_layers(request, layers)
-        if request.groups is not None:
-            groups = [_normalise_positions(g, length, "groups") for g in request.groups]
-        else:
-            groups = None
-        if request.neurons is not None:
-            self._check_neurons(request.neurons)
 
         with torch.inference_mode():
             trace = self.trace(input_ids)

@@ -115,3 +115,27 @@ def test_bfloat16_weights_conserve_in_float32_compute(
     assert result.states.dtype == torch.float32
     # bfloat16's own forward pass is the truth here: its rounding bounds the error.
     assert result.relative_conservation_error <= 2e-2
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"outputs": ["scores"]},
+        {"outputs": ["states", "scores"], "targets": [3, 4]},
+        {"outputs": ["states"], "all_layers": True, "positions": [-1, 2]},
+        {"granularity": "token", "groups": [[1, 2], [4]], "outputs": ["states"]},
+        {"granularity": "head", "start_layer": [0, 1], "outputs": ["states", "scores"]},
+        {"granularity": "neuron", "start_layer": 2, "neurons": [0, 5], "outputs": ["states"]},
+    ],
+)
+def test_plan_predicts_result_size(model: torch.nn.Module, fields: dict[str, Any]) -> None:
+    """The size estimate made before any model work equals the arrays returned."""
+    engine = DePassEngine(model, word_tokenizer())
+    request = AttributionRequest(prompt=PROMPT, **fields)
+    plan = engine.plan(request)
+    result = engine.attribute(request)
+    arrays = [result.states, result.remainder, result.scores, result.remainder_scores]
+    arrays.append(result.logits)
+    actual = sum(a.numel() * a.element_size() for a in arrays if a is not None)
+    assert plan.result_bytes() == actual
+    assert plan.components == len(result.components)
