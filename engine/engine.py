@@ -46,7 +46,7 @@ class Plan:
     end: int  # the residual entering this layer (L: the output)
     components: int  # M, the remainder not counted
     snapshots: int  # entries of the leading layer axis (1 when there is none)
-    targets: int
+    target_ids: list[int] | None  # resolved targets; None: the model's top-1, known after the pass
     hidden_size: int
     intermediate_size: int
     outputs: tuple[str, ...]
@@ -56,6 +56,11 @@ class Plan:
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def targets(self) -> int:
+        """Number of scored targets."""
+        return 1 if self.target_ids is None else len(self.target_ids)
 
     def result_bytes(self, element_bytes: int | None = None) -> int:
         """Bytes of the arrays the result will hold (states, remainder, scores, logits)."""
@@ -291,7 +296,7 @@ class DePassEngine:
             end=end,
             components=count,
             snapshots=snapshots,
-            targets=1 if request.targets is None else len(request.targets),
+            target_ids=None if request.targets is None else self._resolve_targets(request.targets),
             hidden_size=info.hidden_size,
             intermediate_size=info.intermediate_size,
             outputs=tuple(request.outputs),
@@ -320,10 +325,7 @@ class DePassEngine:
             trace = self.trace(input_ids)
             timings["forward_s"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            wanted = request.targets
-            if wanted is None:
-                wanted = [int(trace.last_logits.argmax())]
-            targets = self._resolve_targets(wanted)
+            targets = plan.target_ids or [int(trace.last_logits.argmax())]
             unembed = self.adapter.root_part(self.model, "lm_head")
             w_u = unembed.weight[targets].to(self.compute_dtype)  # (T, D)
             bias = getattr(unembed, "bias", None)

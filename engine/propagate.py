@@ -19,7 +19,7 @@ components and each MLP chunk only touches the components already alive there.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -192,12 +192,14 @@ class Propagator:
             every_layer: snapshot the residual entering every layer from the start on;
                 otherwise only the end.
         """
+        # Internal layout: row 0 is the remainder, rows 1..M the components sorted by
+        # first position, so that the rows alive in a chunk are one contiguous slice.
         count = start.values.shape[0] - 1
         order = torch.argsort(start.first_position, stable=True)
-        inverse = torch.argsort(order)
+        inverse = torch.argsort(order) + 1  # caller's index -> internal row
         remainder_row = torch.tensor([count])
-        values = start.values[torch.cat([order, remainder_row])]
-        restore = torch.cat([inverse, remainder_row])
+        values = start.values[torch.cat([remainder_row, order])]
+        restore = torch.cat([inverse, torch.tensor([0])])  # internal -> caller's, remainder last
         first = start.first_position[order].tolist()
         facts = _SortedFacts(
             anchor=None if start.anchor is None else int(inverse[start.anchor]),
@@ -230,18 +232,17 @@ class Propagator:
 
     def _attention(self, w: LayerWeights, values: torch.Tensor, first: list[int]) -> None:
         """Add each component's attention output, in blocks of components (in place)."""
-        count, length, hidden = values.shape[0] - 1, values.shape[1], values.shape[2]
+        rows, length, hidden = values.shape
         per_row = (3 * hidden + 2 * w.w_v.shape[0] + 2 * w.w_o.shape[1]) * values.element_size()
         block = max(1, min(self.budget_bytes // max(1, per_row * length), _causal_block(length)))
-        for lo in range(0, count, block):
-            hi = min(count, lo + block)
-            self._attend_rows(w, values, lo, hi, first[lo])
-        self._attend_rows(w, values, count, count + 1, 0)  # the remainder
-        values[-1] += w.attn_bias
+        self._attend_rows(w, values, 0, 1, 0)  # the remainder
+        for lo in range(1, rows, block):
+            self._attend_rows(w, values, lo, min(rows, lo + block), first[lo - 1])
+        values[0] += w.attn_bias
 
     @staticmethod
     def _attend_rows(w: LayerWeights, values: torch.Tensor, lo: int, hi: int, p0: int) -> None:
-        rows = values[lo:hi, p0:]  # (B, N', D) view
+        rows = values[lo:hi, p0:]  # (B, N', D) view, zero before p0
         context = w.head_context(rows * w.in_scale[p0:], start=p0)
         rows += context @ w.w_o.T
 
@@ -254,31 +255,35 @@ class Propagator:
         split: SplitSettings,
     ) -> None:
         """Add each component's share of the MLP output, in chunks of positions (in place)."""
-        count, length, hidden = values.shape[0] - 1, values.shape[1], values.shape[2]
+        rows, length, hidden = values.shape
         neurons = w.w_gate.shape[0]
-        per_position = (count + 1) * (2 * hidden + 3 * neurons) * values.element_size()
+        per_position = rows * (2 * hidden + 3 * neurons) * values.element_size()
         chunk = max(1, min(self.budget_bytes // max(1, per_position), length))
         if first and first[-1] > 0:  # components start late: smaller chunks skip more zeros
             chunk = min(chunk, _causal_block(length))
+        spec = SplitSpec(
+            rule=split.rule,
+            temperature=split.temperature,
+            anchor=facts.anchor,
+            ignore_anchor=split.ignore_first,
+            starts_at_zero=True,
+        )
+        scale = w.mid_scale * spec.gate_scale  # (N, D) frozen norm, and 1 / T for softmax
         for p0 in range(0, length, chunk):
             p1 = min(length, p0 + chunk)
-            live = bisect.bisect_left(first, p1)  # components alive before p1
-            rows = torch.cat([values[:live, p0:p1], values[-1:, p0:p1]])  # (live + 1, P, D)
-            gates = (rows * w.mid_scale[p0:p1]) @ w.w_gate.T  # (live + 1, P, I)
-            spec = SplitSpec(
-                rule=split.rule,
-                temperature=split.temperature,
-                anchor=facts.anchor if facts.anchor is not None and facts.anchor < live else None,
-                ignore_anchor=split.ignore_first,
+            live = 1 + bisect.bisect_left(first, p1)  # the remainder and the components alive
+            block = values[:live, p0:p1]  # (live, P, D) view
+            gates = (block * scale[p0:p1]) @ w.w_gate.T  # (live, P, I)
+            chunk_spec = replace(
+                spec,
+                anchor=spec.anchor if spec.anchor is not None and spec.anchor < live else None,
                 starts_at_zero=p0 == 0,
-                floored=(*tuple(i for i in facts.floored if i < live), -1),
+                floored=(0, *(i for i in facts.floored if i < live)),
             )
-            shares = neuron_shares(gates, w.act[p0:p1], w.gate[p0:p1], spec)
-            out = shares @ w.w_down.T  # (live + 1, P, D)
-            values[:live, p0:p1] += out[:-1]
-            values[-1, p0:p1] += out[-1]
+            shares = neuron_shares(gates, w.act[p0:p1], w.gate[p0:p1], chunk_spec)
+            block += shares @ w.w_down.T  # (live, P, D)
         if w.mlp_bias is not None:
-            values[-1] += w.mlp_bias
+            values[0] += w.mlp_bias
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ class SplitSpec:
         starts_at_zero: the chunk's first position is position 0 of the prompt.
         floored: indices of the components whose gates below ``REMAINDER_GATE_EPS``
             count as absent (the remainder, and the last part of a subspace run).
+        gate_scale: the factor the gates were multiplied by before the split (``1 / T``
+            for softmax, folded into the normalisation so that no pass divides by ``T``).
     """
 
     rule: SplitRule
@@ -56,7 +58,11 @@ class SplitSpec:
     anchor: int | None
     ignore_anchor: bool
     starts_at_zero: bool
-    floored: tuple[int, ...] = (-1,)
+    floored: tuple[int, ...] = (0,)
+
+    @property
+    def gate_scale(self) -> float:
+        return 1.0 / self.temperature if self.rule == "softmax" else 1.0
 
 
 def neuron_shares(
@@ -65,8 +71,8 @@ def neuron_shares(
     """Each component's share of each neuron's activation.
 
     Args:
-        gates: (M, P, I) component gate pre-activations; the LAST component is the
-            remainder. Modified in place.
+        gates: (M, P, I) component gate pre-activations times ``spec.gate_scale``; the
+            FIRST component is the remainder. Modified in place.
         act: (P, I) true neuron activations ``a``.
         true_gate: (P, I) true gate pre-activations ``g``.
         spec: the rule and the first-token settings.
@@ -78,51 +84,50 @@ def neuron_shares(
         ratio = torch.where(true_gate != 0, act / true_gate, torch.zeros_like(act))
         return gates.mul_(ratio)
 
+    scale = spec.gate_scale
     if spec.anchor is not None and spec.starts_at_zero:
-        gates[spec.anchor, 0] = 1.0
+        gates[spec.anchor, 0] = scale  # a gate of 1.0
     eligible = gates != 0  # (M, P, I)
     for index in spec.floored:
-        eligible[index] &= gates[index].abs() >= REMAINDER_GATE_EPS
+        eligible[index] &= gates[index].abs() >= REMAINDER_GATE_EPS * scale
     if spec.anchor is not None and spec.ignore_anchor:
         eligible[spec.anchor, 1 if spec.starts_at_zero else 0 :] = False
 
-    coefficients, assigned = _RULES[spec.rule](gates, eligible, spec.temperature)
-    coefficients[-1] += (~assigned).to(coefficients.dtype)  # unassigned -> remainder
-    return coefficients.mul_(act)
+    weights, total = _RULES[spec.rule](gates, eligible)  # unnormalised, and their sum
+    assigned = total > 0  # (P, I)
+    shares = weights.mul_(act / torch.where(assigned, total, torch.ones_like(total)))
+    shares[0] += torch.where(assigned, torch.zeros_like(act), act)  # unassigned -> remainder
+    return shares
 
 
-def _normalise(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Divide (M, P, I) non-negative weights by their sum; all-zero neurons stay zero."""
-    total = weights.sum(0)  # (P, I)
-    assigned = total > 0
-    return weights.div_(torch.where(assigned, total, torch.ones_like(total))), assigned
-
-
-def _softmax(gates: torch.Tensor, eligible: torch.Tensor, temperature: float):
-    logits = gates.div_(temperature).masked_fill_(~eligible, float("-inf"))
+def _softmax(gates: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = gates.masked_fill_(eligible.logical_not_(), float("-inf"))  # gates are g / T
     peak = logits.amax(0, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    return _normalise(logits.sub_(peak).exp_())  # exp(-inf) = 0 for the ineligible
+    weights = logits.sub_(peak).exp_()  # exp(-inf) = 0 for the ineligible
+    return weights, weights.sum(0)
 
 
-def _relu(gates: torch.Tensor, eligible: torch.Tensor, _temperature: float):
-    return _normalise(gates.clamp_(min=0).mul_(eligible))
+def _relu(gates: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = gates.clamp_(min=0).mul_(eligible)
+    return weights, weights.sum(0)
 
 
-def _max(gates: torch.Tensor, eligible: torch.Tensor, _temperature: float):
-    winner = gates.masked_fill_(~eligible, float("-inf")).argmax(0, keepdim=True)
-    assigned = eligible.any(0)
-    coefficients = torch.zeros_like(gates).scatter_(0, winner, 1.0)
-    return coefficients.mul_(assigned), assigned
+def _max(gates: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    any_eligible = eligible.any(0)
+    winner = gates.masked_fill_(eligible.logical_not_(), float("-inf")).argmax(0, keepdim=True)
+    weights = torch.zeros_like(gates).scatter_(0, winner, 1.0).mul_(any_eligible)
+    return weights, any_eligible.to(gates.dtype)
 
 
-def _linear(gates: torch.Tensor, eligible: torch.Tensor, _temperature: float):
+def _linear(gates: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     floor = gates.masked_fill(~eligible, float("inf")).amin(0, keepdim=True)
     floor = torch.where(torch.isfinite(floor), floor, torch.zeros_like(floor))
     weights = gates.sub_(floor).clamp_(min=0).mul_(eligible)
     # All eligible gates equal (a single eligible component included): equal shares.
     tied = (weights.sum(0, keepdim=True) == 0) & eligible.any(0, keepdim=True)
-    return _normalise(torch.where(tied, eligible.to(weights.dtype), weights))
+    weights = torch.where(tied, eligible.to(weights.dtype), weights)
+    return weights, weights.sum(0)
 
 
 _RULES = {"softmax": _softmax, "relu": _relu, "max": _max, "linear": _linear}
