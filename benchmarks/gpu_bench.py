@@ -1,0 +1,218 @@
+"""GPU timings of the engine on random-weight models built from a config (no downloads).
+
+    python benchmarks/gpu_bench.py                       # Llama-2-7B and Llama-3.1-8B shapes
+    python benchmarks/gpu_bench.py --shape small         # a tiny shape; runs on the CPU too
+    python benchmarks/gpu_bench.py --shape llama2-7b --workloads token-256,heads-512
+
+One JSON line per workload: ``workload``, ``n`` (prompt tokens), ``seconds`` (median of
+``--repeats`` after one warm-up), ``runs``, ``peak_gib`` (peak allocated device memory
+during the call, weights included; CPU: peak RSS), ``weights_gib``, ``device``, ``dtype``,
+``compute_dtype``, ``flop_limit_s`` (the causal-half FLOP count over ``--peak-tflops``),
+``flop_limit_ratio`` (seconds / flop_limit_s) and the conservation error. A workload that
+fails (for example out of memory) prints its error instead and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import AttributionRequest, DePassEngine
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama2-7b": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+    },
+    "llama3.1-8b": {
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 500000.0,
+    },
+    "small": {
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "intermediate_size": 344,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+}
+
+#: workload name -> (kind, prompt length); kinds: token, heads (every layer, one request),
+#: neurons (every neuron of one middle layer).
+WORKLOADS: dict[str, dict[str, tuple[str, int]]] = {
+    "llama2-7b": {
+        "token-128": ("token", 128),
+        "token-256": ("token", 256),
+        "token-512": ("token", 512),
+        "token-2048": ("token", 2048),
+        "heads-512": ("heads", 512),
+        "neurons-64": ("neurons", 64),
+    },
+    "llama3.1-8b": {"token-256": ("token", 256)},
+    "small": {"token-32": ("token", 32), "heads-32": ("heads", 32), "neurons-8": ("neurons", 8)},
+}
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """A random-weight Llama of ``shape`` directly on ``device`` in ``dtype``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], attn_implementation="eager", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for param in model.parameters():  # well-scaled weights, norms around 1
+            if param.ndim == 1:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def causal_flops(info: Any, kind: str, n: int, components: int) -> float:
+    """FLOPs of the causal half of the work (method page's cost model), all layers run."""
+    d, i = info.hidden_size, info.intermediate_size
+    d_kv = info.num_kv_heads * info.head_dim
+    per_pair = 2 * d * d_kv + 2 * d * d + 4 * d * i + 2 * d * n  # multiply-adds
+    if kind == "token":
+        pairs, layers = n * (n + 1) / 2 + n, info.num_layers
+    elif kind == "heads":  # each start layer runs the rest of the network
+        pairs = components * n
+        layers = sum(info.num_layers - s for s in range(info.num_layers))
+    else:
+        pairs, layers = components * n, info.num_layers // 2
+    return 2.0 * pairs * per_pair * layers
+
+
+def request_for(kind: str, ids: list[int], info: Any) -> AttributionRequest:
+    if kind == "token":
+        return AttributionRequest(input_ids=ids, positions=[-1])
+    if kind == "heads":
+        layers = list(range(info.num_layers))
+        return AttributionRequest(
+            input_ids=ids, granularity="head", start_layer=layers, positions=[-1]
+        )
+    return AttributionRequest(
+        input_ids=ids, granularity="neuron", start_layer=info.num_layers // 2, positions=[-1]
+    )
+
+
+def peak_memory(device: str) -> Callable[[], float]:
+    """Reset the peak counter; return a function that reads it in GiB."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return lambda: torch.cuda.max_memory_allocated() / 2**30
+    return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_workload(
+    engine: DePassEngine, name: str, kind: str, n: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    info = engine.info
+    generator = torch.Generator().manual_seed(n)
+    ids = torch.randint(4, info.vocab_size, (n,), generator=generator).tolist()
+    request = request_for(kind, ids, info)
+    plan = engine.plan(request)
+    engine.attribute(request)  # warm-up (also caches the forward pass, as the service does)
+    seconds = []
+    read_peak = peak_memory(args.device)
+    for _ in range(args.repeats):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        clock = time.perf_counter()
+        result = engine.attribute(request)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - clock)
+    median = statistics.median(seconds)
+    limit = causal_flops(info, kind, n, plan.components + 1) / (args.peak_tflops * 1e12)
+    return {
+        "workload": name,
+        "n": n,
+        "seconds": round(median, 4),
+        "runs": [round(s, 4) for s in seconds],
+        "peak_gib": round(read_peak(), 2),
+        "device": _device_name(args.device),
+        "dtype": info.dtype,
+        "compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
+        "components": plan.components,
+        "flop_limit_s": float(f"{limit:.3g}"),
+        "flop_limit_ratio": round(median / limit, 2),
+        "relative_conservation_error": result.relative_conservation_error,
+    }
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), action="append")
+    parser.add_argument("--workloads", help="comma-separated names (default: all of the shape)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="weights: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--compute-dtype", default=None, help="components (default: as --dtype)")
+    parser.add_argument("--budget-gib", type=float, default=16.0, help="engine working budget")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=800.0)
+    args = parser.parse_args()
+    shapes = args.shape or ["llama2-7b", "llama3.1-8b"]
+    on_gpu = args.device.startswith("cuda")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+    compute = getattr(torch, args.compute_dtype) if args.compute_dtype else dtype
+    for shape in shapes:
+        model = build_model(shape, args.device, dtype)
+        engine = DePassEngine(
+            model, compute_dtype=compute, memory_budget_bytes=int(args.budget_gib * 2**30)
+        )
+        weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+        wanted = args.workloads.split(",") if args.workloads else list(WORKLOADS[shape])
+        for name in wanted:
+            kind, n = WORKLOADS[shape][name]
+            try:
+                line = run_workload(engine, name, kind, n, args)
+            except (torch.OutOfMemoryError, RuntimeError, ValueError) as exc:
+                line = {"workload": name, "n": n, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                engine.clear_cache()
+                if on_gpu:
+                    torch.cuda.empty_cache()
+            line.update(shape=shape, weights_gib=round(weights_gib, 2), torch=torch.__version__)
+            print(json.dumps(line), flush=True)
+        del engine, model
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The benchmark command runs end to end (small shape) and its two implementations agree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_bench_small_shape_runs_and_agrees() -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "cpu_bench.py"),
+            "--shape",
+            "small",
+            "--repeats",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [json.loads(line) for line in completed.stdout.strip().splitlines()]
+    by_impl = {line.get("impl"): line for line in lines if "impl" in line}
+    assert set(by_impl) == {"engine", "naive"}
+    for line in by_impl.values():
+        assert line["seconds"] > 0 and line["peak_rss_mib"] > 0
+    summary = lines[-1]
+    assert summary["summary"] == "engine vs naive"
+    assert summary["speedup"] > 0
+    assert summary["max_rel_diff"] <= 1e-4
+
+
+def test_gpu_bench_small_shape_runs_on_cpu() -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_bench.py"),
+            "--shape",
+            "small",
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [json.loads(line) for line in completed.stdout.strip().splitlines()]
+    assert [line["workload"] for line in lines] == ["token-32", "heads-32", "neurons-8"]
+    for line in lines:
+        assert "error" not in line, line
+        assert line["seconds"] > 0 and line["flop_limit_s"] > 0 and line["flop_limit_ratio"] > 0
+        assert line["relative_conservation_error"] <= 1e-4
+        for key in ("n", "peak_gib", "device", "dtype"):
+            assert key in line
