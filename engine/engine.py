@@ -338,6 +338,7 @@ class DePassEngine:
                 ignore_first=request.first_token_rule
                 and (groups is None or any(g == [0] for g in groups)),
             )
+            want_states = "states" in request.outputs
             views: list[_View] = []
             labels: list[str] = []
             snapped: list[int] = []
@@ -349,7 +350,7 @@ class DePassEngine:
                 labels = start.labels
                 for snap in propagator.run(start, split, end, index, request.all_layers):
                     scaled = request.end_layer is None and not request.all_layers
-                    views.append(self._view(snap, trace, scaled, index, w_u, b_u))
+                    views.append(self._view(snap, trace, scaled, index, w_u, b_u, want_states))
                     snapped.append(snap.layer)
             if request.all_layers:
                 axis: list[int] | None = snapped
@@ -446,6 +447,7 @@ class DePassEngine:
         positions: torch.Tensor,
         unembed: torch.Tensor,
         unembed_bias: torch.Tensor | None,
+        keep_states: bool,
     ) -> _View:
         """States, scores and conservation of one snapshot.
 
@@ -471,9 +473,9 @@ class DePassEngine:
         scores = lensed @ unembed.to(lensed.device).T  # (M + 1, P, T)
         if unembed_bias is not None:
             scores[-1] += unembed_bias.to(scores.device)
-        states = lensed if scaled_output else snap.values
+        states = (lensed if scaled_output else snap.values) if keep_states else None
         return _View(
-            states=states.transpose(0, 1).cpu(),  # (P, M + 1, D)
+            states=None if states is None else states.transpose(0, 1).cpu(),  # (P, M + 1, D)
             scores=scores.transpose(0, 1).cpu(),  # (P, M + 1, T)
             error=error,
             relative_error=error / magnitude,
@@ -509,8 +511,12 @@ class DePassEngine:
             mlp_split=request.mlp_split,
             end="output" if request.end_layer is None else f"layer {end}",
             layers=layers,
-            states=pick([v.states[:, :-1] for v in views]) if want_states else None,
-            remainder=pick([v.states[:, -1] for v in views]) if want_states else None,
+            states=pick([v.states[:, :-1] for v in views if v.states is not None])
+            if want_states
+            else None,
+            remainder=pick([v.states[:, -1] for v in views if v.states is not None])
+            if want_states
+            else None,
             scores=pick([v.scores[:, :-1] for v in views]) if want_scores else None,
             remainder_scores=pick([v.scores[:, -1] for v in views]) if want_scores else None,
             logits=pick([v.scores.sum(1) for v in views]),
@@ -523,7 +529,7 @@ class DePassEngine:
 class _View:
     """One snapshot made ready for the result (remainder in the last component row)."""
 
-    states: torch.Tensor  # (P, M + 1, D)
+    states: torch.Tensor | None  # (P, M + 1, D), when asked for
     scores: torch.Tensor  # (P, M + 1, T)
     error: float
     relative_error: float
