@@ -149,21 +149,41 @@ class DePassEngine:
         path_or_id: str,
         device: str = "cpu",
         dtype: str | torch.dtype = "float32",
+        device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
         **engine_kwargs: Any,
     ) -> DePassEngine:
-        """Load a model and its tokenizer (hub id or local path) with eager attention."""
+        """Load a model and its tokenizer (hub id or local path) with eager attention.
+
+        Args:
+            device: where the whole model goes (ignored with ``device_map``).
+            dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+            device_map: spread the layers over several GPUs with accelerate (``"auto"``
+                or an explicit map); the engine then works on each layer where its
+                weights are. Offloading to the CPU or disk is refused.
+            model_kwargs: more keyword arguments for ``AutoModelForCausalLM.from_pretrained``
+                (``revision``, ``max_memory``...).
+            engine_kwargs: passed to the constructor (``memory_budget_bytes``...).
+        """
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
         probe = type("Probe", (), {"config": config})()
         adapter_for(probe)  # fail fast, before loading weights, on unsupported families
-        model = AutoModelForCausalLM.from_pretrained(
-            path_or_id,
-            dtype=resolve_dtype(dtype, device),
-            attn_implementation="eager",
-            trust_remote_code=trust_remote_code,
-        ).to(device)
+        if device_map is not None and torch.cuda.is_available():
+            device = "cuda"
+        load = {
+            "dtype": resolve_dtype(dtype, device),
+            "attn_implementation": "eager",
+            "trust_remote_code": trust_remote_code,
+            **(model_kwargs or {}),
+        }
+        if device_map is None:
+            model = AutoModelForCausalLM.from_pretrained(path_or_id, **load).to(device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path_or_id, device_map=device_map, **load)
+            _require_resident(model)
         tokenizer = load_tokenizer(path_or_id, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, **engine_kwargs)
 
@@ -563,6 +583,16 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False) -> Any:
     if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
         return PreTrainedTokenizerFast.from_pretrained(path_or_id)
     return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+
+
+def _require_resident(model: nn.Module) -> None:
+    """Refuse device maps that offload weights (parameters left on the meta device)."""
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"the device map offloads {len(offloaded)} tensors (e.g. {offloaded[0]}) to the CPU "
+            "or disk; DePass reads every layer's weights, so they must be resident on a device"
+        )
 
 
 def _require_eager(model: nn.Module) -> None:

@@ -139,3 +139,35 @@ def test_plan_predicts_result_size(model: torch.nn.Module, fields: dict[str, Any
     actual = sum(a.numel() * a.element_size() for a in arrays if a is not None)
     assert plan.result_bytes() == actual
     assert plan.components == len(result.components)
+
+
+def test_device_map_gives_the_same_attribution(tmp_path: Path, model: torch.nn.Module) -> None:
+    """A model loaded with an explicit per-layer device map (all on the CPU here; GPUs in
+    production) gives the same result as the model loaded whole."""
+    pytest.importorskip("accelerate")
+    model.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    layers = {f"model.layers.{i}": "cpu" for i in range(3)}
+    device_map = {"model.embed_tokens": "cpu", **layers, "model.norm": "cpu", "lm_head": "cpu"}
+    device_map["model.rotary_emb"] = "cpu"
+    split = DePassEngine.from_pretrained(str(tmp_path), device_map=device_map)
+    whole = DePassEngine.from_pretrained(str(tmp_path))
+    for fields in ({"granularity": "token"}, {"granularity": "head", "start_layer": [0, 2]}):
+        request = AttributionRequest(prompt=PROMPT, outputs=["states", "scores"], **fields)
+        want, got = whole.attribute(request), split.attribute(request)
+        torch.testing.assert_close(got.states, want.states, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-6)
+
+
+def test_offloading_device_map_is_refused(tmp_path: Path, model: torch.nn.Module) -> None:
+    pytest.importorskip("accelerate")
+    model.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu"}
+    device_map.update({"lm_head": "cpu", "model.rotary_emb": "cpu"})
+    with pytest.raises(ValueError, match="must be resident"):
+        DePassEngine.from_pretrained(
+            str(tmp_path),
+            device_map=device_map,
+            model_kwargs={"offload_folder": str(tmp_path / "offload")},
+        )
