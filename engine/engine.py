@@ -122,6 +122,9 @@ class DePassEngine:
             requests are processed in more, smaller chunks.
         trace_cache_size: forward traces kept per prompt (LRU), so that several requests
             on one prompt run the ordinary forward pass once.
+        trace_cache_bytes: also evict the oldest traces while the cache holds more than
+            this many bytes (one 2048-token trace of an 8B model is ~12 GiB); ``None``: no
+            byte limit. The newest trace is always kept while it is in use.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class DePassEngine:
         compute_dtype: torch.dtype = torch.float32,
         memory_budget_bytes: int = DEFAULT_BUDGET_BYTES,
         trace_cache_size: int = 4,
+        trace_cache_bytes: int | None = None,
     ) -> None:
         self.adapter: ArchitectureAdapter = adapter_for(model)
         _require_eager(model)
@@ -139,6 +143,7 @@ class DePassEngine:
         self.compute_dtype = compute_dtype
         self.memory_budget_bytes = memory_budget_bytes
         self.trace_cache_size = trace_cache_size
+        self.trace_cache_bytes = trace_cache_bytes
         self._traces: OrderedDict[tuple[int, ...], ForwardTrace] = OrderedDict()
         self._lock = threading.Lock()
         self.info = self._model_info()
@@ -263,9 +268,21 @@ class DePassEngine:
         trace = trace_forward(self.model, self.adapter, torch.tensor(key, dtype=torch.long))
         with self._lock:
             self._traces[key] = trace
-            while len(self._traces) > self.trace_cache_size:
+            while self._traces and self._over_cache_limits():
                 self._traces.popitem(last=False)
         return trace
+
+    def _over_cache_limits(self) -> bool:
+        """Whether the trace cache holds more traces, or bytes, than allowed (the newest
+        trace may stay alone above the byte limit)."""
+        if len(self._traces) > self.trace_cache_size:
+            return True
+        if self.trace_cache_bytes is None or len(self._traces) < 2:
+            return False
+        return self._cached_bytes() > self.trace_cache_bytes
+
+    def _cached_bytes(self) -> int:
+        return sum(trace.nbytes() for trace in self._traces.values())
 
     def clear_cache(self) -> None:
         """Drop every cached forward trace."""

@@ -171,3 +171,21 @@ def test_offloading_device_map_is_refused(tmp_path: Path, model: torch.nn.Module
             device_map=device_map,
             model_kwargs={"offload_folder": str(tmp_path / "offload")},
         )
+
+
+def test_trace_cache_byte_limit(model: torch.nn.Module) -> None:
+    engine = DePassEngine(model, word_tokenizer(), trace_cache_size=8)
+    ids = engine.tokenize(PROMPT)
+    one = engine.trace(ids).nbytes()
+    engine = DePassEngine(model, word_tokenizer(), trace_cache_size=8, trace_cache_bytes=2 * one)
+    first = engine.trace(ids)
+    engine.trace(ids[:-1])
+    assert engine.trace(ids) is first  # two traces fit
+    engine.trace(ids[:-2])
+    engine.trace(ids[:-3])
+    assert engine.trace(ids) is not first  # the oldest went out
+    alone = DePassEngine(model, word_tokenizer(), trace_cache_bytes=1)
+    big = alone.trace(ids)
+    assert alone.trace(ids) is big  # the newest trace stays even above the limit
+    disabled = DePassEngine(model, word_tokenizer(), trace_cache_size=0)
+    assert disabled.trace(ids) is not disabled.trace(ids)
