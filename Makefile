@@ -5,16 +5,22 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that this machine keeps on disk; override for CUDA hosts.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint format bench clean
+.PHONY: install test lint format bench clean run
 
-$(VENV)/.installed: pyproject.toml Makefile
+# The service (.[dev]) and the SDK with its `depass` command (clients/python), editable.
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" -e clients/python
 	touch $@
 
 install: $(VENV)/.installed
+
+# Serve DEPASS_MODEL (default: the embedded models/depass-tiny) on DEPASS_HOST:DEPASS_PORT
+# (default 127.0.0.1:8000); the service prints the URL of its docs page when ready.
+run: install
+	$(PY) -m service
 
 test: install
 	$(PY) -m pytest -q
@@ -32,3 +38,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# The embedded default model, models/depass-tiny, rebuilt from its seed (docs/default-model.md).
+.PHONY: model
+model: install
+	$(PY) scripts/train_default_model.py

@@ -1,0 +1,245 @@
+"""Typed results: attributions, generations, tokenizations and the model card.
+
+Results keep the engine's names (``tokens``, ``components``, ``positions``, ``targets``,
+``target_tokens``, ``conservation_error``) and hold numpy arrays. Unknown response fields
+are ignored, so that an older SDK keeps working against a newer service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from depass_client import _arrays, _safetensors
+
+METADATA_KEY = "depass"
+ResultT = TypeVar("ResultT", bound="_Result")
+
+
+class _Result:
+    """Shared (de)serialisation: JSON fields plus named numpy arrays."""
+
+    ARRAYS: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls: type[ResultT], body: dict[str, Any]) -> ResultT:
+        """Build from a JSON response body (array objects decoded)."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        values = {k: v for k, v in body.items() if k in names and k not in cls.ARRAYS}
+        arrays = {k: _arrays.decode(body.get(k)) for k in cls.ARRAYS if k in names}
+        return cls(**values, **arrays)
+
+    @classmethod
+    def from_safetensors_bytes(cls: type[ResultT], data: bytes) -> ResultT:
+        """Build from a binary (safetensors) response or a saved file's bytes."""
+        tensors, metadata = _safetensors.loads(data)
+        fields = json.loads(metadata.get(METADATA_KEY, "{}"))
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        values = {k: v for k, v in fields.items() if k in names and k not in cls.ARRAYS}
+        arrays = {k: tensors.get(k) for k in cls.ARRAYS}
+        return cls(**values, **arrays)
+
+    @classmethod
+    def from_safetensors(cls: type[ResultT], path: str | os.PathLike[str]) -> ResultT:
+        """Load a result saved with :meth:`to_safetensors`."""
+        return cls.from_safetensors_bytes(Path(path).read_bytes())
+
+    def to_safetensors(self, path: str | os.PathLike[str]) -> None:
+        """Save the arrays as tensors and the other fields as JSON metadata."""
+        tensors = {k: v for k in self.ARRAYS if (v := getattr(self, k)) is not None}
+        fields = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.name not in self.ARRAYS
+        }
+        metadata = {METADATA_KEY: json.dumps(fields)}
+        Path(path).write_bytes(_safetensors.dumps(tensors, metadata))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, arrays as nested lists (for JSON)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = value.tolist() if isinstance(value, np.ndarray) else value
+        return out
+
+
+@dataclass
+class Attribution(_Result):
+    """Components of the residual stream and their scores (see ``POST /v1/attributions``).
+
+    Arrays (numpy, float32 or float16 as asked) carry a leading layer axis when
+    ``layers`` is set:
+
+    * ``scores``: ([layers,] P, M, T) logit contribution of each component;
+    * ``remainder_scores``: ([layers,] P, T); ``logits``: ([layers,] P, T);
+    * ``states``: ([layers,] P, M, D) and ``remainder``: ([layers,] P, D), when asked.
+    """
+
+    ARRAYS = ("scores", "remainder_scores", "states", "remainder", "logits")
+
+    tokens: list[str]
+    input_ids: list[int]
+    components: list[str]
+    positions: list[int]
+    targets: list[int]
+    target_tokens: list[str]
+    granularity: str = "token"
+    mlp_split: str = "softmax"
+    end: str = "output"
+    layers: list[int] | None = None
+    conservation_error: float = 0.0
+    relative_conservation_error: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    model: str = ""
+    scores: np.ndarray | None = None
+    remainder_scores: np.ndarray | None = None
+    states: np.ndarray | None = None
+    remainder: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+    def _score_row(self, position: int, target: int, layer: int) -> np.ndarray:
+        if self.scores is None:
+            raise ValueError("this result holds no scores; ask for outputs=['scores']")
+        scores = self.scores if self.layers is None else self.scores[layer]
+        return np.asarray(scores[position, :, target], dtype=np.float64)  # (M,)
+
+    def top_k(
+        self, k: int = 10, position: int = -1, target: int = 0, layer: int = -1
+    ) -> list[tuple[str, float]]:
+        """The ``k`` components with the largest score.
+
+        Args:
+            position: index into ``positions`` (-1: the last position returned).
+            target: index into ``targets``.
+            layer: index into ``layers`` when the result has a layer axis.
+        """
+        row = self._score_row(position, target, layer)
+        order = np.argsort(-row, kind="stable")[:k]
+        return [(self.components[i], float(row[i])) for i in order]
+
+    def table(self, k: int = 10, position: int = -1, target: int = 0, layer: int = -1) -> str:
+        """A plain-text table of the top ``k`` components, with bars."""
+        top = self.top_k(k, position, target, layer)
+        pos = self.positions[position]
+        head = (
+            f"target {self.target_tokens[target]!r} (id {self.targets[target]}) "
+            f"at position {pos} {self.tokens[pos]!r}"
+        )
+        if self.logits is not None:
+            logits = self.logits if self.layers is None else self.logits[layer]
+            head += f", logit {float(logits[position, target]):.4f}"
+        rows = list(top)
+        if self.remainder_scores is not None:
+            rem = self.remainder_scores if self.layers is None else self.remainder_scores[layer]
+            rows.append(("remainder", float(rem[position, target])))
+        lines = [head, *_score_lines(rows, ranked=len(top))]
+        lines.append(f"conservation error {self.conservation_error:.2e}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Generation(_Result):
+    """A continuation and, for each generated token, its attribution (``POST /v1/generate``).
+
+    ``scores`` is (G, M): row ``i`` scores the tokens before generated token ``i``
+    (``components``: the prompt and the generated tokens but the last) on that token's
+    logit; ``remainder_scores`` and ``logits`` are (G,).
+    """
+
+    ARRAYS = ("scores", "remainder_scores", "logits")
+
+    text: str
+    finish_reason: str
+    prompt_ids: list[int]
+    prompt_tokens: list[str]
+    generated_ids: list[int]
+    generated_tokens: list[str]
+    components: list[str]
+    positions: list[int]
+    seed: int | None = None
+    conservation_error: float = 0.0
+    relative_conservation_error: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    model: str = ""
+    scores: np.ndarray | None = None
+    remainder_scores: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+    def top_k(self, index: int = 0, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` tokens that contributed most to generated token ``index``."""
+        if self.scores is None:
+            raise ValueError("this result holds no scores")
+        row = np.asarray(self.scores[index], dtype=np.float64)  # (M,)
+        order = np.argsort(-row, kind="stable")[:k]
+        return [(self.components[i], float(row[i])) for i in order]
+
+    def table(self, k: int = 5) -> str:
+        """For each generated token, its top ``k`` contributors."""
+        lines = [f"{self.text!r} ({self.finish_reason})"]
+        for i, token in enumerate(self.generated_tokens):
+            lines.append(f"[{i}] {token!r}")
+            lines.extend("  " + line for line in _score_lines(self.top_k(i, k), ranked=k))
+        return "\n".join(lines)
+
+
+@dataclass
+class Tokenization:
+    """Token ids and texts of a prompt, special tokens included."""
+
+    input_ids: list[int]
+    tokens: list[str]
+    num_tokens: int
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Tokenization:
+        return cls(body["input_ids"], body["tokens"], body["num_tokens"])
+
+
+@dataclass
+class ModelCard:
+    """The loaded model's facts and the service's limits (``GET /v1/model``)."""
+
+    id: str
+    architecture: str
+    family: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    dtype: str
+    device: str
+    compute_dtype: str = "float32"
+    granularities: list[str] = field(default_factory=list)
+    mlp_splits: list[str] = field(default_factory=list)
+    array_encodings: list[str] = field(default_factory=list)
+    auth_required: bool = False
+    limits: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> ModelCard:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in body.items() if k in names})
+
+
+def _score_lines(rows: list[tuple[str, float]], ranked: int, width: int = 24) -> list[str]:
+    """Aligned ``rank  label  score  bar`` lines; bars scale with the largest |score|."""
+    if not rows:
+        return []
+    label_width = max(9, *(len(label) for label, _ in rows))
+    largest = max(abs(score) for _, score in rows) or 1.0
+    lines = [f"{'rank':>4}  {'component':<{label_width}}  {'score':>10}"]
+    for i, (label, score) in enumerate(rows):
+        rank = str(i + 1) if i < ranked else ""
+        bar = ("█" if score >= 0 else "░") * round(width * abs(score) / largest)
+        lines.append(f"{rank:>4}  {label:<{label_width}}  {score:>10.4f}  {bar}")
+    return lines

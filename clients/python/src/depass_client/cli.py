@@ -1,0 +1,232 @@
+"""The ``depass`` command line: attribute, generate, tokenize, model, health.
+
+``depass attribute "The capital of France is" --granularity head --layer 1`` prints the top
+components with their scores (the tokens coloured by score on a terminal); ``--json``
+prints the whole result for scripts. ``--base-url`` and ``--api-key`` fall back to
+``DEPASS_BASE_URL`` and ``DEPASS_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from depass_client._client import Client
+from depass_client._errors import APIStatusError, DePassError
+from depass_client._types import Attribution
+
+#: 256-colour shades, faint to strong: green raises the target's logit, red lowers it.
+_GREENS = (151, 114, 77, 40, 46)
+_REDS = (181, 174, 167, 160, 196)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _layer(text: str) -> int | list[int]:
+    values = _int_list(text)
+    if not values:
+        raise argparse.ArgumentTypeError("expected a layer number")
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
+def _target(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (connection options work before or after the command)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--base-url", default=argparse.SUPPRESS, help="service URL")
+    common.add_argument("--api-key", default=argparse.SUPPRESS, help="bearer key")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds")
+    parser = argparse.ArgumentParser(
+        prog="depass", description="Command line of DePass Serve.", parents=[common]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    attribute = commands.add_parser(
+        "attribute", parents=[common], help="attribute the next token of a prompt"
+    )
+    attribute.add_argument("prompt")
+    attribute.add_argument(
+        "--granularity", default="token", choices=["token", "module", "head", "neuron"]
+    )
+    attribute.add_argument(
+        "--layer", type=_layer, default=None, help="start layer (heads: also 1,2,3)"
+    )
+    attribute.add_argument("--end-layer", type=int, default=None)
+    attribute.add_argument("--module", choices=["attn", "mlp"], default=None)
+    attribute.add_argument("--neurons", type=_int_list, default=None, help="e.g. 3,17,42")
+    attribute.add_argument("--split", default=None, help="MLP split rule (default softmax)")
+    attribute.add_argument(
+        "--target", type=_target, default=None, help="token (text or id); default top-1"
+    )
+    attribute.add_argument("--position", type=int, default=-1, help="token position")
+    attribute.add_argument("--top", type=int, default=10, help="components to show")
+    attribute.add_argument("--json", action="store_true", help="print the full result")
+
+    generate = commands.add_parser(
+        "generate", parents=[common], help="generate and attribute each new token"
+    )
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=8)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--top", type=int, default=3, help="contributors per token")
+    generate.add_argument("--json", action="store_true")
+
+    tokenize = commands.add_parser("tokenize", parents=[common], help="show token ids")
+    tokenize.add_argument("text")
+    tokenize.add_argument("--json", action="store_true")
+
+    model = commands.add_parser("model", parents=[common], help="the model and limits")
+    model.add_argument("--json", action="store_true")
+
+    commands.add_parser("health", parents=[common], help="liveness of the service")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int:
+    """Run the command line; returns the exit status (1: the service refused or failed)."""
+    args = build_parser().parse_args(argv)
+    out = stdout or sys.stdout
+    options: dict[str, Any] = {
+        "base_url": getattr(args, "base_url", None),
+        "api_key": getattr(args, "api_key", None),
+    }
+    if hasattr(args, "timeout"):
+        options["timeout"] = args.timeout
+    try:
+        with Client(**options) as client:
+            return _COMMANDS[args.command](client, args, out)
+    except APIStatusError as exc:
+        print(f"depass: error {exc.status_code}: {exc.message}", file=sys.stderr)
+        return 1
+    except DePassError as exc:
+        print(f"depass: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _attribute(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    fields: dict[str, Any] = {
+        "granularity": args.granularity,
+        "positions": [args.position],
+        "outputs": ["scores"],
+    }
+    optional = {
+        "start_layer": args.layer,
+        "end_layer": args.end_layer,
+        "module": args.module,
+        "neurons": args.neurons,
+        "mlp_split": args.split,
+    }
+    fields.update({k: v for k, v in optional.items() if v is not None})
+    if args.granularity == "module" and args.module is None:
+        fields["module"] = "attn"
+    if args.target is not None:
+        fields["targets"] = [args.target]
+    if args.json:
+        fields["array_encoding"] = "list"
+    result = client.attribute(args.prompt, **fields)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2), file=out)
+        return 0
+    colour = _wants_colour(out)
+    layer = "" if args.layer is None else f", layer {args.layer}"
+    print(f"model {result.model}, granularity {result.granularity}{layer}", file=out)
+    print("tokens: " + _tokens_line(result, colour), file=out)
+    print(result.table(k=args.top, position=-1, target=0), file=out)
+    return 0
+
+
+def _generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    fields: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+    }
+    if args.seed is not None:
+        fields["seed"] = args.seed
+    if args.json:
+        fields["array_encoding"] = "list"
+    result = client.generate(args.prompt, **fields)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2), file=out)
+    else:
+        print(result.table(k=args.top), file=out)
+    return 0
+
+
+def _tokenize(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    result = client.tokenize(args.text)
+    if args.json:
+        print(json.dumps({"input_ids": result.input_ids, "tokens": result.tokens}), file=out)
+        return 0
+    print(f"{result.num_tokens} tokens", file=out)
+    for position, (token_id, token) in enumerate(zip(result.input_ids, result.tokens, strict=True)):
+        print(f"{position:>5}  {token_id:>8}  {token!r}", file=out)
+    return 0
+
+
+def _model(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    card = client.model()
+    if args.json:
+        print(json.dumps(card.__dict__, indent=2), file=out)
+        return 0
+    for key, value in card.__dict__.items():
+        if key != "limits":
+            print(f"{key:>18}  {value}", file=out)
+    for key, value in card.limits.items():
+        print(f"{key:>18}  {value}", file=out)
+    return 0
+
+
+def _health(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    print(json.dumps(client.health()), file=out)
+    return 0
+
+
+_COMMANDS = {
+    "attribute": _attribute,
+    "generate": _generate,
+    "tokenize": _tokenize,
+    "model": _model,
+    "health": _health,
+}
+
+
+def _wants_colour(out: TextIO) -> bool:
+    return out.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def _tokens_line(result: Attribution, colour: bool) -> str:
+    """The input tokens; coloured by their score when the components are the tokens."""
+    texts = [token.strip() or repr(token) for token in result.tokens]
+    is_tokens = result.granularity == "token" and len(result.components) == len(texts)
+    if not colour or not is_tokens or result.scores is None:
+        return " ".join(texts)
+    row = result.scores if result.layers is None else result.scores[-1]
+    scores = [float(s) for s in row[-1, :, 0]]
+    largest = max(abs(s) for s in scores) or 1.0
+    painted = []
+    for text, score in zip(texts, scores, strict=True):
+        shades = _GREENS if score >= 0 else _REDS
+        shade = shades[min(len(shades) - 1, int(len(shades) * abs(score) / largest))]
+        painted.append(f"\x1b[1;38;5;{shade}m{text}\x1b[0m")
+    return " ".join(painted) + "  (green raises the target's logit, red lowers it)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

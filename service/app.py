@@ -1,0 +1,292 @@
+"""The app factory: lifespan (model load and worker), middleware, and the error handlers.
+
+``create_app(settings, engine)`` builds the whole service; the model is loaded once in the
+lifespan (unless a ready engine is passed, as tests do) and kept on ``app.state`` with its
+worker and serving layer. Every failure leaves through the handlers registered in
+:func:`register_error_handlers`, as the one envelope ``{"error": {...}}``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine import DePassEngine
+from service.api_router import router
+from service.errors import (
+    BadRequestError,
+    BodyTooLargeError,
+    ServiceError,
+    invalid_fields,
+)
+from service.metrics import Metrics
+from service.protocol import ErrorDetail, ErrorResponse
+from service.serving import FaultInjector, Serving, load_engine
+from service.settings import Settings
+from service.worker import Worker
+
+logger = logging.getLogger("service")
+
+__version__ = "0.1.0"
+
+DESCRIPTION = """\
+DePass attributions over HTTP: decompose a causal LM's forward pass into exact additive
+components (tokens, modules, heads, neurons, subspaces) and score each against the logits.
+
+Arrays travel as `{"dtype", "shape", "encoding", "data"}` objects, or as a safetensors file
+when `Accept: application/vnd.safetensors`. Every error is `{"error": {"message", "type",
+"param", "code"}}`.
+"""
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine: DePassEngine | None = None,
+    *,
+    fault_injector: FaultInjector | None = None,
+) -> FastAPI:
+    """Build the service.
+
+    Args:
+        settings: defaults to :class:`Settings` read from the environment.
+        engine: a ready engine to serve (tests); None loads ``settings.model`` at start-up.
+        fault_injector: a test seam called on the worker thread before each engine call.
+    """
+    settings = settings or Settings()
+    app = FastAPI(
+        title="DePass Serve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=_lifespan,
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.engine = engine
+    app.state.serving = None
+    app.state.fault_injector = fault_injector
+    app.include_router(router)
+    register_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees all
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load the model (unless given), start its worker, and tear both down at exit."""
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    owned = app.state.engine is None
+    if owned:
+        clock = time.perf_counter()
+        app.state.engine = await anyio.to_thread.run_sync(load_engine, settings)
+        logger.info("model loaded in %.1f s", time.perf_counter() - clock)
+    engine: DePassEngine = app.state.engine
+    worker = Worker(settings.max_queue, on_skip=lambda reason: metrics.skipped.labels(reason).inc())
+    worker.start()
+    metrics.track_queue(lambda: worker.depth)
+    metrics.gpu_peak_memory.set_function(_gpu_peak_bytes)
+    app.state.serving = Serving(engine, settings, metrics, worker, app.state.fault_injector)
+    metrics.model_loaded.set(1)
+    logger.info(
+        "DePass Serve ready: model %s (%s, %d layers) on %s; API docs at %s",
+        settings.model_name(),
+        engine.info.family,
+        engine.info.num_layers,
+        engine.info.device,
+        _docs_url(settings),
+    )
+    try:
+        yield
+    finally:
+        app.state.serving = None
+        metrics.model_loaded.set(0)
+        await anyio.to_thread.run_sync(worker.stop, settings.graceful_shutdown_s)
+        if owned:
+            app.state.engine = None
+            del engine
+            gc.collect()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+
+
+def _docs_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    base = f"http://{host}:{settings.port}"
+    return f"{base}/docs" if settings.docs_enabled else f"{base} (docs disabled)"
+
+
+def _gpu_peak_bytes() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return float(torch.cuda.max_memory_allocated())
+    return 0.0
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def error_response(
+    status: int,
+    message: str,
+    type_: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The one error envelope."""
+    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    """Route every failure to the envelope: service errors, validation, HTTP, and the rest."""
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(
+            exc.status_code,
+            exc.message,
+            exc.type,
+            param=exc.param,
+            code=exc.code,
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if broken is not None:
+            reason = (broken.get("ctx") or {}).get("error", "malformed")
+            where = broken.get("loc", ("body", "?"))[-1]
+            error: ServiceError = BadRequestError(
+                f"the body is not valid JSON: {reason} (at character {where})"
+            )
+        else:
+            error = invalid_fields(errors)
+        return await service_error(request, error)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no such route: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return error_response(
+            exc.status_code,
+            message,
+            "server_error" if exc.status_code >= 500 else "invalid_request_error",
+            code=code,
+            headers=dict(exc.headers or {}),
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Uvicorn logs the traceback; the client gets the envelope, never the trace.
+        return error_response(500, "internal server error", "server_error", code="internal_error")
+
+
+# ---------------------------------------------------------------------------- middleware
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over ``max_body_bytes``, before any parsing.
+
+    A declared ``Content-Length`` over the limit is refused at once; a chunked body is
+    counted as it arrives and refused when it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            detail = str(BodyTooLargeError(limit).detail)
+            response = error_response(413, detail, "invalid_request_error", code="body_too_large")
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLargeError(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route, granularity and status, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        clock = time.perf_counter()
+        status = 500
+
+        async def recorded(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recorded)
+        finally:
+            route: Any = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            granularity = str(scope.get("state", {}).get("granularity", ""))
+            self.metrics.requests.labels(path, scope["method"], granularity, str(status)).inc()
+            self.metrics.request_duration.labels(path).observe(time.perf_counter() - clock)

@@ -1,0 +1,163 @@
+"""The service's failures, each with its HTTP status, error type and code.
+
+Every failure reaches the client as the one envelope
+``{"error": {"message", "type", "param", "code"}}`` (see :mod:`service.app` for the
+handlers). ``type`` is the broad class a client branches on; ``code`` is the precise reason.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from starlette.exceptions import HTTPException
+
+
+class ServiceError(Exception):
+    """A failure with a known status; subclasses fix the status, type and default code."""
+
+    status_code = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+
+class BadRequestError(ServiceError):
+    """The body is not JSON at all (400)."""
+
+    status_code = 400
+    type = "invalid_request_error"
+    code = "invalid_json"
+
+
+class AuthenticationError(ServiceError):
+    """A key is configured and the request's bearer token is missing or wrong (401)."""
+
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class PayloadTooLargeError(ServiceError):
+    """The input or the estimated response is over a configured limit (413)."""
+
+    status_code = 413
+    type = "invalid_request_error"
+    code = "too_large"
+
+
+class InvalidFieldError(ServiceError):
+    """A field is invalid for the API or for the loaded model (422); ``param`` names it."""
+
+    status_code = 422
+    type = "invalid_request_error"
+    code = "invalid_field"
+
+
+class QueueFullError(ServiceError):
+    """The worker's queue is full (429); ``Retry-After`` says when to come back."""
+
+    status_code = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+
+
+class NotReadyError(ServiceError):
+    """The model is not loaded (yet, or any more) (503)."""
+
+    status_code = 503
+    type = "unavailable_error"
+    code = "not_ready"
+
+    def __init__(self, message: str = "the model is not loaded yet; retry shortly") -> None:
+        super().__init__(message, headers={"Retry-After": "5"})
+
+
+class OutOfMemoryError(ServiceError):
+    """The accelerator ran out of memory on this request; caches were freed (503)."""
+
+    status_code = 503
+    type = "unavailable_error"
+    code = "out_of_memory"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class RequestTimeoutError(ServiceError):
+    """The request waited and ran past ``DEPASS_REQUEST_TIMEOUT_S`` (504)."""
+
+    status_code = 504
+    type = "timeout_error"
+    code = "timeout"
+
+
+class ClientDisconnectedError(ServiceError):
+    """The client went away while its request was queued; nothing is sent back."""
+
+    status_code = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+
+class BodyTooLargeError(HTTPException):
+    """The request body passes ``DEPASS_MAX_BODY_BYTES`` (413), raised while reading it.
+
+    An :class:`HTTPException`, so that FastAPI's body parsing lets it through unchanged.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            status_code=413, detail=f"the request body is over the limit of {limit} bytes"
+        )
+
+
+_FIELD_PREFIX = re.compile(r"^(?:Value error, )?([A-Za-z_][A-Za-z0-9_]*): ")
+_QUOTED_FIELD = re.compile(r"'([a-z_]+)'")
+
+
+def invalid_fields(errors: Sequence[Mapping[str, Any]]) -> InvalidFieldError:
+    """One 422 from pydantic's error list, naming the first offending field.
+
+    A field error's location gives the field; a cross-field error (location empty) names
+    it in its message, as ``"field: ..."`` or in quotes.
+    """
+    parts: list[str] = []
+    first: str | None = None
+    for error in errors[:5]:
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        location = [p for p in error.get("loc", ()) if p != "body"]
+        param: str | None = location[0] if location and isinstance(location[0], str) else None
+        if param is None and (match := _FIELD_PREFIX.match(message)):
+            param, message = match.group(1), message[match.end() :]
+        if param is None and (match := _QUOTED_FIELD.search(message)):
+            param = match.group(1)
+        if error.get("type") == "missing" and not location:
+            message = "a JSON object body is required"
+        parts.append(f"{param}: {message}" if param else message)
+        first = first or param
+    if len(errors) > 5:
+        parts.append(f"and {len(errors) - 5} more")
+    return InvalidFieldError("; ".join(parts), param=first)

@@ -1,0 +1,99 @@
+"""Token-by-token continuation: greedy, or nucleus sampling from a seeded local generator.
+
+A hand-written loop over the model's own forward pass with its KV cache, rather than
+``model.generate``: the random generator stays local (no process-wide ``torch.manual_seed``
+in a shared service) and the seed is reported so that any sample can be replayed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """Generated token ids, why generation stopped, and the seed used (None: greedy)."""
+
+    ids: list[int]
+    finish_reason: Literal["length", "stop"]
+    seed: int | None
+
+
+def eos_token_ids(model: nn.Module, tokenizer: Any | None) -> set[int]:
+    """End-of-sequence ids from the tokenizer and the model's generation config."""
+    found: set[int] = set()
+    candidates: list[Any] = [getattr(tokenizer, "eos_token_id", None)]
+    generation_config = getattr(model, "generation_config", None)
+    candidates.append(getattr(generation_config, "eos_token_id", None))
+    for value in candidates:
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, Iterable):
+            found.update(int(v) for v in value)
+    return found
+
+
+def continue_ids(
+    model: nn.Module,
+    input_ids: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_ids: Iterable[int] = (),
+) -> Continuation:
+    """Generate up to ``max_new_tokens`` after ``input_ids``.
+
+    Args:
+        temperature: 0 for greedy decoding; above 0, sample from softmax(logits / t).
+        top_p: sample from the smallest set of tokens holding this much probability.
+        seed: seed of the sampler; drawn at random (and reported) when None.
+        stop_ids: stop after any of these tokens (it is kept in the output).
+    """
+    device = next(model.parameters()).device
+    stops = set(stop_ids)
+    generator: torch.Generator | None = None
+    if temperature > 0:
+        seed = secrets.randbits(63) if seed is None else seed
+        generator = torch.Generator(device=device).manual_seed(seed)
+    else:
+        seed = None
+    # transformers renamed the KV-cache argument (``past_key_values`` -> ``cache``) in 5.x
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else None
+    cache_name = cache_name or "past_key_values"
+    generated: list[int] = []
+    past: Any = None
+    step = torch.tensor([list(input_ids)], dtype=torch.long, device=device)  # (1, N)
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            out = model(input_ids=step, use_cache=True, **{cache_name: past})
+            past = getattr(out, cache_name)
+            token = _pick(out.logits[0, -1].float(), temperature, top_p, generator)  # (V,)
+            generated.append(token)
+            if token in stops:
+                return Continuation(generated, "stop", seed)
+            step = torch.tensor([[token]], dtype=torch.long, device=device)
+    return Continuation(generated, "length", seed)
+
+
+def _pick(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    """The next token from ``(V,)`` logits."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)  # (V,)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep a token while the mass before it is under top_p (the first is always kept)
+        keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
+        choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,291 @@
+"""Request and response bodies of the HTTP API (pydantic, with field descriptions).
+
+The attribution body *is* the engine's :class:`engine.AttributionRequest` (same fields,
+same checks), with ``subspace`` as an encoded array object and two transport options.
+Shapes use the engine's axis names: P positions, M components, D hidden, T targets,
+G generated tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engine import AttributionRequest
+from engine.splits import SplitRule
+from service.arrays import RequestedEncoding, WireDtype
+
+#: The media type of a binary (safetensors) response; send it in ``Accept`` to get one.
+SAFETENSORS_MEDIA_TYPE = "application/vnd.safetensors"
+#: The safetensors ``__metadata__`` key holding the JSON fields of a binary response.
+SAFETENSORS_METADATA_KEY = "depass"
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class EncodedArray(BaseModel):
+    """An n-dimensional array: binary little-endian (optionally zstd) in base64, or lists."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["float16", "float32", "float64"] = Field(
+        description="Element type (responses: float32 or float16; requests also float64)."
+    )
+    shape: list[NonNegativeInt] = Field(description="Size of each axis, outermost first.")
+    encoding: Literal["zstd+base64", "base64", "list"] = Field(
+        description="'zstd+base64': zstandard-compressed bytes in base64; 'base64': raw "
+        "bytes in base64; 'list': JSON nested lists."
+    )
+    data: str | list[Any] = Field(description="The base64 text, or the nested lists.")
+
+
+class ArrayOptions(BaseModel):
+    """How the response's arrays travel."""
+
+    array_encoding: RequestedEncoding = Field(
+        "auto",
+        description="Encoding of response arrays; 'auto': lists up to 64 elements, "
+        "'zstd+base64' above.",
+    )
+    array_dtype: WireDtype = Field(
+        "float32", description="Element type of response arrays: 'float32' (exact) or 'float16'."
+    )
+
+
+class AttributionBody(AttributionRequest, ArrayOptions):
+    """``POST /v1/attributions``: the engine's attribution request, over HTTP."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "When Mary and John went to the store, John gave a drink to"},
+                {
+                    "prompt": "The capital of France is",
+                    "granularity": "head",
+                    "start_layer": 1,
+                    "positions": [-1],
+                    "outputs": ["scores"],
+                },
+            ]
+        },
+    )
+
+    subspace: EncodedArray | None = Field(
+        None,
+        description="granularity='subspace': a (K, N, D) array, K components of the "
+        "residual entering start_layer.",
+    )
+
+    @field_validator("subspace", mode="before")
+    @classmethod
+    def _subspace_array(cls, value: Any) -> Any:
+        """Keep the wire object: it is decoded, with size limits, by the serving layer."""
+        return value
+
+
+class AttributionResponse(BaseModel):
+    """Components of the residual stream and their logit scores.
+
+    Arrays carry a leading layer axis when ``layers`` is set (``all_layers`` runs or a
+    list of head layers).
+    """
+
+    object: Literal["attribution"] = "attribution"
+    model: str = Field(description="The model that answered.")
+    tokens: list[str] = Field(description="(N,) text of each input token.")
+    input_ids: list[int] = Field(description="(N,) input token ids.")
+    components: list[str] = Field(description="(M,) component labels, e.g. 'tok[3]:\"Paris\"'.")
+    positions: list[int] = Field(description="(P,) non-negative positions returned.")
+    targets: list[int] = Field(description="(T,) scored token ids.")
+    target_tokens: list[str] = Field(description="(T,) text of each target.")
+    granularity: str = Field(description="What the components are.")
+    mlp_split: str = Field(description="MLP split rule used.")
+    end: str = Field(description="'output' (after the final norm) or 'layer e'.")
+    layers: list[int] | None = Field(description="Layers of the leading axis, if any.")
+    conservation_error: float = Field(
+        description="max |sum(components) + remainder - true state| (completeness check)."
+    )
+    relative_conservation_error: float = Field(description="conservation_error / max |true state|.")
+    timings: dict[str, float] = Field(
+        description="Seconds: queue_s, forward_s, decompose_s, total_s."
+    )
+    scores: EncodedArray | None = Field(
+        None, description="([layers,] P, M, T) logit contribution of each component."
+    )
+    remainder_scores: EncodedArray | None = Field(
+        None, description="([layers,] P, T) the remainder's (biases') logit contribution."
+    )
+    states: EncodedArray | None = Field(
+        None, description="([layers,] P, M, D) components of the state."
+    )
+    remainder: EncodedArray | None = Field(
+        None, description="([layers,] P, D) the remainder (bias) component of the state."
+    )
+    logits: EncodedArray | None = Field(
+        None, description="([layers,] P, T) each target's logit: scores summed + remainder."
+    )
+
+
+class GenerateBody(ArrayOptions):
+    """``POST /v1/generate``: continue a prompt and attribute every generated token."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"prompt": "The capital of France is", "max_new_tokens": 4}]
+        },
+    )
+
+    prompt: str | None = Field(None, description="Text to continue (or give input_ids).")
+    input_ids: list[NonNegativeInt] | None = Field(
+        None, description="Token ids to continue (or give prompt)."
+    )
+    max_new_tokens: int = Field(16, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(
+        0.0, ge=0, description="Sampling temperature; 0 (the default) is greedy decoding."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (temperature > 0).")
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="Sampling seed; the response reports the one used."
+    )
+    stop_at_eos: bool = Field(True, description="Stop after the end-of-sequence token.")
+    mlp_split: SplitRule = Field("softmax", description="MLP split rule of the attribution.")
+    split_temperature: float = Field(
+        0.1, gt=0, description="Softmax temperature of the MLP split (not of sampling)."
+    )
+    ignore_bos: bool | None = Field(None, description="First-token rule; None: on.")
+
+    @field_validator("temperature", "top_p", "split_temperature")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateBody:
+        if (self.prompt is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of 'prompt' and 'input_ids'")
+        if self.input_ids is not None and not self.input_ids:
+            raise ValueError("input_ids: must not be empty")
+        if self.prompt is not None and not self.prompt:
+            raise ValueError("prompt: must not be empty")
+        return self
+
+
+class GenerateResponse(BaseModel):
+    """The continuation and, for each generated token, its attribution to the tokens before."""
+
+    object: Literal["generation"] = "generation"
+    model: str = Field(description="The model that answered.")
+    text: str = Field(description="The generated text (special tokens skipped).")
+    finish_reason: Literal["length", "stop"] = Field(
+        description="'stop': the end-of-sequence token; 'length': max_new_tokens reached."
+    )
+    seed: int | None = Field(description="Sampling seed used (None when greedy).")
+    prompt_ids: list[int] = Field(description="(N,) prompt token ids.")
+    prompt_tokens: list[str] = Field(description="(N,) prompt token texts.")
+    generated_ids: list[int] = Field(description="(G,) generated token ids.")
+    generated_tokens: list[str] = Field(description="(G,) generated token texts.")
+    components: list[str] = Field(
+        description="(M,) labels of the attributed tokens: the prompt and all but the last "
+        "generated token (M = N + G - 1)."
+    )
+    positions: list[int] = Field(description="(G,) the position each generated token follows.")
+    conservation_error: float = Field(description="As for attributions.")
+    relative_conservation_error: float = Field(description="As for attributions.")
+    timings: dict[str, float] = Field(
+        description="Seconds: queue_s, generate_s, forward_s, decompose_s, total_s."
+    )
+    scores: EncodedArray | None = Field(
+        None, description="(G, M) each token's contribution to each generated token's logit."
+    )
+    remainder_scores: EncodedArray | None = Field(
+        None, description="(G,) the remainder's contribution."
+    )
+    logits: EncodedArray | None = Field(None, description="(G,) each generated token's logit.")
+
+
+class TokenizeBody(BaseModel):
+    """``POST /v1/tokenize``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="Text to tokenize as the model sees it.")
+
+
+class TokenizeResponse(BaseModel):
+    """Token ids and texts, special tokens included."""
+
+    object: Literal["tokenization"] = "tokenization"
+    input_ids: list[int] = Field(description="(N,) token ids.")
+    tokens: list[str] = Field(description="(N,) text of each token.")
+    num_tokens: int = Field(description="N.")
+
+
+class Limits(BaseModel):
+    """The limits in force; requests over them get 413 or 422."""
+
+    max_input_tokens: int
+    max_new_tokens: int
+    max_queue: int
+    request_timeout_s: float
+    max_response_bytes: int
+    max_body_bytes: int
+    memory_budget_bytes: int
+    trace_cache_size: int
+
+
+class ModelResponse(BaseModel):
+    """``GET /v1/model``: what is loaded and the limits in force."""
+
+    object: Literal["model"] = "model"
+    id: str = Field(description="Model name (hub id, or the folder name of a local model).")
+    architecture: str
+    family: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int = Field(description="MLP width.")
+    vocab_size: int
+    dtype: str = Field(description="Weight dtype.")
+    compute_dtype: str = Field(description="Dtype of the propagated components.")
+    device: str
+    granularities: list[str]
+    mlp_splits: list[str]
+    array_encodings: list[str]
+    auth_required: bool
+    limits: Limits
+
+
+class HealthResponse(BaseModel):
+    """Liveness."""
+
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    """Readiness: the model is loaded."""
+
+    status: Literal["ready"] = "ready"
+    model: str
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    message: str = Field(description="Human-readable; names the field when one is at fault.")
+    type: str = Field(description="Broad class, e.g. 'invalid_request_error'.")
+    param: str | None = Field(None, description="The offending request field, if any.")
+    code: str | None = Field(None, description="Precise reason, e.g. 'queue_full'.")
+
+
+class ErrorResponse(BaseModel):
+    """The one error envelope of every failure."""
+
+    error: ErrorDetail

@@ -1,0 +1,461 @@
+"""The serving layer: HTTP bodies in, engine calls on the worker, HTTP bodies out.
+
+Every request is converted to the engine's own :class:`engine.AttributionRequest` and
+sized with :meth:`engine.DePassEngine.plan` *before* it is queued, so that a request over
+a limit costs no model work. Engine calls run on the single :class:`service.worker.Worker`.
+An out-of-memory error frees the trace cache and the allocator's cache and answers 503;
+the service keeps serving.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ValidationError
+from safetensors.numpy import save as save_safetensors
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from engine import SPLIT_RULES, AttributionRequest, AttributionResult, DePassEngine, RequestError
+from service.arrays import ENCODINGS, ArrayDecodeError, decode_array, encode_array
+from service.errors import (
+    InvalidFieldError,
+    OutOfMemoryError,
+    PayloadTooLargeError,
+    invalid_fields,
+)
+from service.generation import Continuation, continue_ids, eos_token_ids
+from service.metrics import Metrics
+from service.protocol import (
+    SAFETENSORS_MEDIA_TYPE,
+    SAFETENSORS_METADATA_KEY,
+    ArrayOptions,
+    AttributionBody,
+    AttributionResponse,
+    GenerateBody,
+    GenerateResponse,
+    Limits,
+    ModelResponse,
+    TokenizeBody,
+    TokenizeResponse,
+)
+from service.settings import Settings
+from service.worker import Worker
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Called on the worker thread with the operation name before each engine call: a test
+#: seam to inject faults (an out-of-memory error, a slow job) without a GPU.
+FaultInjector = Callable[[str], None]
+Disconnected = Callable[[], Awaitable[bool]]
+
+GRANULARITIES = ("token", "module", "head", "neuron", "subspace")
+ELEMENT_BYTES = {"float32": 4, "float16": 2}
+
+
+def load_engine(settings: Settings) -> DePassEngine:
+    """Load the configured model once, on the configured device and dtype."""
+    settings.check_model_source()
+    device = settings.resolved_device()
+    where = f"device map {settings.device_map!r}" if settings.device_map else device
+    logger.info("loading %s on %s (dtype %s)", settings.model, where, settings.dtype)
+    return DePassEngine.from_pretrained(
+        settings.model,
+        device=device,
+        dtype=settings.dtype,
+        device_map=settings.device_map,
+        trust_remote_code=settings.trust_remote_code,
+        memory_budget_bytes=settings.memory_budget_bytes,
+        trace_cache_size=settings.trace_cache_size,
+    )
+
+
+def wants_safetensors(accept: str | None) -> bool:
+    """Whether the ``Accept`` header asks for the binary (safetensors) response."""
+    if not accept:
+        return False
+    for item in accept.split(","):
+        media, _, params = item.partition(";")
+        if media.strip().lower() == SAFETENSORS_MEDIA_TYPE:
+            return "q=0" not in params.replace(" ", "").split(";")
+    return False
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA/MPS/CPU allocation failure, whatever torch calls it."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+@dataclass
+class Payload:
+    """A response before rendering: JSON fields and named arrays."""
+
+    fields: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+class Serving:
+    """Serves one engine: validation, sizing, the worker, conversion and rendering.
+
+    Args:
+        fault_injector: see :data:`FaultInjector`.
+    """
+
+    def __init__(
+        self,
+        engine: DePassEngine,
+        settings: Settings,
+        metrics: Metrics,
+        worker: Worker,
+        fault_injector: FaultInjector | None = None,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.worker = worker
+        self.fault_injector = fault_injector
+        self.model_name = settings.model_name()
+        self._stop_ids = eos_token_ids(engine.model, engine.tokenizer)
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def attribute(
+        self, body: AttributionBody, accept: str | None, is_disconnected: Disconnected | None
+    ) -> Response | BaseModel:
+        """``POST /v1/attributions``."""
+        clock = time.perf_counter()
+        request = self._engine_request(body)
+        plan = await self._call(self.engine.plan, request)
+        field = "input_ids" if body.input_ids is not None else "prompt"
+        self._check_input_length(plan.num_tokens, field)
+        estimate = plan.result_bytes(ELEMENT_BYTES[body.array_dtype])
+        if estimate > self.settings.max_response_bytes:
+            raise PayloadTooLargeError(
+                _response_too_large(estimate, self.settings.max_response_bytes, body),
+                code="response_too_large",
+            )
+        self.metrics.input_tokens.labels("attribute").observe(plan.num_tokens)
+        done = await self.worker.submit(
+            lambda: self._guarded("attribute", lambda: self.engine.attribute(request)),
+            timeout_s=self.settings.request_timeout_s,
+            is_disconnected=is_disconnected,
+        )
+        self.metrics.queue_wait.observe(done.queue_s)
+        result: AttributionResult = done.value
+        timings = {"queue_s": done.queue_s, **result.timings}
+        timings["total_s"] = time.perf_counter() - clock
+        payload = self._attribution_payload(result, timings)
+        return self._render(payload, body, accept, AttributionResponse)
+
+    async def generate(
+        self, body: GenerateBody, accept: str | None, is_disconnected: Disconnected | None
+    ) -> Response | BaseModel:
+        """``POST /v1/generate``."""
+        clock = time.perf_counter()
+        limit = self.settings.max_new_tokens
+        if body.max_new_tokens > limit:
+            raise InvalidFieldError(
+                f"max_new_tokens: {body.max_new_tokens} is over this service's limit of {limit}",
+                param="max_new_tokens",
+            )
+        if body.input_ids is not None:
+            field, prompt_ids = "input_ids", list(body.input_ids)
+            bad = [i for i in prompt_ids if i >= self.engine.info.vocab_size]
+            if bad:
+                raise InvalidFieldError(
+                    f"input_ids: token ids {bad[:5]} are outside the vocabulary "
+                    f"[0, {self.engine.info.vocab_size})",
+                    param="input_ids",
+                )
+        else:
+            field, prompt_ids = "prompt", await self._call(self.engine.tokenize, body.prompt or "")
+        if not prompt_ids:
+            raise InvalidFieldError(f"{field}: tokenizes to no tokens", param=field)
+        self._check_input_length(len(prompt_ids) + body.max_new_tokens - 1, field)
+        self.metrics.input_tokens.labels("generate").observe(len(prompt_ids))
+        done = await self.worker.submit(
+            lambda: self._guarded("generate", lambda: self._generate_job(body, prompt_ids)),
+            timeout_s=self.settings.request_timeout_s,
+            is_disconnected=is_disconnected,
+        )
+        self.metrics.queue_wait.observe(done.queue_s)
+        continuation, result, generate_s = done.value
+        timings = {"queue_s": done.queue_s, "generate_s": generate_s, **result.timings}
+        timings["total_s"] = time.perf_counter() - clock
+        payload = self._generation_payload(prompt_ids, continuation, result, timings)
+        return self._render(payload, body, accept, GenerateResponse)
+
+    async def tokenize(self, body: TokenizeBody) -> TokenizeResponse:
+        """``POST /v1/tokenize``."""
+        ids = await self._call(self.engine.tokenize, body.prompt)
+        tokens = await self._call(self.engine.token_texts, ids)
+        return TokenizeResponse(input_ids=ids, tokens=tokens, num_tokens=len(ids))
+
+    def model_card(self) -> ModelResponse:
+        """``GET /v1/model``."""
+        info = self.engine.info
+        s = self.settings
+        return ModelResponse(
+            id=self.model_name,
+            architecture=info.architecture,
+            family=info.family,
+            num_layers=info.num_layers,
+            num_heads=info.num_heads,
+            num_kv_heads=info.num_kv_heads,
+            head_dim=info.head_dim,
+            hidden_size=info.hidden_size,
+            intermediate_size=info.intermediate_size,
+            vocab_size=info.vocab_size,
+            dtype=info.dtype,
+            compute_dtype=str(self.engine.compute_dtype).removeprefix("torch."),
+            device=info.device,
+            granularities=list(GRANULARITIES),
+            mlp_splits=list(SPLIT_RULES),
+            array_encodings=["auto", *ENCODINGS],
+            auth_required=s.api_key is not None,
+            limits=Limits(
+                max_input_tokens=s.max_input_tokens,
+                max_new_tokens=s.max_new_tokens,
+                max_queue=s.max_queue,
+                request_timeout_s=s.request_timeout_s,
+                max_response_bytes=s.max_response_bytes,
+                max_body_bytes=s.max_body_bytes,
+                memory_budget_bytes=self.engine.memory_budget_bytes,
+                trace_cache_size=self.engine.trace_cache_size,
+            ),
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def _engine_request(self, body: AttributionBody) -> AttributionRequest:
+        """The engine's request: ``subspace`` decoded (never unpickled), fields re-checked."""
+        if body.input_ids is not None:
+            self._check_input_length(len(body.input_ids), "input_ids")
+        fields = body.model_dump(exclude={"array_encoding", "array_dtype", "subspace"})
+        if body.subspace is not None:
+            try:
+                fields["subspace"] = decode_array(
+                    dtype=body.subspace.dtype,
+                    shape=body.subspace.shape,
+                    encoding=body.subspace.encoding,
+                    data=body.subspace.data,
+                    max_bytes=self.settings.max_response_bytes,
+                )
+            except ArrayDecodeError as exc:
+                raise InvalidFieldError(f"subspace: {exc}", param="subspace") from None
+        try:
+            return AttributionRequest(**fields)
+        except ValidationError as exc:
+            raise invalid_fields(exc.errors(include_url=False)) from None
+
+    def _check_input_length(self, tokens: int, field: str) -> None:
+        limit = self.settings.max_input_tokens
+        if tokens > limit:
+            raise PayloadTooLargeError(
+                f"{field}: the input is {tokens} tokens, over this service's limit of {limit}",
+                param=field,
+                code="input_too_long",
+            )
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """A cheap engine call (tokenizing, planning) on the thread pool, errors mapped."""
+        try:
+            return await run_in_threadpool(fn, *args)
+        except RequestError as exc:
+            raise InvalidFieldError(str(exc), param=exc.field) from None
+
+    # ------------------------------------------------------------------ worker side
+
+    def _guarded(self, operation: str, job: Callable[[], T]) -> T:
+        """Run ``job`` on the worker thread; turn an out-of-memory error into a 503."""
+        clock = time.perf_counter()
+        try:
+            if self.fault_injector is not None:
+                self.fault_injector(operation)
+            return job()
+        except RequestError as exc:
+            raise InvalidFieldError(str(exc), param=exc.field) from None
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+        finally:
+            self.metrics.engine_duration.labels(operation).observe(time.perf_counter() - clock)
+        # Only an out-of-memory error gets here; its traceback (and the tensors its frames
+        # held) is gone now, so freeing the caches releases the memory.
+        self._free_memory()
+        self.metrics.out_of_memory.inc()
+        logger.warning("out of memory during %s; caches freed", operation)
+        raise OutOfMemoryError(
+            "the model ran out of memory on this request; caches were freed. Retry, or ask "
+            "for less: fewer positions, outputs=['scores'], a shorter input"
+        )
+
+    def _free_memory(self) -> None:
+        self.engine.clear_cache()
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+    def _generate_job(
+        self, body: GenerateBody, prompt_ids: list[int]
+    ) -> tuple[Continuation, AttributionResult, float]:
+        """Continue the prompt, then attribute every generated token in one engine call:
+        positions are the ones before each generated token, targets the generated tokens."""
+        clock = time.perf_counter()
+        continuation = continue_ids(
+            self.engine.model,
+            prompt_ids,
+            body.max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop_ids=self._stop_ids if body.stop_at_eos else (),
+        )
+        generate_s = time.perf_counter() - clock
+        generated = continuation.ids
+        start = len(prompt_ids) - 1
+        request = AttributionRequest(
+            input_ids=prompt_ids + generated[:-1],
+            granularity="token",
+            positions=list(range(start, start + len(generated))),
+            targets=list(generated),
+            mlp_split=body.mlp_split,
+            temperature=body.split_temperature,
+            ignore_bos=body.ignore_bos,
+            outputs=["scores"],
+        )
+        return continuation, self.engine.attribute(request), generate_s
+
+    # ------------------------------------------------------------------ responses
+
+    def _attribution_payload(self, result: AttributionResult, timings: dict[str, float]) -> Payload:
+        fields = {
+            "model": self.model_name,
+            "tokens": result.tokens,
+            "input_ids": result.input_ids,
+            "components": result.components,
+            "positions": result.positions,
+            "targets": result.targets,
+            "target_tokens": result.target_tokens,
+            "granularity": result.granularity,
+            "mlp_split": result.mlp_split,
+            "end": result.end,
+            "layers": result.layers,
+            "conservation_error": result.conservation_error,
+            "relative_conservation_error": result.relative_conservation_error,
+            "timings": timings,
+        }
+        named = {
+            "scores": result.scores,
+            "remainder_scores": result.remainder_scores,
+            "states": result.states,
+            "remainder": result.remainder,
+            "logits": result.logits,
+        }
+        arrays = {k: _numpy(v) for k, v in named.items() if v is not None}
+        return Payload(fields, arrays)
+
+    def _generation_payload(
+        self,
+        prompt_ids: list[int],
+        continuation: Continuation,
+        result: AttributionResult,
+        timings: dict[str, float],
+    ) -> Payload:
+        generated = continuation.ids
+        g = np.arange(len(generated))
+        assert result.scores is not None and result.remainder_scores is not None
+        scores = _numpy(result.scores)[g, :, g]  # (G, M): position i scored on its own target
+        tokenizer = self.engine.tokenizer
+        texts = self.engine.token_texts(generated)
+        text = (
+            tokenizer.decode(generated, skip_special_tokens=True)
+            if tokenizer is not None
+            else "".join(texts)
+        )
+        fields = {
+            "model": self.model_name,
+            "text": text,
+            "finish_reason": continuation.finish_reason,
+            "seed": continuation.seed,
+            "prompt_ids": prompt_ids,
+            "prompt_tokens": self.engine.token_texts(prompt_ids),
+            "generated_ids": generated,
+            "generated_tokens": texts,
+            "components": result.components,
+            "positions": result.positions,
+            "conservation_error": result.conservation_error,
+            "relative_conservation_error": result.relative_conservation_error,
+            "timings": timings,
+        }
+        arrays = {
+            "scores": scores,
+            "remainder_scores": _numpy(result.remainder_scores)[g, g],  # (G,)
+            "logits": _numpy(result.logits)[g, g],  # (G,)
+        }
+        return Payload(fields, arrays)
+
+    def _render(
+        self,
+        payload: Payload,
+        options: ArrayOptions,
+        accept: str | None,
+        model: type[BaseModel],
+    ) -> Response | BaseModel:
+        """JSON with encoded arrays, or a safetensors file when the client asked for one."""
+        if wants_safetensors(accept):
+            dtype = np.dtype(options.array_dtype)
+            tensors = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in payload.arrays.items()}
+            metadata = {SAFETENSORS_METADATA_KEY: json.dumps(payload.fields)}
+            return Response(save_safetensors(tensors, metadata), media_type=SAFETENSORS_MEDIA_TYPE)
+        encoded = {
+            name: encode_array(array, options.array_encoding, options.array_dtype)
+            for name, array in payload.arrays.items()
+        }
+        return model.model_validate({**payload.fields, **encoded})
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU float32 array of ``tensor``."""
+    return tensor.detach().to("cpu", torch.float32).numpy()
+
+
+def _response_too_large(estimate: int, limit: int, body: AttributionBody) -> str:
+    """The 413 message: the estimate, the limit, and how to ask for less."""
+    hints = []
+    if body.positions is None:
+        hints.append("fewer positions (e.g. positions=[-1] for the last token)")
+    if "states" in body.outputs:
+        hints.append("outputs=['scores'] (states are hidden_size times larger)")
+    if body.granularity == "neuron":
+        hints.append("fewer neurons")
+    if body.granularity == "token" and body.groups is None:
+        hints.append("token groups")
+    if body.array_dtype == "float32":
+        hints.append("array_dtype='float16' (half the size)")
+    return (
+        f"the response would carry about {_human(estimate)} of arrays, over this service's "
+        f"limit of {_human(limit)}; ask for less: " + "; ".join(hints or ["a shorter input"])
+    )
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} GiB"

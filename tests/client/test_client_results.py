@@ -1,0 +1,148 @@
+"""SDK results: array decoding, the safetensors codec, helpers, and attribute_many."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+import zstandard
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+import depass_client as dc
+from depass_client import _arrays, _safetensors
+from depass_client._progress import ProgressBar
+from tests.client.conftest import (
+    ATTRIBUTION,
+    RecordingAsyncClient,
+    RecordingClient,
+    Script,
+    envelope,
+)
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("encoding", ["list", "base64", "zstd+base64"])
+def test_array_objects_decode_exactly(dtype: str, encoding: str) -> None:
+    array = RNG.normal(size=(2, 3, 4)).astype(dtype)
+    if encoding == "list":
+        data: object = array.tolist()
+    else:
+        raw = array.astype(array.dtype.newbyteorder("<")).tobytes()
+        if encoding == "zstd+base64":
+            raw = zstandard.ZstdCompressor().compress(raw)
+        data = base64.b64encode(raw).decode()
+    obj = {"dtype": dtype, "shape": [2, 3, 4], "encoding": encoding, "data": data}
+    decoded = _arrays.decode(obj)
+    assert decoded.dtype == np.dtype(dtype) and decoded.flags.writeable
+    np.testing.assert_array_equal(decoded, array)
+    assert _arrays.decode(None) is None
+    with pytest.raises(dc.DePassError):
+        _arrays.decode({"dtype": "float32", "shape": [1], "encoding": "brotli", "data": ""})
+
+
+def test_sdk_encoding_matches_the_service_decoder() -> None:
+    from service.arrays import decode_array
+
+    array = RNG.normal(size=(2, 5, 8))
+    for encoding in ("list", "base64", "zstd+base64"):
+        obj = _arrays.encode(array, encoding)
+        back = decode_array(**obj, max_bytes=10**6)
+        np.testing.assert_array_equal(back, array.astype(np.float32))
+
+
+def test_safetensors_codec_interoperates_with_the_reference_library() -> None:
+    tensors = {
+        "b": RNG.normal(size=(3, 4)).astype(np.float16),
+        "a": RNG.normal(size=(2, 1, 5)).astype(np.float32),
+        "ids": np.arange(7, dtype=np.int64),
+    }
+    ours = _safetensors.dumps(tensors, {"depass": '{"x": 1}'})
+    theirs = st_load(ours)
+    for name, array in tensors.items():
+        np.testing.assert_array_equal(theirs[name], array)
+    back, metadata = _safetensors.loads(st_save(tensors, metadata={"k": "v"}))
+    assert metadata == {"k": "v"}
+    for name, array in tensors.items():
+        assert back[name].dtype == array.dtype
+        np.testing.assert_array_equal(back[name], array)
+    for broken in (b"", b"\xff" * 8 + b"{}", ours[:-3]):
+        with pytest.raises(dc.DePassError):
+            _safetensors.loads(broken)
+
+
+def test_attribution_helpers(tmp_path: object) -> None:
+    result = dc.Attribution.from_json(ATTRIBUTION)
+    assert result.top_k(5) == [('tok[0]:"<s>"', 0.5), ('tok[1]:"a"', -0.25)]
+    table = result.table()
+    assert "target 'b' (id 7) at position 1 'a', logit 0.2500" in table
+    assert "remainder" in table and "conservation error" in table
+    lines = table.splitlines()
+    assert lines[2].split()[:3] == ["1", 'tok[0]:"<s>"', "0.5000"]
+    path = tmp_path / "r.safetensors"  # type: ignore[operator]
+    result.to_safetensors(path)
+    again = dc.Attribution.from_safetensors(path)
+    assert again.components == result.components and again.timings == result.timings
+    np.testing.assert_array_equal(again.scores, result.scores)
+    assert again.states is None
+    assert json.loads(json.dumps(result.to_dict()))["scores"] == [[[0.5], [-0.25]]]
+    with pytest.raises(ValueError, match="scores"):
+        dc.Attribution.from_json({**ATTRIBUTION, "scores": None}).top_k()
+
+
+def test_progress_bar_draws_in_place_on_a_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    bar = ProgressBar(4, stream=screen)
+    for _ in range(4):
+        bar.update()
+    bar.close()
+    assert screen.getvalue().count("\r") == 5 and "4/4 100%" in screen.getvalue()
+    log = io.StringIO()
+    bar = ProgressBar(2, stream=log)
+    bar.update(2)
+    bar.close()
+    assert log.getvalue().count("\n") == 1 and "2/2" in log.getvalue()
+
+
+def test_attribute_many_in_order_with_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    def reply(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if body["prompt"] == "bad":
+            return envelope(422, "prompt: bad", param="prompt")
+        return httpx.Response(200, json={**ATTRIBUTION, "tokens": ["<s>", body["prompt"]]})
+
+    client = RecordingClient(Script())
+    client._http = httpx.Client(transport=httpx.MockTransport(reply))
+    prompts = ["p0", "p1", "bad", "p3", "p4"]
+    results = client.attribute_many(
+        [{"prompt": p} for p in prompts], concurrency=3, return_exceptions=True
+    )
+    assert [r.tokens[1] for i, r in enumerate(results) if i != 2] == ["p0", "p1", "p3", "p4"]
+    assert isinstance(results[2], dc.UnprocessableEntityError)
+    assert "5/5" in capsys.readouterr().err
+    with pytest.raises(dc.UnprocessableEntityError):
+        client.attribute_many([{"prompt": "bad"}], progress=False)
+
+
+@pytest.mark.anyio
+async def test_async_attribute_many_in_order() -> None:
+    def reply(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        return httpx.Response(200, json={**ATTRIBUTION, "positions": body["positions"]})
+
+    client = RecordingAsyncClient(Script())
+    client._http = httpx.AsyncClient(transport=httpx.MockTransport(reply))
+    results = await client.attribute_many(
+        [{"prompt": "a", "positions": [i]} for i in range(6)], concurrency=2, progress=False
+    )
+    assert [r.positions for r in results] == [[i] for i in range(6)]

@@ -1,0 +1,145 @@
+"""Fixtures of the service tests: in-process apps around a tiny engine, and real servers.
+
+``server`` runs ``python -m service`` under uvicorn on a free port, serving a tiny random
+Llama saved to a temporary folder; ``golden_server`` serves the golden tiny Llama of
+``../shared/golden`` (skipped when absent). Both are shared by the whole session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi import FastAPI
+
+from engine import DePassEngine
+from engine.testing import tiny_model, word_tokenizer
+from service import Settings, create_app
+from service.serving import FaultInjector
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = Path(os.environ.get("DEPASS_SHARED", REPO.parent / "shared")) / "golden"
+PROMPT = "the capital of France is"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def settings(**overrides: Any) -> Settings:
+    """Test settings: a named model, no key, unless overridden."""
+    values: dict[str, Any] = {"model": "tiny-llama", "api_key": None}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    engine: DePassEngine,
+    fault_injector: FaultInjector | None = None,
+    raise_app_exceptions: bool = True,
+    **overrides: Any,
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """An app around ``engine`` with its lifespan running, and an in-process client."""
+    app = create_app(settings(**overrides), engine=engine, fault_injector=fault_injector)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+    ):
+        yield app, client
+
+
+# ---------------------------------------------------------------------------- real servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve(model: Path, log: Path, **env: str) -> Iterator[str]:
+    """``python -m service`` on a free port until the block ends; yields its base URL."""
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DEPASS_")}
+    environment.update(
+        DEPASS_MODEL=str(model),
+        DEPASS_HOST="127.0.0.1",
+        DEPASS_PORT=str(port),
+        DEPASS_DEVICE="cpu",
+        DEPASS_DTYPE="float32",
+        DEPASS_LOG_LEVEL="warning",
+        OMP_NUM_THREADS=str(torch.get_num_threads()),  # same reduction order as the tests
+        **env,
+    )
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service"], cwd=REPO, env=environment, stdout=sink, stderr=sink
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the service exited ({process.returncode}):\n{log.read_text()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the service was not ready in 120 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with a word tokenizer, saved as a model folder."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", seed=3).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def direct_engine(tiny_model_dir: Path) -> DePassEngine:
+    """The engine on the same folder the server loads, in this process."""
+    return DePassEngine.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a real uvicorn process serving ``tiny_model_dir``."""
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    with serve(tiny_model_dir, log) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def golden_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a real uvicorn process serving the golden tiny Llama."""
+    model = GOLDEN / "models" / "tiny-llama"
+    if not (GOLDEN / "manifest.json").exists() or not model.is_dir():
+        pytest.skip(f"golden reference outputs not found at {GOLDEN} (set DEPASS_SHARED)")
+    log = tmp_path_factory.mktemp("logs") / "golden.log"
+    with serve(model, log) as url:
+        yield url

@@ -1,0 +1,160 @@
+"""Units of the service: settings, start-up errors, the array codec, the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import pickle
+import threading
+import time
+
+import numpy as np
+import pytest
+import zstandard
+
+from service.__main__ import main
+from service.arrays import ArrayDecodeError, decode_array, encode_array
+from service.errors import QueueFullError
+from service.serving import wants_safetensors
+from service.settings import DEFAULT_MODEL_DIR, ModelNotFoundError, Settings
+from service.worker import Worker
+
+# ---------------------------------------------------------------------------- settings
+
+
+def test_settings_come_from_depass_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEPASS_PORT", "9123")
+    monkeypatch.setenv("DEPASS_MAX_QUEUE", "3")
+    monkeypatch.setenv("DEPASS_API_KEY", "s3cret-value")
+    monkeypatch.setenv("DEPASS_DEVICE", "CUDA:1")
+    settings = Settings()
+    assert (settings.port, settings.max_queue, settings.device) == (9123, 3, "cuda:1")
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "s3cret-value"
+    assert "s3cret-value" not in repr(settings)  # the key never shows in logs
+    monkeypatch.setenv("DEPASS_API_KEY", "")
+    assert Settings().api_key is None
+    assert Settings().device_map is None
+    monkeypatch.setenv("DEPASS_DEVICE_MAP", "auto")
+    assert Settings().device_map == "auto"
+    assert Settings().trust_remote_code is False and Settings().host == "127.0.0.1"
+
+
+def test_default_model_is_the_embedded_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DEPASS_MODEL", raising=False)
+    settings = Settings()
+    assert settings.model == str(DEFAULT_MODEL_DIR)
+    assert DEFAULT_MODEL_DIR.parts[-2:] == ("models", "depass-tiny")
+    if DEFAULT_MODEL_DIR.exists():
+        settings.check_model_source()  # built: nothing to say
+    else:
+        with pytest.raises(ModelNotFoundError, match="make model"):
+            settings.check_model_source()
+
+
+def test_start_up_fails_clearly_without_a_model(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DEPASS_MODEL", "/nonexistent/model-folder")
+    assert main() == 2
+    assert "/nonexistent/model-folder" in capsys.readouterr().err
+    monkeypatch.setenv("DEPASS_MODEL", "org/some-hub-model")
+    Settings().check_model_source()  # hub ids are left to the loader
+    monkeypatch.setenv("DEPASS_DEVICE", "gpu")
+    assert main() == 2
+    assert "device" in capsys.readouterr().err
+
+
+def test_accept_negotiation() -> None:
+    assert wants_safetensors("application/vnd.safetensors")
+    assert wants_safetensors("application/json;q=0.5, application/vnd.safetensors")
+    assert not wants_safetensors("application/vnd.safetensors;q=0")
+    assert not wants_safetensors("application/json")
+    assert not wants_safetensors(None)
+
+
+# ---------------------------------------------------------------------------- arrays
+
+
+@pytest.mark.parametrize("encoding", ["list", "base64", "zstd+base64"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_arrays_round_trip(encoding: str, dtype: str) -> None:
+    array = np.random.default_rng(1).normal(size=(3, 4, 5)).astype(np.float32)
+    obj = encode_array(array, encoding, dtype)  # type: ignore[arg-type]
+    assert obj["encoding"] == encoding and obj["shape"] == [3, 4, 5] and obj["dtype"] == dtype
+    back = decode_array(**obj, max_bytes=10**6)
+    np.testing.assert_array_equal(back, array.astype(dtype).astype(np.float32))
+
+
+def test_auto_encoding_lists_small_arrays_and_compresses_large_ones() -> None:
+    assert encode_array(np.zeros(64))["encoding"] == "list"
+    assert encode_array(np.zeros(65))["encoding"] == "zstd+base64"
+
+
+def test_decoding_never_unpickles_and_bounds_sizes() -> None:
+    payload = base64.b64encode(pickle.dumps(np.zeros(4, np.float32))).decode()
+    with pytest.raises(ArrayDecodeError, match=r"longer|bytes"):
+        decode_array(dtype="float32", shape=[4], encoding="base64", data=payload, max_bytes=64)
+    bomb = base64.b64encode(zstandard.ZstdCompressor().compress(bytes(50_000_000))).decode()
+    with pytest.raises(ArrayDecodeError, match="more than 16"):
+        decode_array(dtype="float32", shape=[4], encoding="zstd+base64", data=bomb, max_bytes=64)
+    with pytest.raises(ArrayDecodeError, match="limit"):
+        decode_array(dtype="float32", shape=[100], encoding="base64", data="", max_bytes=64)
+    with pytest.raises(ArrayDecodeError, match="shape"):
+        decode_array(dtype="float32", shape=[0], encoding="list", data=[], max_bytes=64)
+    with pytest.raises(ArrayDecodeError, match="finite"):
+        decode_array(dtype="float64", shape=[1], encoding="list", data=[1e300], max_bytes=64)
+
+
+# ---------------------------------------------------------------------------- worker
+
+
+def test_worker_runs_jobs_in_order_and_bounds_its_queue() -> None:
+    async def scenario() -> None:
+        worker = Worker(max_queue=2)
+        worker.start()
+        release = threading.Event()
+        order: list[int] = []
+
+        def job(i: int) -> int:
+            release.wait(10)
+            order.append(i)
+            return i * 10
+
+        def submit(i: int) -> asyncio.Task:
+            return asyncio.create_task(worker.submit(lambda: job(i), timeout_s=10))
+
+        tasks = [submit(0)]
+        while not worker.busy:  # the first job runs; two more may wait
+            await asyncio.sleep(0.01)
+        tasks += [submit(1), submit(2)]
+        while worker.depth < 2:
+            await asyncio.sleep(0.01)
+        with pytest.raises(QueueFullError) as caught:
+            await worker.submit(lambda: 0, timeout_s=10)
+        assert caught.value.headers["Retry-After"].isdigit()
+        release.set()
+        done = await asyncio.gather(*tasks)
+        assert [d.value for d in done] == [0, 10, 20] and order == [0, 1, 2]
+        assert all(d.queue_s >= 0 and d.run_s >= 0 for d in done)
+        worker.stop(5)
+        assert not worker._thread.is_alive()
+
+    asyncio.run(scenario())
+
+
+def test_worker_delivers_job_errors() -> None:
+    async def scenario() -> None:
+        worker = Worker(max_queue=1)
+        worker.start()
+
+        def fail() -> None:
+            raise KeyError("inside")
+
+        with pytest.raises(KeyError):
+            await worker.submit(fail, timeout_s=5)
+        start = time.monotonic()
+        assert (await worker.submit(lambda: "ok", timeout_s=5)).value == "ok"
+        assert time.monotonic() - start < 1
+        worker.stop(5)
+
+    asyncio.run(scenario())
