@@ -7,6 +7,7 @@ from engine.adapters import (
     supported_architectures,
 )
 from engine.engine import DePassEngine, ModelInfo, Plan
+from engine.propagate import Cancelled
 from engine.request import AttributionRequest, RequestError
 from engine.result import AttributionResult
 from engine.splits import SPLIT_RULES
@@ -17,6 +18,7 @@ __all__ = [
     "ArchitectureAdapter",
     "AttributionRequest",
     "AttributionResult",
+    "Cancelled",
     "DePassEngine",
     "ModelInfo",
     "Plan",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -341,11 +341,19 @@ class DePassEngine:
             budget_bytes=self.memory_budget_bytes,
         )
 
-    def attribute(self, request: AttributionRequest) -> AttributionResult:
+    def attribute(
+        self, request: AttributionRequest, should_stop: Callable[[], bool] | None = None
+    ) -> AttributionResult:
         """Decompose the prompt of ``request`` and return its components and scores.
+
+        Args:
+            request: what to decompose.
+            should_stop: polled between layers and chunks; when it returns True the work
+                stops with :class:`engine.Cancelled` (a deadline passed, a client left).
 
         Raises:
             RequestError: the request does not fit the model (names the field).
+            Cancelled: ``should_stop`` said so.
         """
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -381,8 +389,14 @@ class DePassEngine:
             snapped: list[int] = []
             for layer in layers:
                 propagator = Propagator(
-                    self.model, self.adapter, trace, self.compute_dtype, self.memory_budget_bytes
+                    self.model,
+                    self.adapter,
+                    trace,
+                    self.compute_dtype,
+                    self.memory_budget_bytes,
+                    should_stop,
                 )
+                propagator.check()
                 start = self._start(request, trace, layer, groups, texts, propagator)
                 labels = start.labels
                 for snap in propagator.run(start, split, end, index, request.all_layers):

@@ -19,6 +19,7 @@ components and each MLP chunk only touches the components already alive there.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,6 +28,10 @@ from torch import nn
 from engine.adapters import ArchitectureAdapter, norm_weight, rms_scale
 from engine.capture import ForwardTrace
 from engine.splits import SplitRule, SplitSpec, neuron_shares
+
+
+class Cancelled(RuntimeError):
+    """The caller's ``should_stop`` asked to stop; the partial work was thrown away."""
 
 
 def attention_stage(layer: int) -> int:
@@ -157,8 +162,10 @@ class Propagator:
         trace: ForwardTrace,
         dtype: torch.dtype,
         budget_bytes: int,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.model = model
+        self.should_stop = should_stop
         self.adapter = adapter
         self.trace = trace
         self.dtype = dtype
@@ -216,6 +223,7 @@ class Propagator:
         if every_layer and start_stage % 2 == 0:
             snap(start_stage // 2)
         for stage in range(start_stage, 2 * end_layer):
+            self.check()
             layer = stage // 2
             weights = self.weights(layer)
             values = values.to(weights.device)
@@ -229,6 +237,11 @@ class Propagator:
             snap(end_layer)
         self._weights.clear()
         return snapshots
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` when the caller asks to stop (between units of work)."""
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled("the attribution was cancelled")
 
     def _attention(self, w: LayerWeights, values: torch.Tensor, first: list[int]) -> None:
         """Add each component's attention output, in blocks of components (in place)."""
@@ -270,6 +283,7 @@ class Propagator:
         )
         scale = w.mid_scale * spec.gate_scale  # (N, D) frozen norm, and 1 / T for softmax
         for p0 in range(0, length, chunk):
+            self.check()
             p1 = min(length, p0 + chunk)
             live = 1 + bisect.bisect_left(first, p1)  # the remainder and the components alive
             block = values[:live, p0:p1]  # (live, P, D) view

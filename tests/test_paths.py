@@ -189,3 +189,21 @@ def test_trace_cache_byte_limit(model: torch.nn.Module) -> None:
     assert alone.trace(ids) is big  # the newest trace stays even above the limit
     disabled = DePassEngine(model, word_tokenizer(), trace_cache_size=0)
     assert disabled.trace(ids) is not disabled.trace(ids)
+
+
+def test_should_stop_cancels_between_units_of_work(model: torch.nn.Module) -> None:
+    from engine import Cancelled
+
+    engine = DePassEngine(model, word_tokenizer())
+    calls = []
+
+    def stop_after_three() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        engine.attribute(AttributionRequest(prompt=PROMPT), should_stop=stop_after_three)
+    assert len(calls) == 4
+    # The engine is unharmed: the next request runs to the end.
+    result = engine.attribute(AttributionRequest(prompt=PROMPT), should_stop=lambda: False)
+    assert result.relative_conservation_error <= 1e-5
