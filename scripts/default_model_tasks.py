@@ -50,9 +50,7 @@ NAMES: tuple[str, ...] = tuple(
 PLACES: tuple[str, ...] = tuple(
     "store park school market station garden library hospital office restaurant".split()
 )
-OBJECTS: tuple[str, ...] = tuple(
-    "drink book ball gift letter ring key phone bag flower".split()
-)
+OBJECTS: tuple[str, ...] = tuple("drink book ball gift letter ring key phone bag flower".split())
 
 #: ``{N1}``/``{N2}``: the two names in order of mention; ``{B}``: the repeated one.
 IOI_TEMPLATES: tuple[str, ...] = (
@@ -334,49 +332,94 @@ def accuracy(model: Any, tokenizer: Any, cases: Sequence[IOIPrompt | FactPrompt]
 
 @dataclass(frozen=True)
 class Credit:
-    """DePass token-level credit of the predicted token at the last position, one prompt."""
+    """DePass token-level credit at the last position of one prompt, for the predicted
+    token and for its rival (the runner-up among the task's possible answers)."""
 
     prompt: str
     predicted: str
+    rival: str
     tokens: list[str]  # input tokens, BOS first
     scores: list[float]  # logit contribution of each input token to ``predicted``
+    rival_scores: list[float]  # the same for ``rival``
+
+    @property
+    def margin_scores(self) -> list[float]:
+        """Each token's contribution to the logit margin ``predicted - rival``."""
+        return [a - b for a, b in zip(self.scores, self.rival_scores, strict=True)]
 
 
-def depass_credit(engine: Any, prompt: str) -> Credit:
-    """Token-level DePass attribution (default softmax split) of the predicted next token."""
+def depass_credit(
+    engine: Any, prompt: str, answers: Sequence[str] | None = None, mlp_split: str = "softmax"
+) -> Credit:
+    """Token-level DePass attribution (BOS rule on; softmax split unless ``mlp_split`` says
+    otherwise) at the last position, of the predicted next token and of its rival: the
+    highest-scoring other token among ``answers`` (the task's possible answers), or in the
+    whole vocabulary."""
+    import torch
+
     from engine import AttributionRequest
 
     ids = engine.tokenize(prompt)
-    predicted = int(engine.trace(ids).last_logits.argmax())
+    logits = engine.trace(ids).last_logits.float()  # (V,)
+    predicted = int(logits.argmax())
+    allowed = torch.full_like(logits, float("-inf"))
+    if answers is None:
+        allowed.zero_()
+    else:
+        allowed[engine.tokenizer.convert_tokens_to_ids(list(answers))] = 0.0
+    allowed[predicted] = float("-inf")
+    rival = int((logits + allowed).argmax())
     result = engine.attribute(
         AttributionRequest(
             input_ids=ids,
             granularity="token",
-            targets=[predicted],
+            targets=[predicted, rival],
             positions=[-1],
             outputs=["scores"],
+            mlp_split=mlp_split,
         )
     )
-    scores = result.scores[0, :, 0].tolist()  # (components,) for the one position/target
-    return Credit(prompt, result.target_tokens[0], result.tokens, scores)
+    scores = result.scores[0]  # (components, targets) at the one position
+    return Credit(
+        prompt,
+        result.target_tokens[0],
+        result.target_tokens[1],
+        result.tokens,
+        scores[:, 0].tolist(),
+        scores[:, 1].tolist(),
+    )
 
 
-def ioi_top_is_answer(credit: Credit, case: IOIPrompt) -> bool:
-    """Whether the token of ``A`` has the largest score among the input tokens, BOS aside."""
-    rest = credit.scores[1:]
-    top = max(range(len(rest)), key=rest.__getitem__)
-    return credit.tokens[1 + top] == case.answer
+def ioi_credit(engine: Any, case: IOIPrompt) -> Credit:
+    """:func:`depass_credit` of a name-mover prompt; the rival is the other name."""
+    return depass_credit(engine, case.prompt, [case.answer, case.repeated])
 
 
-def subject_share(credit: Credit, case: FactPrompt) -> tuple[float, bool]:
+def fact_credit(
+    engine: Any, case: FactPrompt, facts: Sequence[Fact], mlp_split: str = "softmax"
+) -> Credit:
+    """:func:`depass_credit` of a fact prompt; the rival is the best other attribute of the
+    same relation."""
+    answers = sorted({f.attribute for f in facts if f.relation_id == case.fact.relation_id})
+    return depass_credit(engine, case.prompt, answers, mlp_split)
+
+
+def top_token(credit: Credit, margin: bool = False) -> str:
+    """The input token with the largest score (or margin score), BOS aside."""
+    rest = (credit.margin_scores if margin else credit.scores)[1:]
+    return credit.tokens[1 + max(range(len(rest)), key=rest.__getitem__)]
+
+
+def subject_share(credit: Credit, case: FactPrompt, margin: bool = False) -> tuple[float, bool]:
     """(share, largest) of the subject among the input tokens, BOS aside.
 
     ``share``: the subject tokens' positive scores over all positive scores.
     ``largest``: the subject tokens' summed score exceeds the score of every other single
     input token (the subject, counted as one unit, takes the largest share).
+    ``margin``: use the scores of the margin over the rival instead of the logit.
     """
     start, stop = case.subject_words
-    rest = credit.scores[1:]
+    rest = (credit.margin_scores if margin else credit.scores)[1:]
     positive = [max(s, 0.0) for s in rest]
     total = sum(positive)
     share = sum(positive[start:stop]) / total if total > 0 else 0.0
