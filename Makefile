@@ -43,3 +43,16 @@ clean:
 .PHONY: model
 model: install
 	$(PY) scripts/train_default_model.py
+
+# The long API fuzz run: schemathesis, 1000 generated examples per operation (the CI run in
+# `make test` uses 100). Override with DEPASS_FUZZ_EXAMPLES=N.
+.PHONY: fuzz
+fuzz: install
+	DEPASS_FUZZ_EXAMPLES=$${DEPASS_FUZZ_EXAMPLES:-1000} $(PY) -m pytest -q tests/service/test_service_fuzz.py
+
+# The load test: 32 clients for 60 s against `python -m service` on the embedded model
+# (docs/operations.md has the figures). Override with LOAD_ARGS="--clients 64 --duration 120".
+LOAD_ARGS ?= --clients 32 --duration 60
+.PHONY: load
+load: install
+	$(PY) scripts/load_test.py $(LOAD_ARGS)

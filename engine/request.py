@@ -87,8 +87,9 @@ class AttributionRequest(BaseModel):
     @field_validator("temperature")
     @classmethod
     def _finite_temperature(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
+        # Below ~1e-38 the gates times 1/T overflow float32; no useful split needs less.
+        if not math.isfinite(value) or value < 1e-30:
+            raise ValueError("must be a finite number of at least 1e-30")
         return value
 
     @field_validator("outputs")

@@ -1,7 +1,9 @@
 """HTTP routes only: each one hands its body to the serving layer.
 
-``/health``, ``/ready`` and ``/metrics`` stay open; ``/v1/*`` needs the API key when one
-is configured.
+``/health``, ``/ready`` and ``/metrics`` stay open (``/metrics`` needs the key with
+``DEPASS_PROTECT_METRICS``); ``/v1/*`` needs the API key when one is configured. Every
+status a route can answer is declared with its model, so that the OpenAPI document is the
+contract the fuzz tests hold the service to.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from service.dependencies import ServingDep, verify_api_key
+from service.dependencies import ServingDep, bearer_scheme
+from service.errors import NotReadyError
 from service.metrics import CONTENT_TYPE
 from service.protocol import (
     SAFETENSORS_MEDIA_TYPE,
@@ -26,19 +29,25 @@ from service.protocol import (
     TokenizeBody,
     TokenizeResponse,
 )
+from service.routing import JSONRoute
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     described = {
-        400: "The body is not valid JSON.",
+        400: "The body is not valid JSON (syntax, not UTF-8, nested too deeply).",
         401: "A key is configured and the bearer token is missing or wrong.",
         413: "The input, the body or the estimated response is over a limit.",
+        415: "The body is not declared as `Content-Type: application/json`.",
         422: "A field is invalid (for the API or for the loaded model); `param` names it.",
         429: "The queue is full; retry after `Retry-After` seconds.",
         503: "The model is not loaded, or it ran out of memory on this request.",
         504: "The request passed DEPASS_REQUEST_TIMEOUT_S.",
     }
     return {code: {"model": ErrorResponse, "description": described[code]} for code in codes}
+
+
+#: What every route with a JSON body may answer besides 200.
+_BODY_ERRORS = (400, 413, 415)
 
 
 _BINARY: dict[int | str, dict[str, Any]] = {
@@ -52,16 +61,17 @@ _BINARY: dict[int | str, dict[str, Any]] = {
 router = APIRouter()
 v1 = APIRouter(
     prefix="/v1",
-    dependencies=[Depends(verify_api_key)],
+    dependencies=[Depends(bearer_scheme)],
     responses=_errors(401, 422, 503),
     tags=["v1"],
+    route_class=JSONRoute,
 )
 
 
 @v1.post(
     "/attributions",
     response_model=AttributionResponse,
-    responses={**_BINARY, **_errors(400, 413, 429, 504)},
+    responses={**_BINARY, **_errors(*_BODY_ERRORS, 429, 504)},
     summary="Decompose a forward pass into components and score them",
 )
 async def create_attribution(
@@ -74,7 +84,7 @@ async def create_attribution(
 @v1.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={**_BINARY, **_errors(400, 413, 429, 504)},
+    responses={**_BINARY, **_errors(*_BODY_ERRORS, 429, 504)},
     summary="Generate tokens and attribute each one to the tokens before it",
 )
 async def create_generation(
@@ -87,7 +97,7 @@ async def create_generation(
 @v1.post(
     "/tokenize",
     response_model=TokenizeResponse,
-    responses=_errors(400),
+    responses=_errors(*_BODY_ERRORS),
     summary="Token ids and texts of a prompt",
 )
 async def tokenize(body: TokenizeBody, serving: ServingDep) -> TokenizeResponse:
@@ -112,13 +122,21 @@ async def health() -> HealthResponse:
     tags=["ops"],
 )
 async def ready(serving: ServingDep) -> ReadyResponse:
+    if not serving.worker.alive:
+        raise NotReadyError("the worker is not running; the service is shutting down")
     return ReadyResponse(model=serving.model_name)
 
 
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format."}},
+    responses={
+        200: {
+            "content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+            "description": "Prometheus text format.",
+        },
+        **_errors(401),
+    },
     summary="Prometheus metrics",
     tags=["ops"],
 )

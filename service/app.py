@@ -3,7 +3,8 @@
 ``create_app(settings, engine)`` builds the whole service; the model is loaded once in the
 lifespan (unless a ready engine is passed, as tests do) and kept on ``app.state`` with its
 worker and serving layer. Every failure leaves through the handlers registered in
-:func:`register_error_handlers`, as the one envelope ``{"error": {...}}``.
+:func:`register_error_handlers`, or the middleware of :mod:`service.middleware`, as the one
+envelope ``{"error": {...}}``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
 import torch
@@ -21,18 +21,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import DePassEngine
 from service.api_router import router
-from service.errors import (
-    BadRequestError,
-    BodyTooLargeError,
-    ServiceError,
-    invalid_fields,
-)
+from service.errors import BadRequestError, ServiceError, invalid_fields
 from service.metrics import Metrics
-from service.protocol import ErrorDetail, ErrorResponse
+from service.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    error_response,
+)
 from service.serving import FaultInjector, Serving, load_engine
 from service.settings import Settings
 from service.worker import Worker
@@ -71,7 +70,7 @@ def create_app(
         description=DESCRIPTION,
         lifespan=_lifespan,
         docs_url="/docs" if settings.docs_enabled else None,
-        redoc_url=None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
     app.state.settings = settings
@@ -81,9 +80,21 @@ def create_app(
     app.state.fault_injector = fault_injector
     app.include_router(router)
     register_error_handlers(app)
+    # add_middleware wraps: the last one added runs first.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    app.add_middleware(ApiKeyMiddleware, api_key=key, protected=_protected(settings))
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees all
     return app
+
+
+def _protected(settings: Settings) -> Callable[[str], bool]:
+    """The paths that need the API key: ``/v1/*``, and ``/metrics`` if so configured."""
+
+    def protected(path: str) -> bool:
+        return path.startswith("/v1/") or (settings.protect_metrics and path == "/metrics")
+
+    return protected
 
 
 @asynccontextmanager
@@ -97,10 +108,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = await anyio.to_thread.run_sync(load_engine, settings)
         logger.info("model loaded in %.1f s", time.perf_counter() - clock)
     engine: DePassEngine = app.state.engine
-    worker = Worker(settings.max_queue, on_skip=lambda reason: metrics.skipped.labels(reason).inc())
+    worker = Worker(
+        settings.max_queue,
+        on_skip=lambda reason: metrics.skipped.labels(reason).inc(),
+        on_stop=lambda reason: metrics.stopped.labels(reason).inc(),
+    )
     worker.start()
-    metrics.track_queue(lambda: worker.depth)
+    metrics.track_worker(lambda: worker.depth, lambda: float(worker.busy))
     metrics.gpu_peak_memory.set_function(_gpu_peak_bytes)
+    metrics.gpu_memory.set_function(_gpu_allocated_bytes)
     app.state.serving = Serving(engine, settings, metrics, worker, app.state.fault_injector)
     metrics.model_loaded.set(1)
     logger.info(
@@ -138,21 +154,13 @@ def _gpu_peak_bytes() -> float:
     return 0.0
 
 
+def _gpu_allocated_bytes() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return float(torch.cuda.memory_allocated())
+    return 0.0
+
+
 # ---------------------------------------------------------------------------- errors
-
-
-def error_response(
-    status: int,
-    message: str,
-    type_: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    """The one error envelope."""
-    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 _HTTP_CODES = {
@@ -193,7 +201,8 @@ def register_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        default = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        code = getattr(exc, "code", None) or default
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no such route: {request.method} {request.url.path}"
@@ -211,82 +220,3 @@ def register_error_handlers(app: FastAPI) -> None:
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         # Uvicorn logs the traceback; the client gets the envelope, never the trace.
         return error_response(500, "internal server error", "server_error", code="internal_error")
-
-
-# ---------------------------------------------------------------------------- middleware
-
-
-class BodyLimitMiddleware:
-    """413 for request bodies over ``max_body_bytes``, before any parsing.
-
-    A declared ``Content-Length`` over the limit is refused at once; a chunked body is
-    counted as it arrives and refused when it passes the limit.
-    """
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_body_bytes
-        declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            detail = str(BodyTooLargeError(limit).detail)
-            response = error_response(413, detail, "invalid_request_error", code="body_too_large")
-            await response(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLargeError(limit)
-            return message
-
-        await self.app(scope, counted, send)
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-class MetricsMiddleware:
-    """Counts every HTTP request by route, granularity and status, and times it."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        clock = time.perf_counter()
-        status = 500
-
-        async def recorded(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recorded)
-        finally:
-            route: Any = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            granularity = str(scope.get("state", {}).get("granularity", ""))
-            self.metrics.requests.labels(path, scope["method"], granularity, str(status)).inc()
-            self.metrics.request_duration.labels(path).observe(time.perf_counter() - clock)

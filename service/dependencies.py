@@ -1,20 +1,25 @@
-"""Route dependencies: the loaded model's serving layer, the settings, the API key check."""
+"""Route dependencies: the loaded model's serving layer, the settings, the bearer scheme.
+
+The API key itself is checked by :class:`service.middleware.ApiKeyMiddleware`, before any
+body is read; :data:`bearer_scheme` only declares it in the OpenAPI document.
+"""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
-from service.errors import AuthenticationError, NotReadyError
+from service.errors import NotReadyError
 from service.serving import Serving
 from service.settings import Settings
 
-_bearer = HTTPBearer(
+#: Declares ``Authorization: Bearer <key>`` in the OpenAPI document (enforcement: middleware).
+bearer_scheme = HTTPBearer(
     auto_error=False,
-    description="Required on /v1/* when the service has DEPASS_API_KEY set.",
+    description="Required on /v1/* when the service has DEPASS_API_KEY set (and on /metrics "
+    "with DEPASS_PROTECT_METRICS).",
 )
 
 
@@ -34,19 +39,3 @@ def get_serving(request: Request) -> Serving:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServingDep = Annotated[Serving, Depends(get_serving)]
-
-
-def verify_api_key(
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """With ``DEPASS_API_KEY`` set, require ``Authorization: Bearer <key>`` (constant time)."""
-    if settings.api_key is None:
-        return
-    if credentials is None:
-        raise AuthenticationError(
-            "this service requires an API key: send the header 'Authorization: Bearer <key>'"
-        )
-    expected = settings.api_key.get_secret_value().encode()
-    if not hmac.compare_digest(credentials.credentials.encode(), expected):
-        raise AuthenticationError("the API key is not valid")

@@ -73,6 +73,22 @@ class InvalidFieldError(ServiceError):
     code = "invalid_field"
 
 
+class UnsupportedMediaTypeError(ServiceError):
+    """A JSON route got a body that is not declared as JSON (415)."""
+
+    status_code = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class NonFiniteResultError(ServiceError):
+    """The decomposition produced NaN or infinity, which JSON cannot carry (422)."""
+
+    status_code = 422
+    type = "invalid_request_error"
+    code = "non_finite_result"
+
+
 class QueueFullError(ServiceError):
     """The worker's queue is full (429); ``Retry-After`` says when to come back."""
 
@@ -128,14 +144,27 @@ class BodyTooLargeError(HTTPException):
     An :class:`HTTPException`, so that FastAPI's body parsing lets it through unchanged.
     """
 
+    code = "body_too_large"
+
     def __init__(self, limit: int) -> None:
         super().__init__(
             status_code=413, detail=f"the request body is over the limit of {limit} bytes"
         )
 
 
+class InvalidJSONError(HTTPException):
+    """The body is not JSON the service accepts (400): not UTF-8, nested too deeply, or
+    holding a lone surrogate. An :class:`HTTPException` for the same reason as above."""
+
+    code = "invalid_json"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(status_code=400, detail=f"the body is not valid JSON: {message}")
+
+
 _FIELD_PREFIX = re.compile(r"^(?:Value error, )?([A-Za-z_][A-Za-z0-9_]*): ")
 _QUOTED_FIELD = re.compile(r"'([a-z_]+)'")
+_NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type"}
 
 
 def invalid_fields(errors: Sequence[Mapping[str, Any]]) -> InvalidFieldError:
@@ -156,6 +185,8 @@ def invalid_fields(errors: Sequence[Mapping[str, Any]]) -> InvalidFieldError:
             param = match.group(1)
         if error.get("type") == "missing" and not location:
             message = "a JSON object body is required"
+        elif error.get("type") in _NOT_AN_OBJECT and not location:
+            message = "the body must be a JSON object"
         parts.append(f"{param}: {message}" if param else message)
         first = first or param
     if len(errors) > 5:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import inspect
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from engine import Cancelled
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ def continue_ids(
     top_p: float = 1.0,
     seed: int | None = None,
     stop_ids: Iterable[int] = (),
+    should_stop: Callable[[], bool] | None = None,
 ) -> Continuation:
     """Generate up to ``max_new_tokens`` after ``input_ids``.
 
@@ -56,6 +59,10 @@ def continue_ids(
         top_p: sample from the smallest set of tokens holding this much probability.
         seed: seed of the sampler; drawn at random (and reported) when None.
         stop_ids: stop after any of these tokens (it is kept in the output).
+        should_stop: polled before each token, as the engine polls it between layers.
+
+    Raises:
+        engine.Cancelled: ``should_stop`` said so.
     """
     device = next(model.parameters()).device
     stops = set(stop_ids)
@@ -73,6 +80,8 @@ def continue_ids(
     step = torch.tensor([list(input_ids)], dtype=torch.long, device=device)  # (1, N)
     with torch.inference_mode():
         for _ in range(max_new_tokens):
+            if should_stop is not None and should_stop():
+                raise Cancelled("the generation was cancelled")
             out = model(input_ids=step, use_cache=True, **{cache_name: past})
             past = getattr(out, cache_name)
             token = _pick(out.logits[0, -1].float(), temperature, top_p, generator)  # (V,)
@@ -86,10 +95,15 @@ def continue_ids(
 def _pick(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> int:
-    """The next token from ``(V,)`` logits."""
+    """The next token from ``(V,)`` logits.
+
+    In float64, shifted by the largest logit: any finite temperature > 0 gives a valid
+    distribution (a tiny one is greedy, a huge one uniform), never NaN.
+    """
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)  # (V,)
+    shifted = logits.double() - logits.double().max()  # (V,), <= 0
+    probs = torch.softmax(shifted / temperature, dim=-1)  # (V,)
     if top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         # keep a token while the mass before it is under top_p (the first is always kept)

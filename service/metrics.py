@@ -59,6 +59,9 @@ class Metrics:
         self.queue_depth = Gauge(
             "depass_queue_depth_requests", "Jobs waiting for the worker.", registry=r
         )
+        self.worker_busy = Gauge(
+            "depass_worker_busy", "1 while the worker runs a job, else 0.", registry=r
+        )
         self.input_tokens = Histogram(
             "depass_input_tokens",
             "Input length of accepted requests, in tokens, by operation.",
@@ -72,6 +75,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.stopped = Counter(
+            "depass_stopped_jobs_total",
+            "Running jobs stopped early, their result no longer wanted, by reason "
+            "('expired': past DEPASS_REQUEST_TIMEOUT_S; 'disconnected': the client left).",
+            ["reason"],
+            registry=r,
+        )
         self.out_of_memory = Counter(
             "depass_out_of_memory_total", "Jobs that ran out of memory (answered 503).", registry=r
         )
@@ -80,13 +90,19 @@ class Metrics:
             "Peak accelerator memory allocated by torch since start (0 without CUDA).",
             registry=r,
         )
+        self.gpu_memory = Gauge(
+            "depass_gpu_memory_allocated_bytes",
+            "Accelerator memory allocated by torch now (0 without CUDA).",
+            registry=r,
+        )
         self.model_loaded = Gauge(
             "depass_model_loaded", "1 when the model is loaded and serving.", registry=r
         )
 
-    def track_queue(self, depth: Callable[[], float]) -> None:
-        """Read the queue depth from ``depth`` at each scrape."""
+    def track_worker(self, depth: Callable[[], float], busy: Callable[[], float]) -> None:
+        """Read the queue depth and whether the worker is busy at each scrape."""
         self.queue_depth.set_function(depth)
+        self.worker_busy.set_function(busy)
 
     def render(self) -> bytes:
         """The text exposition of every metric."""

@@ -3,7 +3,8 @@
 The attribution body *is* the engine's :class:`engine.AttributionRequest` (same fields,
 same checks), with ``subspace`` as an encoded array object and two transport options.
 Shapes use the engine's axis names: P positions, M components, D hidden, T targets,
-G generated tokens.
+G generated tokens. Request bodies are strict: JSON types must be the declared ones (``1``
+is not ``true``, ``"1"`` is not ``1``, ``1.0`` is not an integer).
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ SAFETENSORS_METADATA_KEY = "depass"
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
+#: The smallest MLP-split temperature served. The engine's float32 softmax split overflows
+#: near 1e-38 (NaN, or an error); long before that it is the 'max' split.
+MIN_SPLIT_TEMPERATURE = 1e-6
+
 
 class EncodedArray(BaseModel):
     """An n-dimensional array: binary little-endian (optionally zstd) in base64, or lists."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     dtype: Literal["float16", "float32", "float64"] = Field(
         description="Element type (responses: float32 or float16; requests also float64)."
@@ -59,6 +64,7 @@ class AttributionBody(AttributionRequest, ArrayOptions):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"prompt": "When Mary and John went to the store, John gave a drink to"},
@@ -77,6 +83,11 @@ class AttributionBody(AttributionRequest, ArrayOptions):
         None,
         description="granularity='subspace': a (K, N, D) array, K components of the "
         "residual entering start_layer.",
+    )
+    temperature: float = Field(
+        0.1,
+        ge=MIN_SPLIT_TEMPERATURE,
+        description="Softmax temperature of the MLP split (below 1e-6 use mlp_split='max').",
     )
 
     @field_validator("subspace", mode="before")
@@ -134,6 +145,7 @@ class GenerateBody(ArrayOptions):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [{"prompt": "The capital of France is", "max_new_tokens": 4}]
         },
@@ -154,7 +166,9 @@ class GenerateBody(ArrayOptions):
     stop_at_eos: bool = Field(True, description="Stop after the end-of-sequence token.")
     mlp_split: SplitRule = Field("softmax", description="MLP split rule of the attribution.")
     split_temperature: float = Field(
-        0.1, gt=0, description="Softmax temperature of the MLP split (not of sampling)."
+        0.1,
+        ge=MIN_SPLIT_TEMPERATURE,
+        description="Softmax temperature of the MLP split (not of sampling).",
     )
     ignore_bos: bool | None = Field(None, description="First-token rule; None: on.")
 
@@ -212,7 +226,7 @@ class GenerateResponse(BaseModel):
 class TokenizeBody(BaseModel):
     """``POST /v1/tokenize``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, description="Text to tokenize as the model sees it.")
 
@@ -237,6 +251,7 @@ class Limits(BaseModel):
     max_body_bytes: int
     memory_budget_bytes: int
     trace_cache_size: int
+    trace_cache_bytes: int | None
 
 
 class ModelResponse(BaseModel):

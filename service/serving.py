@@ -2,9 +2,10 @@
 
 Every request is converted to the engine's own :class:`engine.AttributionRequest` and
 sized with :meth:`engine.DePassEngine.plan` *before* it is queued, so that a request over
-a limit costs no model work. Engine calls run on the single :class:`service.worker.Worker`.
-An out-of-memory error frees the trace cache and the allocator's cache and answers 503;
-the service keeps serving.
+a limit costs no model work. Engine calls run on the single :class:`service.worker.Worker`
+and poll its ``should_stop``: a request past its deadline, or whose client left, stops
+between layers and frees the worker. An out-of-memory error frees the trace cache and the
+allocator's cache and answers 503; the service keeps serving.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from engine import SPLIT_RULES, AttributionRequest, AttributionResult, DePassEng
 from service.arrays import ENCODINGS, ArrayDecodeError, decode_array, encode_array
 from service.errors import (
     InvalidFieldError,
+    NonFiniteResultError,
     OutOfMemoryError,
     PayloadTooLargeError,
     invalid_fields,
@@ -48,7 +51,7 @@ from service.protocol import (
     TokenizeResponse,
 )
 from service.settings import Settings
-from service.worker import Worker
+from service.worker import StopCheck, Worker
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,6 +63,10 @@ Disconnected = Callable[[], Awaitable[bool]]
 
 GRANULARITIES = ("token", "module", "head", "neuron", "subspace")
 ELEMENT_BYTES = {"float32": 4, "float16": 2}
+#: A prompt longer than ``max_input_tokens`` times this many characters is refused (413)
+#: before it is tokenized: no tokenizer has tokens this long, and tokenizing megabytes of
+#: text would cost seconds of CPU for a request that is refused anyway.
+MAX_CHARS_PER_TOKEN = 256
 
 
 def load_engine(settings: Settings) -> DePassEngine:
@@ -76,6 +83,7 @@ def load_engine(settings: Settings) -> DePassEngine:
         trust_remote_code=settings.trust_remote_code,
         memory_budget_bytes=settings.memory_budget_bytes,
         trace_cache_size=settings.trace_cache_size,
+        trace_cache_bytes=settings.trace_cache_bytes,
     )
 
 
@@ -138,6 +146,7 @@ class Serving:
     ) -> Response | BaseModel:
         """``POST /v1/attributions``."""
         clock = time.perf_counter()
+        self._check_prompt_chars(body.prompt)
         request = self._engine_request(body)
         plan = await self._call(self.engine.plan, request)
         field = "input_ids" if body.input_ids is not None else "prompt"
@@ -150,7 +159,9 @@ class Serving:
             )
         self.metrics.input_tokens.labels("attribute").observe(plan.num_tokens)
         done = await self.worker.submit(
-            lambda: self._guarded("attribute", lambda: self.engine.attribute(request)),
+            lambda stop: self._guarded(
+                "attribute", lambda: self.engine.attribute(request, should_stop=stop)
+            ),
             timeout_s=self.settings.request_timeout_s,
             is_disconnected=is_disconnected,
         )
@@ -182,13 +193,16 @@ class Serving:
                     param="input_ids",
                 )
         else:
+            self._check_prompt_chars(body.prompt)
             field, prompt_ids = "prompt", await self._call(self.engine.tokenize, body.prompt or "")
         if not prompt_ids:
             raise InvalidFieldError(f"{field}: tokenizes to no tokens", param=field)
         self._check_input_length(len(prompt_ids) + body.max_new_tokens - 1, field)
         self.metrics.input_tokens.labels("generate").observe(len(prompt_ids))
         done = await self.worker.submit(
-            lambda: self._guarded("generate", lambda: self._generate_job(body, prompt_ids)),
+            lambda stop: self._guarded(
+                "generate", lambda: self._generate_job(body, prompt_ids, stop)
+            ),
             timeout_s=self.settings.request_timeout_s,
             is_disconnected=is_disconnected,
         )
@@ -201,6 +215,7 @@ class Serving:
 
     async def tokenize(self, body: TokenizeBody) -> TokenizeResponse:
         """``POST /v1/tokenize``."""
+        self._check_prompt_chars(body.prompt)
         ids = await self._call(self.engine.tokenize, body.prompt)
         tokens = await self._call(self.engine.token_texts, ids)
         return TokenizeResponse(input_ids=ids, tokens=tokens, num_tokens=len(ids))
@@ -236,6 +251,7 @@ class Serving:
                 max_body_bytes=s.max_body_bytes,
                 memory_budget_bytes=self.engine.memory_budget_bytes,
                 trace_cache_size=self.engine.trace_cache_size,
+                trace_cache_bytes=self.engine.trace_cache_bytes,
             ),
         )
 
@@ -261,6 +277,17 @@ class Serving:
             return AttributionRequest(**fields)
         except ValidationError as exc:
             raise invalid_fields(exc.errors(include_url=False)) from None
+
+    def _check_prompt_chars(self, prompt: str | None) -> None:
+        """413 for a prompt too long to fit the token limit, before tokenizing it."""
+        limit = self.settings.max_input_tokens * MAX_CHARS_PER_TOKEN
+        if prompt is not None and len(prompt) > limit:
+            raise PayloadTooLargeError(
+                f"prompt: {len(prompt)} characters cannot fit this service's limit of "
+                f"{self.settings.max_input_tokens} tokens (at most {limit} characters)",
+                param="prompt",
+                code="input_too_long",
+            )
 
     def _check_input_length(self, tokens: int, field: str) -> None:
         limit = self.settings.max_input_tokens
@@ -311,7 +338,7 @@ class Serving:
             torch.cuda.empty_cache()
 
     def _generate_job(
-        self, body: GenerateBody, prompt_ids: list[int]
+        self, body: GenerateBody, prompt_ids: list[int], should_stop: StopCheck
     ) -> tuple[Continuation, AttributionResult, float]:
         """Continue the prompt, then attribute every generated token in one engine call:
         positions are the ones before each generated token, targets the generated tokens."""
@@ -324,6 +351,7 @@ class Serving:
             top_p=body.top_p,
             seed=body.seed,
             stop_ids=self._stop_ids if body.stop_at_eos else (),
+            should_stop=should_stop,
         )
         generate_s = time.perf_counter() - clock
         generated = continuation.ids
@@ -338,7 +366,7 @@ class Serving:
             ignore_bos=body.ignore_bos,
             outputs=["scores"],
         )
-        return continuation, self.engine.attribute(request), generate_s
+        return continuation, self.engine.attribute(request, should_stop=should_stop), generate_s
 
     # ------------------------------------------------------------------ responses
 
@@ -417,6 +445,7 @@ class Serving:
         model: type[BaseModel],
     ) -> Response | BaseModel:
         """JSON with encoded arrays, or a safetensors file when the client asked for one."""
+        require_finite(payload)
         if wants_safetensors(accept):
             dtype = np.dtype(options.array_dtype)
             tensors = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in payload.arrays.items()}
@@ -427,6 +456,19 @@ class Serving:
             for name, array in payload.arrays.items()
         }
         return model.model_validate({**payload.fields, **encoded})
+
+
+def require_finite(payload: Payload) -> None:
+    """422 when the result holds NaN or infinity: JSON cannot carry them, and they come
+    from numerically extreme requests (a split temperature near zero, for example)."""
+    fields = payload.fields.items()
+    bad = [k for k, v in fields if isinstance(v, float) and not math.isfinite(v)]
+    bad += [k for k, v in payload.arrays.items() if not np.isfinite(v).all()]
+    if bad:
+        raise NonFiniteResultError(
+            f"the result holds NaN or infinity ({', '.join(bad)}): the request is "
+            "numerically out of range; try another mlp_split or a larger temperature"
+        )
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

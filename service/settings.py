@@ -66,7 +66,16 @@ class Settings(BaseSettings):
     trace_cache_size: int = Field(
         8, ge=0, description="Forward passes kept per prompt (LRU) for repeated prompts."
     )
-    docs_enabled: bool = Field(True, description="Serve /docs and /openapi.json.")
+    trace_cache_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Also evict cached forward passes while they hold more than this many "
+        "bytes (the newest one is always kept); unset: no byte limit.",
+    )
+    docs_enabled: bool = Field(True, description="Serve /docs, /redoc and /openapi.json.")
+    protect_metrics: bool = Field(
+        False, description="With DEPASS_API_KEY set, /metrics also needs the key."
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the service and of uvicorn."
     )
@@ -95,6 +104,12 @@ class Settings(BaseSettings):
         if value is None or not value.strip():
             return None
         return value.strip()
+
+    @field_validator("trace_cache_bytes", mode="before")
+    @classmethod
+    def _empty_bytes_is_none(cls, value: object) -> object:
+        """An empty ``DEPASS_TRACE_CACHE_BYTES=`` (as in .env.example) means no byte limit."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     def resolved_device(self) -> str:
         """The torch device to load on: ``auto`` picks CUDA when one is visible."""

@@ -3,13 +3,17 @@
 Model work is serial on one accelerator anyway; running it on a dedicated thread keeps the
 event loop free for health checks, metrics and queue admission, and the bounded queue turns
 overload into a fast 429 rather than a pile of timeouts. A job is skipped, costing no compute,
-when its client went away or its deadline passed while it waited.
+when its client went away or its deadline passed while it waited. A running job gets a
+``should_stop`` callable to poll (the engine does, between layers and chunks): it turns True
+as soon as the deadline passes or the waiting request gives up, so the job stops and the
+worker moves on to the next one at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import queue
 import threading
@@ -26,6 +30,10 @@ from service.errors import (
 )
 
 T = TypeVar("T")
+#: Polled by a running job; True once its result is no longer wanted.
+StopCheck = Callable[[], bool]
+
+logger = logging.getLogger(__name__)
 
 #: How often a waiting request checks whether its client is still there.
 POLL_S = 0.05
@@ -33,14 +41,18 @@ POLL_S = 0.05
 
 @dataclass
 class _Job(Generic[T]):
-    fn: Callable[[], T]
+    fn: Callable[[StopCheck], T]
     future: asyncio.Future[T]
     loop: asyncio.AbstractEventLoop
-    deadline: float  # time.monotonic() after which the job is not started
+    deadline: float  # time.monotonic() after which the job is not started, or is stopped
     enqueued: float
     abandoned: threading.Event = field(default_factory=threading.Event)
     reason: str = "cancelled"  # why the waiting side gave up, once ``abandoned`` is set
     started: float | None = None
+
+    def should_stop(self) -> bool:
+        """Whether the job should stop: its request gave up, or its deadline passed."""
+        return self.abandoned.is_set() or time.monotonic() >= self.deadline
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,8 @@ class Worker:
             answers :class:`QueueFullError`.
         on_skip: called with the reason (``"disconnected"``, ``"expired"``, ``"cancelled"``)
             of each job skipped without running.
+        on_stop: called with the reason of each job that was stopped while running (it
+            raised after ``should_stop`` turned True).
     """
 
     def __init__(
@@ -67,11 +81,13 @@ class Worker:
         max_queue: int,
         name: str = "depass-worker",
         on_skip: Callable[[str], None] | None = None,
+        on_stop: Callable[[str], None] | None = None,
     ) -> None:
         self._queue: queue.Queue[_Job[Any]] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._on_skip = on_skip or (lambda reason: None)
+        self._on_stop = on_stop or (lambda reason: None)
         self._mean_run_s = 1.0  # moving average, for Retry-After
         self.busy = False
 
@@ -98,6 +114,11 @@ class Worker:
         """Jobs waiting (the running one not counted)."""
         return self._queue.qsize()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the thread runs and takes jobs (``/ready`` answers 503 otherwise)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def retry_after_s(self) -> float:
         """A guess of when a slot frees up: the queue ahead times the mean run time."""
         return max(1.0, math.ceil((self.depth + 1) * self._mean_run_s))
@@ -106,18 +127,23 @@ class Worker:
 
     async def submit(
         self,
-        fn: Callable[[], T],
+        fn: Callable[[StopCheck], T],
         *,
         timeout_s: float,
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
     ) -> Done[T]:
-        """Run ``fn`` on the worker and wait for it.
+        """Run ``fn(should_stop)`` on the worker and wait for it.
+
+        ``fn`` should poll ``should_stop`` between units of work and stop (by raising) when
+        it turns True: then a request that times out or loses its client frees the worker
+        at once instead of after the rest of its work.
 
         Raises:
             QueueFullError: the queue is full (429).
             RequestTimeoutError: ``timeout_s`` passed, waiting or running (504); a queued
-                job is then dropped, a running one finishes and its result is discarded.
-            ClientDisconnectedError: the client went away while waiting; the job is dropped.
+                job is then dropped, a running one is told to stop.
+            ClientDisconnectedError: the client went away, while the job waited (it is
+                dropped) or ran (it is told to stop).
             NotReadyError: the worker stopped.
         """
         if self._stop.is_set():
@@ -145,11 +171,13 @@ class Worker:
                     value = job.future.result()
                     started = job.started or now
                     return Done(value, started - job.enqueued, time.monotonic() - started)
-                if job.started is None and is_disconnected is not None and await is_disconnected():
+                if is_disconnected is not None and await is_disconnected():
                     job.reason = "disconnected"
-                    raise ClientDisconnectedError("the client disconnected while queued")
+                    raise ClientDisconnectedError("the client disconnected")
         finally:
-            job.abandoned.set()  # a job not yet started is skipped by the worker
+            # A job not yet started is skipped by the worker; a running one sees
+            # should_stop() turn True and stops.
+            job.abandoned.set()
             if not job.future.done():
                 job.future.cancel()
 
@@ -161,25 +189,35 @@ class Worker:
                 job = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if job.abandoned.is_set():
-                self._on_skip(job.reason)
-                continue
-            if time.monotonic() >= job.deadline:
-                self._on_skip("expired")
-                _settle(job, error=RequestTimeoutError("the request expired while queued"))
-                continue
-            job.started = time.monotonic()
-            self.busy = True
             try:
-                value = job.fn()
-            except BaseException as exc:  # delivered to the waiting request
-                _settle(job, error=exc)
-            else:
-                _settle(job, value=value)
-            finally:
-                self.busy = False
-                elapsed = time.monotonic() - job.started
-                self._mean_run_s = 0.8 * self._mean_run_s + 0.2 * elapsed
+                self._run(job)
+            except Exception:  # a bug in a callback: log it, keep serving
+                logger.exception("the worker failed on a job")
+                _settle(job, error=RuntimeError("the worker failed on this job"))
+
+    def _run(self, job: _Job[Any]) -> None:
+        """Run one job unless it was abandoned or expired while queued."""
+        if job.abandoned.is_set():
+            self._on_skip(job.reason)
+            return
+        if time.monotonic() >= job.deadline:
+            self._on_skip("expired")
+            _settle(job, error=RequestTimeoutError("the request expired while queued"))
+            return
+        job.started = time.monotonic()
+        self.busy = True
+        try:
+            value = job.fn(job.should_stop)
+        except BaseException as exc:  # delivered to the waiting request, if any
+            if job.should_stop():
+                self._on_stop(job.reason if job.abandoned.is_set() else "expired")
+            _settle(job, error=exc)
+        else:
+            _settle(job, value=value)
+        finally:
+            self.busy = False
+            elapsed = time.monotonic() - job.started
+            self._mean_run_s = 0.8 * self._mean_run_s + 0.2 * elapsed
 
 
 def _settle(job: _Job[Any], value: Any = None, error: BaseException | None = None) -> None:

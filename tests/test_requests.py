@@ -41,6 +41,7 @@ PROMPT = "the capital of France is"
         ({"prompt": PROMPT, "temperature": 0}, "temperature"),
         ({"prompt": PROMPT, "temperature": float("nan")}, "temperature"),
         ({"prompt": PROMPT, "temperature": float("inf")}, "temperature"),
+        ({"prompt": PROMPT, "temperature": 1e-39}, "temperature"),
         ({"prompt": PROMPT, "all_layers": True, "granularity": "head"}, "all_layers"),
         ({"prompt": PROMPT, "outputs": []}, "outputs"),
         ({"prompt": PROMPT, "outputs": ["logits"]}, "outputs"),

@@ -143,3 +143,16 @@ def golden_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("logs") / "golden.log"
     with serve(model, log) as url:
         yield url
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the figures the reliability tests measured (fuzz cases, load, memory)."""
+    from tests.service.support import REPORT
+
+    if REPORT:
+        terminalreporter.section("DePass Serve reliability figures")
+        for line in REPORT:
+            terminalreporter.write_line(line)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -23,22 +22,11 @@ from service import create_app
 from service.arrays import encode_array
 from service.protocol import SAFETENSORS_MEDIA_TYPE
 from tests.service.conftest import PROMPT, running, settings
+from tests.service.support import assert_envelope
 
 pytestmark = pytest.mark.anyio
 
 SUBSPACE_OK = encode_array(np.ones((1, 6, 32), np.float32), "base64")
-
-
-def assert_envelope(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    """The response has ``status`` and the one error envelope (naming ``param``)."""
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-        assert param in error["message"], error
-    return error
 
 
 # ---------------------------------------------------------------------------- 422

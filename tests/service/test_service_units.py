@@ -121,7 +121,7 @@ def test_worker_runs_jobs_in_order_and_bounds_its_queue() -> None:
             return i * 10
 
         def submit(i: int) -> asyncio.Task:
-            return asyncio.create_task(worker.submit(lambda: job(i), timeout_s=10))
+            return asyncio.create_task(worker.submit(lambda stop: job(i), timeout_s=10))
 
         tasks = [submit(0)]
         while not worker.busy:  # the first job runs; two more may wait
@@ -130,7 +130,7 @@ def test_worker_runs_jobs_in_order_and_bounds_its_queue() -> None:
         while worker.depth < 2:
             await asyncio.sleep(0.01)
         with pytest.raises(QueueFullError) as caught:
-            await worker.submit(lambda: 0, timeout_s=10)
+            await worker.submit(lambda stop: 0, timeout_s=10)
         assert caught.value.headers["Retry-After"].isdigit()
         release.set()
         done = await asyncio.gather(*tasks)
@@ -147,14 +147,21 @@ def test_worker_delivers_job_errors() -> None:
         worker = Worker(max_queue=1)
         worker.start()
 
-        def fail() -> None:
+        def fail(should_stop: object) -> None:
             raise KeyError("inside")
 
         with pytest.raises(KeyError):
             await worker.submit(fail, timeout_s=5)
         start = time.monotonic()
-        assert (await worker.submit(lambda: "ok", timeout_s=5)).value == "ok"
+        assert (await worker.submit(lambda stop: "ok", timeout_s=5)).value == "ok"
         assert time.monotonic() - start < 1
         worker.stop(5)
 
     asyncio.run(scenario())
+
+
+def test_operations_page_lists_every_setting() -> None:
+    """docs/operations.md's table names every DEPASS_* setting (.env.example: tests/deploy)."""
+    page = (DEFAULT_MODEL_DIR.parents[1] / "docs" / "operations.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`DEPASS_{name.upper()}`" in page, name

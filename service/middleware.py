@@ -1,0 +1,185 @@
+"""ASGI middleware that acts before any route reads the body: metrics, API key, body limit.
+
+Order, outermost first (see :func:`service.app.create_app`):
+
+1. :class:`MetricsMiddleware` counts and times every request, refused ones included.
+2. :class:`ApiKeyMiddleware` answers 401 without reading the body.
+3. :class:`BodyLimitMiddleware` answers 413 from ``Content-Length``, or while the body
+   streams in, before any JSON parsing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import BodyTooLargeError
+from service.metrics import Metrics
+from service.protocol import ErrorDetail, ErrorResponse
+
+
+def error_response(
+    status: int,
+    message: str,
+    type_: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The one error envelope."""
+    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value)
+    return None
+
+
+# ---------------------------------------------------------------------------- API key
+
+
+def bearer_token(authorization: bytes | None) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header (scheme case-insensitive)."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def key_matches(token: bytes | None, key: bytes) -> bool:
+    """Constant-time comparison; the digests hide the key's length too."""
+    if token is None:
+        return False
+    return hmac.compare_digest(hashlib.sha256(token).digest(), hashlib.sha256(key).digest())
+
+
+class ApiKeyMiddleware:
+    """401 with ``WWW-Authenticate: Bearer`` for a protected path without the right key.
+
+    Args:
+        api_key: the configured key; None lets everything through.
+        protected: whether a path needs the key.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, protected: Callable[[str], bool]) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.key is None or not self.protected(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(_header(scope, b"authorization"))
+        if key_matches(token, self.key):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "the API key is not valid"
+            if token is not None
+            else "this service requires an API key: send the header 'Authorization: Bearer <key>'"
+        )
+        response = error_response(
+            401,
+            message,
+            "authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------- body limit
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over ``max_body_bytes``, before any parsing.
+
+    A declared ``Content-Length`` over the limit is refused at once; a chunked body is
+    counted as it arrives and refused when it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            detail = str(BodyTooLargeError(limit).detail)
+            response = error_response(413, detail, "invalid_request_error", code="body_too_large")
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLargeError(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route, granularity and status, and times it.
+
+    Requests refused before routing (401, a declared body over the limit) have the route
+    ``unmatched``.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        clock = time.perf_counter()
+        status = 500
+
+        async def recorded(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recorded)
+        finally:
+            route: Any = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            granularity = str(scope.get("state", {}).get("granularity", ""))
+            self.metrics.requests.labels(path, scope["method"], granularity, str(status)).inc()
+            self.metrics.request_duration.labels(path).observe(time.perf_counter() - clock)
