@@ -30,6 +30,25 @@ def assert_envelope(response: httpx.Response, status: int, param: str | None = N
     return error
 
 
+def attribution_scope(headers: list[tuple[bytes, bytes]]) -> dict:
+    """A raw ASGI scope of ``POST /v1/attributions``, for tests that drive the app's
+    receive/send channels themselves (disconnects, reads the body must not happen)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/attributions",
+        "raw_path": b"/v1/attributions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+
+
 def load_test_module() -> ModuleType:
     """``scripts/load_test.py``, the driver ``make load`` runs, as a module."""
     name = "depass_load_test"

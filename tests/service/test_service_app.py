@@ -22,7 +22,7 @@ from service import create_app
 from service.arrays import encode_array
 from service.protocol import SAFETENSORS_MEDIA_TYPE
 from tests.service.conftest import PROMPT, running, settings
-from tests.service.support import assert_envelope
+from tests.service.support import assert_envelope, attribution_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -307,20 +307,7 @@ async def test_a_client_that_disconnects_while_queued_costs_no_compute(
         async def send(message: dict) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/attributions",
-            "raw_path": b"/v1/attributions",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
-            "client": ("127.0.0.1", 1),
-            "server": ("test", 80),
-        }
+        scope = attribution_scope([(b"content-type", b"application/json"), (b"host", b"test")])
         leaving = asyncio.create_task(app(scope, receive, send))
         await wait_for(lambda: app.state.serving.worker.depth == 1)
         gone.set()

@@ -24,7 +24,7 @@ from engine import AttributionRequest, AttributionResult, Cancelled, DePassEngin
 from engine.testing import tiny_model, word_tokenizer
 from service.generation import continue_ids
 from tests.service.conftest import PROMPT, running
-from tests.service.support import assert_envelope
+from tests.service.support import assert_envelope, attribution_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -117,20 +117,7 @@ async def test_a_client_that_leaves_mid_run_stops_its_job(paced: PacedEngine) ->
         async def send(message: dict) -> None:
             pass
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/attributions",
-            "raw_path": b"/v1/attributions",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
-            "client": ("127.0.0.1", 1),
-            "server": ("test", 80),
-        }
+        scope = attribution_scope([(b"content-type", b"application/json"), (b"host", b"test")])
         leaving = asyncio.create_task(app(scope, receive, send))
         worker = app.state.serving.worker
         await wait_for(lambda: worker.busy)

@@ -29,7 +29,7 @@ from service.routing import MAX_JSON_DEPTH
 from service.serving import MAX_CHARS_PER_TOKEN, Payload, load_engine, require_finite
 from service.settings import Settings
 from tests.service.conftest import PROMPT, running, settings
-from tests.service.support import assert_envelope
+from tests.service.support import assert_envelope, attribution_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -222,20 +222,9 @@ async def test_the_key_is_checked_before_the_body_is_read(llama_engine: DePassEn
         async def send(message: dict) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/attributions",
-            "raw_path": b"/v1/attributions",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"content-type", b"application/json"), (b"content-length", b"9999")],
-            "client": ("127.0.0.1", 1),
-            "server": ("test", 80),
-        }
+        scope = attribution_scope(
+            [(b"content-type", b"application/json"), (b"content-length", b"9999")]
+        )
         await app(scope, receive, send)
         assert sent[0]["status"] == 401
         assert (b"www-authenticate", b"Bearer") in sent[0]["headers"]
