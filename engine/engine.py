@@ -380,8 +380,7 @@ class DePassEngine:
             split = SplitSettings(
                 rule=request.mlp_split,
                 temperature=request.temperature,
-                ignore_first=request.first_token_rule
-                and (groups is None or any(g == [0] for g in groups)),
+                ignore_first=request.first_token_rule,
             )
             want_states = "states" in request.outputs
             views: list[_View] = []

@@ -42,12 +42,14 @@ def token_start(
     component, and positions in no group form a final ``ungrouped`` component.
     """
     length = resid.shape[0]
+    first_alone = True
     if groups is None:
         groups = [[k] for k in range(length)]
         labels = [f"tok[{k}]:{_quote(token_texts[k])}" for k in range(length)]
     else:
         groups = [sorted(g) for g in groups]
         labels = [_group_label(g, token_texts) for g in groups]
+        first_alone = [0] in groups  # the first-token rule needs a group of the first token alone
         covered = {p for g in groups for p in g}
         rest = [p for p in range(length) if p not in covered]
         if rest:
@@ -61,6 +63,7 @@ def token_start(
         values=values,
         first_position=torch.tensor([g[0] for g in groups], dtype=torch.long),
         anchor=holder,
+        anchor_alone=first_alone,
         stage=attention_stage(layer),
         labels=labels,
     )

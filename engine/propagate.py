@@ -62,9 +62,10 @@ class Start:
     anchor: int | None  # component holding the first token (position-0 and first-token rules)
     stage: int  # first stage to run
     labels: list[str]  # M labels (the remainder is reported apart)
-    floored: tuple[
-        int, ...
-    ] = ()  # parts whose gates below 1e-5 count as absent, like the remainder
+    # The anchor is the first token alone (a group spanning more keeps the first-token rule off).
+    anchor_alone: bool = True
+    # Parts whose gates below 1e-5 count as absent, like the remainder's.
+    floored: tuple[int, ...] = ()
 
 
 @dataclass
@@ -211,6 +212,7 @@ class Propagator:
         facts = _SortedFacts(
             anchor=None if start.anchor is None else int(inverse[start.anchor]),
             floored=tuple(int(inverse[i]) for i in start.floored),
+            ignore_anchor=split.ignore_first and start.anchor_alone,
         )
         start_stage = start.stage
 
@@ -278,7 +280,7 @@ class Propagator:
             rule=split.rule,
             temperature=split.temperature,
             anchor=facts.anchor,
-            ignore_anchor=split.ignore_first,
+            ignore_anchor=facts.ignore_anchor,
             starts_at_zero=True,
         )
         scale = w.mid_scale * spec.gate_scale  # (N, D) frozen norm, and 1 / T for softmax
@@ -306,6 +308,7 @@ class _SortedFacts:
 
     anchor: int | None
     floored: tuple[int, ...]
+    ignore_anchor: bool  # the first-token rule is on and applies to the anchor
 
 
 def _causal_block(length: int) -> int:
