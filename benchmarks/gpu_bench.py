@@ -5,11 +5,18 @@
     python benchmarks/gpu_bench.py --shape llama2-7b --workloads token-256,heads-512
 
 One JSON line per workload: ``workload``, ``n`` (prompt tokens), ``seconds`` (median of
-``--repeats`` after one warm-up), ``runs``, ``peak_gib`` (peak allocated device memory
-during the call, weights included; CPU: peak RSS), ``weights_gib``, ``device``, ``dtype``,
-``compute_dtype``, ``flop_limit_s`` (the causal-half FLOP count over ``--peak-tflops``),
-``flop_limit_ratio`` (seconds / flop_limit_s) and the conservation error. A workload that
-fails (for example out of memory) prints its error instead and the run goes on.
+``--repeats`` after one warm-up; every run includes the model's own forward pass: the
+trace cache is off), ``runs``, ``peak_gib`` (peak allocated device memory during the
+runs, weights included; CPU: peak RSS of the process), ``weights_gib``, ``budget_gib``
+(the engine's working budget), ``estimate_gib`` (the engine's own estimate, made before
+any work), ``within_budget`` (peak minus weights at most the budget), ``device``,
+``dtype`` (weights), ``compute_dtype`` (components), ``matmul_dtype``, ``compile``,
+``flop_limit_s`` (the causal-half FLOP count over ``--peak-tflops``), ``flop_limit_ratio``
+(seconds / flop_limit_s) and the conservation error. ``batch-*`` workloads time several
+small requests one by one and as one batch in the same run (``seconds_alone``,
+``seconds``, ``speedup``, ``max_abs_diff``). A request over the budget prints
+``refused`` with the estimate (nothing ran); any other failure prints its error, and the
+run goes on.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import AttributionRequest, DePassEngine
+from engine import AttributionRequest, DePassEngine, MemoryBudgetError
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama2-7b": {
@@ -58,20 +65,31 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
 }
 
-#: workload name -> (kind, prompt length); kinds: token, heads (every layer, one request),
-#: neurons (every neuron of one middle layer).
-WORKLOADS: dict[str, dict[str, tuple[str, int]]] = {
+#: workload name -> (kind, prompt length, component dtype); kinds: token (last position),
+#: heads (every layer, one request), neurons (every neuron of one middle layer), batch
+#: (BATCH token requests of that length, one by one and batched).
+WORKLOADS: dict[str, dict[str, tuple[str, int, str]]] = {
     "llama2-7b": {
-        "token-128": ("token", 128),
-        "token-256": ("token", 256),
-        "token-512": ("token", 512),
-        "token-2048": ("token", 2048),
-        "heads-512": ("heads", 512),
-        "neurons-64": ("neurons", 64),
+        "token-128": ("token", 128, "float32"),
+        "token-256": ("token", 256, "float32"),
+        "token-512": ("token", 512, "float32"),
+        "token-2048": ("token", 2048, "bfloat16"),
+        "token-2048-fp32": ("token", 2048, "float32"),
+        "heads-512": ("heads", 512, "float32"),
+        "neurons-64": ("neurons", 64, "float32"),
+        "batch-16x32": ("batch", 32, "float32"),
     },
-    "llama3.1-8b": {"token-256": ("token", 256)},
-    "small": {"token-32": ("token", 32), "heads-32": ("heads", 32), "neurons-8": ("neurons", 8)},
+    "llama3.1-8b": {"token-256": ("token", 256, "float32")},
+    "small": {
+        "token-32": ("token", 32, "float32"),
+        "heads-32": ("heads", 32, "float32"),
+        "neurons-8": ("neurons", 8, "float32"),
+        "batch-16x8": ("batch", 8, "float32"),
+    },
 }
+
+#: requests per batch workload
+BATCH = 16
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
@@ -101,7 +119,7 @@ def causal_flops(info: Any, kind: str, n: int, components: int) -> float:
     d, i = info.hidden_size, info.intermediate_size
     d_kv = info.num_kv_heads * info.head_dim
     per_pair = 2 * d * d_kv + 2 * d * d + 4 * d * i + 2 * d * n  # multiply-adds
-    if kind == "token":
+    if kind in ("token", "batch"):
         pairs, layers = n * (n + 1) / 2 + n, info.num_layers
     elif kind == "heads":  # each start layer runs the rest of the network
         pairs = components * n
@@ -112,7 +130,7 @@ def causal_flops(info: Any, kind: str, n: int, components: int) -> float:
 
 
 def request_for(kind: str, ids: list[int], info: Any) -> AttributionRequest:
-    if kind == "token":
+    if kind in ("token", "batch"):
         return AttributionRequest(input_ids=ids, positions=[-1])
     if kind == "heads":
         layers = list(range(info.num_layers))
@@ -133,41 +151,77 @@ def peak_memory(device: str) -> Callable[[], float]:
     return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _timed(device: str, fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
+    """Run ``fn`` once to warm up, then ``repeats`` timed times; the last value too."""
+    fn()
+    seconds, value = [], None
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        clock = time.perf_counter()
+        value = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - clock)
+    return seconds, value
+
+
 def run_workload(
     engine: DePassEngine, name: str, kind: str, n: int, args: argparse.Namespace
 ) -> dict[str, Any]:
+    """Time one workload; the line of JSON fields it reports."""
     info = engine.info
     generator = torch.Generator().manual_seed(n)
-    ids = torch.randint(4, info.vocab_size, (n,), generator=generator).tolist()
-    request = request_for(kind, ids, info)
-    plan = engine.plan(request)
-    engine.attribute(request)  # warm-up (also caches the forward pass, as the service does)
-    seconds = []
-    read_peak = peak_memory(args.device)
-    for _ in range(args.repeats):
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        clock = time.perf_counter()
-        result = engine.attribute(request)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - clock)
+    count = BATCH if kind == "batch" else 1
+    prompts = [
+        torch.randint(4, info.vocab_size, (n,), generator=generator).tolist() for _ in range(count)
+    ]
+    requests = [request_for(kind, ids, info) for ids in prompts]
+    plan = engine.plan(requests[0])  # refuses (MemoryBudgetError) before any work
+    line: dict[str, Any] = {"workload": name, "n": n}
+    if kind == "batch":
+        alone, singles = _timed(
+            args.device, lambda: [engine.attribute(r) for r in requests], args.repeats
+        )
+        read_peak = peak_memory(args.device)
+        seconds, results = _timed(
+            args.device, lambda: engine.attribute_many(requests), args.repeats
+        )
+        difference = max(
+            float((a.scores - b.scores).abs().max()) for a, b in zip(results, singles, strict=True)
+        )
+        line.update(
+            requests=count,
+            seconds_alone=round(statistics.median(alone), 4),
+            speedup=round(statistics.median(alone) / statistics.median(seconds), 2),
+            batch_size=results[0].timings["batch_size"],
+            max_abs_diff=difference,
+        )
+        result = results[0]
+    else:
+        read_peak = peak_memory(args.device)
+        seconds, result = _timed(args.device, lambda: engine.attribute(requests[0]), args.repeats)
     median = statistics.median(seconds)
-    limit = causal_flops(info, kind, n, plan.components + 1) / (args.peak_tflops * 1e12)
-    return {
-        "workload": name,
-        "n": n,
-        "seconds": round(median, 4),
-        "runs": [round(s, 4) for s in seconds],
-        "peak_gib": round(read_peak(), 2),
-        "device": _device_name(args.device),
-        "dtype": info.dtype,
-        "compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
-        "components": plan.components,
-        "flop_limit_s": float(f"{limit:.3g}"),
-        "flop_limit_ratio": round(median / limit, 2),
-        "relative_conservation_error": result.relative_conservation_error,
-    }
+    flops = causal_flops(info, kind, n, plan.components + 1) * count
+    limit = flops / (args.peak_tflops * 1e12)
+    peak = read_peak()
+    line.update(
+        seconds=round(median, 4),
+        runs=[round(s, 4) for s in seconds],
+        peak_gib=round(peak, 2),
+        budget_gib=round(engine.memory_budget_bytes / 2**30, 2),
+        estimate_gib=round(plan.working_bytes() / 2**30, 2),
+        device=_device_name(args.device),
+        dtype=info.dtype,
+        compute_dtype=str(engine.compute_dtype).removeprefix("torch."),
+        matmul_dtype=str(engine.matmul_dtype).removeprefix("torch."),
+        compile=engine.compile,
+        components=plan.components,
+        flop_limit_s=float(f"{limit:.3g}"),
+        flop_limit_ratio=round(median / limit, 2),
+        relative_conservation_error=result.relative_conservation_error,
+    )
+    return line
 
 
 def _device_name(device: str) -> str:
@@ -182,34 +236,68 @@ def main() -> None:
     parser.add_argument("--workloads", help="comma-separated names (default: all of the shape)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="weights: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--compute-dtype", default=None, help="components (default: as --dtype)")
-    parser.add_argument("--budget-gib", type=float, default=16.0, help="engine working budget")
+    parser.add_argument(
+        "--matmul-dtype", default=None, help="matrix products (default: the weights' dtype)"
+    )
+    parser.add_argument(
+        "--budget-gib",
+        type=float,
+        default=None,
+        help="engine working budget (default: CUDA: device memory - weights - 4 GiB; CPU: 16)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fuse the softmax split with torch.compile (default: on with CUDA)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=800.0)
     args = parser.parse_args()
     shapes = args.shape or ["llama2-7b", "llama3.1-8b"]
     on_gpu = args.device.startswith("cuda")
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
-    compute = getattr(torch, args.compute_dtype) if args.compute_dtype else dtype
+    matmul = getattr(torch, args.matmul_dtype) if args.matmul_dtype else dtype
+    compile_split = on_gpu if args.compile is None else args.compile
     for shape in shapes:
         model = build_model(shape, args.device, dtype)
-        engine = DePassEngine(
-            model, compute_dtype=compute, memory_budget_bytes=int(args.budget_gib * 2**30)
-        )
-        weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        if args.budget_gib is not None:
+            budget = int(args.budget_gib * 2**30)
+        elif on_gpu:
+            budget = (
+                torch.cuda.get_device_properties(args.device).total_memory - weights - 4 * 2**30
+            )
+        else:
+            budget = 16 * 2**30
+        engines: dict[str, DePassEngine] = {}
         wanted = args.workloads.split(",") if args.workloads else list(WORKLOADS[shape])
         for name in wanted:
-            kind, n = WORKLOADS[shape][name]
+            kind, n, compute = WORKLOADS[shape][name]
+            if compute not in engines:
+                engines.clear()  # one engine (and its compiled split) at a time
+                engines[compute] = DePassEngine(
+                    model,
+                    compute_dtype=getattr(torch, compute),
+                    matmul_dtype=matmul,
+                    memory_budget_bytes=budget,
+                    trace_cache_size=0,
+                    compile=compile_split,
+                )
+            engine = engines[compute]
             try:
                 line = run_workload(engine, name, kind, n, args)
+                line["within_budget"] = line["peak_gib"] * 2**30 - weights <= budget or not on_gpu
+            except MemoryBudgetError as exc:
+                line = {"workload": name, "n": n, "refused": str(exc)[:400]}
             except (torch.OutOfMemoryError, RuntimeError, ValueError) as exc:
                 line = {"workload": name, "n": n, "error": f"{type(exc).__name__}: {exc}"[:300]}
-                engine.clear_cache()
                 if on_gpu:
                     torch.cuda.empty_cache()
-            line.update(shape=shape, weights_gib=round(weights_gib, 2), torch=torch.__version__)
+            line.update(shape=shape, weights_gib=round(weights / 2**30, 2), torch=torch.__version__)
             print(json.dumps(line), flush=True)
-        del engine, model
+        engines.clear()
+        del model
         if on_gpu:
             torch.cuda.empty_cache()
 

@@ -7,6 +7,7 @@ from engine.adapters import (
     supported_architectures,
 )
 from engine.engine import DePassEngine, ModelInfo, Plan
+from engine.memory import MemoryBudgetError, MemoryEstimate
 from engine.propagate import Cancelled
 from engine.request import AttributionRequest, RequestError
 from engine.result import AttributionResult
@@ -20,6 +21,8 @@ __all__ = [
     "AttributionResult",
     "Cancelled",
     "DePassEngine",
+    "MemoryBudgetError",
+    "MemoryEstimate",
     "ModelInfo",
     "Plan",
     "RequestError",

@@ -10,7 +10,7 @@ re-derived: rotary embeddings, masks, sliding windows and q/k norms all stay the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -74,12 +74,25 @@ def trace_forward(
     The model must use eager attention so that the attention module returns its
     probabilities as the second element of its output.
     """
+    return trace_forward_many(model, adapter, [input_ids])[0]
+
+
+def trace_forward_many(
+    model: nn.Module, adapter: ArchitectureAdapter, prompts: Sequence[torch.Tensor]
+) -> list[ForwardTrace]:
+    """Traces of several prompts from one batched forward pass.
+
+    Prompts are left-padded to the longest, with an attention mask that hides the padding
+    and position ids that start at 0 on each prompt's first token, so every real position
+    computes what it computes alone (up to float rounding in batched products). Each
+    trace is cut back to its own positions.
+    """
     store: dict[tuple[int, str], torch.Tensor] = {}
     handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def keep_input(key: tuple[int, str]):
         def hook(_module: nn.Module, args: tuple) -> None:
-            store[key] = args[0].detach()[0]
+            store[key] = args[0].detach()
 
         return hook
 
@@ -91,7 +104,7 @@ def trace_forward(
                     "the attention module returned no probabilities: load the model with "
                     "attn_implementation='eager'"
                 )
-            store[key] = value.detach()[0]
+            store[key] = value.detach()
 
         return hook
 
@@ -110,22 +123,62 @@ def trace_forward(
     handles.append(final_norm.register_forward_hook(keep_output((-1, "normed"))))
 
     device = adapter.root_part(model, "embed_tokens").weight.device
+    lengths = [int(ids.shape[0]) for ids in prompts]
+    length = max(lengths)
+    batch = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    positions = torch.zeros(len(prompts), length, dtype=torch.long)
+    for r, (ids, n) in enumerate(zip(prompts, lengths, strict=True)):
+        batch[r, length - n :] = ids
+        mask[r, length - n :] = 1
+        positions[r, length - n :] = torch.arange(n)
+    inputs: dict[str, torch.Tensor] = {"input_ids": batch.to(device)}
+    if len(prompts) > 1:  # one prompt: the plain call, with no mask at all
+        inputs |= {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
     with _hooks(handles), torch.inference_mode():
-        output = model(input_ids=input_ids.to(device)[None], use_cache=False, logits_to_keep=1)
+        output = model(**inputs, use_cache=False, logits_to_keep=1)
 
+    traces = []
+    for r, (ids, n) in enumerate(zip(prompts, lengths, strict=True)):
+        own = slice(length - n, length)
+        traces.append(
+            ForwardTrace(
+                input_ids=ids.detach().cpu(),
+                layers=[
+                    LayerTrace(
+                        resid_pre=store[(i, "pre")][r, own],
+                        resid_mid=store[(i, "mid")][r, own],
+                        probs=store[(i, "probs")][r, :, own, own],
+                        gate=store[(i, "gate")][r, own],
+                        act=store[(i, "act")][r, own],
+                    )
+                    for i in range(len(layers))
+                ],
+                resid_final=store[(-1, "final")][r, own],
+                normed_final=store[(-1, "normed")][r, own],
+                last_logits=output.logits.detach()[r, -1],
+            )
+        )
+    if len(prompts) > 1:  # each trace owns compact copies, not views of the padded batch
+        traces = [_compact(trace) for trace in traces]
+    return traces
+
+
+def _compact(trace: ForwardTrace) -> ForwardTrace:
+    """The trace with contiguous copies of its tensors (views would pin the batch)."""
+    copy = lambda t: t.contiguous().clone()  # noqa: E731
     return ForwardTrace(
-        input_ids=input_ids.detach().cpu(),
+        input_ids=trace.input_ids,
         layers=[
             LayerTrace(
-                resid_pre=store[(i, "pre")],
-                resid_mid=store[(i, "mid")],
-                probs=store[(i, "probs")],
-                gate=store[(i, "gate")],
-                act=store[(i, "act")],
+                *(
+                    copy(getattr(layer, f))
+                    for f in ("resid_pre", "resid_mid", "probs", "gate", "act")
+                )
             )
-            for i in range(len(layers))
+            for layer in trace.layers
         ],
-        resid_final=store[(-1, "final")],
-        normed_final=store[(-1, "normed")],
-        last_logits=output.logits.detach()[0, -1],
+        resid_final=copy(trace.resid_final),
+        normed_final=copy(trace.normed_final),
+        last_logits=copy(trace.last_logits),
     )

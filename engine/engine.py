@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from engine.adapters import ArchitectureAdapter, adapter_for, norm_weight, rms_scale
-from engine.capture import ForwardTrace, trace_forward
+from engine.capture import ForwardTrace, trace_forward, trace_forward_many
 from engine.granularity import (
     head_start,
     module_start,
@@ -22,7 +22,24 @@ from engine.granularity import (
     subspace_start,
     token_start,
 )
-from engine.propagate import Propagator, Snapshot, SplitSettings, Start
+from engine.info import ModelInfo
+from engine.memory import (
+    MemoryBudgetError,
+    MemoryEstimate,
+    Shape,
+    auto_budget_bytes,
+    estimate,
+)
+from engine.propagate import (
+    Cancelled,
+    LayerWeights,
+    Member,
+    Propagator,
+    Snapshot,
+    SplitSettings,
+    Start,
+    StartFacts,
+)
 from engine.request import AttributionRequest, RequestError
 from engine.result import AttributionResult
 
@@ -31,8 +48,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-DEFAULT_BUDGET_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,9 @@ class Plan:
     outputs: tuple[str, ...]
     element_bytes: int
     budget_bytes: int
+    memory: MemoryEstimate  # peak memory of the request beyond the weights, by part
+    chunk_budget: int  # what the estimate leaves for attention blocks and MLP chunks
+    late_starts: bool  # components start at different positions (causal skipping pays)
 
     @property
     def num_tokens(self) -> int:
@@ -61,6 +79,11 @@ class Plan:
     def targets(self) -> int:
         """Number of scored targets."""
         return 1 if self.target_ids is None else len(self.target_ids)
+
+    @property
+    def cells(self) -> int:
+        """(M + 1) x N: the size of the work, for batching decisions."""
+        return (self.components + 1) * self.num_tokens
 
     def result_bytes(self, element_bytes: int | None = None) -> int:
         """Bytes of the arrays the result will hold (states, remainder, scores, logits)."""
@@ -74,29 +97,10 @@ class Plan:
         return total * size
 
     def working_bytes(self) -> int:
-        """Upper bound of the memory the decomposition holds at once, weights aside: the
-        (M + 1, N, D) components twice (a sorted copy), the snapshots kept, and the
-        chunked working set, which the budget bounds."""
-        components = (self.components + 1) * self.num_tokens * self.hidden_size
-        kept = self.snapshots * len(self.positions) * (self.components + 1) * self.hidden_size
-        return (2 * components + kept) * self.element_bytes + self.budget_bytes
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Shape facts of the loaded model."""
-
-    architecture: str
-    family: str
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    intermediate_size: int
-    vocab_size: int
-    dtype: str
-    device: str
+        """Upper bound of the memory the request holds at once beyond the weights (its
+        trace, components, one layer's frozen values, snapshots and chunked work): at
+        most the engine's budget, or :meth:`DePassEngine.plan` refuses the request."""
+        return self.memory.total
 
 
 def resolve_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
@@ -118,13 +122,29 @@ class DePassEngine:
         tokenizer: its tokenizer (optional when requests give ``input_ids``).
         compute_dtype: dtype of the propagated components (float32 keeps conservation
             tight even for bfloat16 weights).
-        memory_budget_bytes: working memory the propagation may use at once; larger
-            requests are processed in more, smaller chunks.
+        memory_budget_bytes: all the memory one request may use beyond the weights
+            (trace, components, chunked work; see :mod:`engine.memory`): bigger work runs
+            in more, smaller chunks, and a request that cannot fit is refused before any
+            work. ``None``: what is free once the model is loaded, less 2 GiB on a GPU,
+            half the available memory on the CPU.
         trace_cache_size: forward traces kept per prompt (LRU), so that several requests
             on one prompt run the ordinary forward pass once.
         trace_cache_bytes: also evict the oldest traces while the cache holds more than
             this many bytes (one 2048-token trace of an 8B model is ~12 GiB); ``None``: no
             byte limit. The newest trace is always kept while it is in use.
+        matmul_dtype: dtype of the matrix products (``None``: the compute dtype). The
+            model's bfloat16 on a GPU runs them on tensor cores with float32
+            accumulation; components and the MLP split stay in ``compute_dtype``.
+        max_batch: most requests :meth:`attribute_many` runs as one batch.
+        batch_max_cells: requests with at most this many (components + 1) x tokens are
+            batched; bigger ones fill the device alone and run one at a time.
+        compile: fuse the softmax MLP split into one kernel with ``torch.compile`` (a
+            one-off compilation of seconds at the first request; then 2-3x less time in
+            the split). Needs a C++ compiler on the CPU, Triton on CUDA.
+
+    Memory: a request uses at most ``memory_budget_bytes`` beyond the weights, cached
+    traces of other prompts included (they are evicted to make room); one whose estimate
+    is larger is refused with :class:`engine.MemoryBudgetError` before any model work.
     """
 
     def __init__(
@@ -132,21 +152,34 @@ class DePassEngine:
         model: nn.Module,
         tokenizer: Any | None = None,
         compute_dtype: torch.dtype = torch.float32,
-        memory_budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        memory_budget_bytes: int | None = None,
         trace_cache_size: int = 4,
         trace_cache_bytes: int | None = None,
+        matmul_dtype: torch.dtype | None = None,
+        max_batch: int = 8,
+        batch_max_cells: int = 4096,
+        compile: bool = False,
     ) -> None:
         self.adapter: ArchitectureAdapter = adapter_for(model)
         _require_eager(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.compute_dtype = compute_dtype
-        self.memory_budget_bytes = memory_budget_bytes
+        self.memory_budget_bytes = (
+            auto_budget_bytes(p.device for p in model.parameters())
+            if memory_budget_bytes is None
+            else memory_budget_bytes
+        )
         self.trace_cache_size = trace_cache_size
         self.trace_cache_bytes = trace_cache_bytes
+        self.matmul_dtype = matmul_dtype or compute_dtype
+        self.max_batch = max_batch
+        self.batch_max_cells = batch_max_cells
+        self.compile = compile
         self._traces: OrderedDict[tuple[int, ...], ForwardTrace] = OrderedDict()
         self._lock = threading.Lock()
         self.info = self._model_info()
+        self.shape = self._shape()
 
     @classmethod
     def from_pretrained(
@@ -214,6 +247,15 @@ class DePassEngine:
             device=str(embed.weight.device),
         )
 
+    def _shape(self) -> Shape:
+        size = lambda dtype: torch.finfo(dtype).bits // 8  # noqa: E731
+        return Shape(
+            model=self.info,
+            model_bytes=size(getattr(torch, self.info.dtype)),
+            compute_bytes=size(self.compute_dtype),
+            matmul_bytes=size(self.matmul_dtype),
+        )
+
     # ------------------------------------------------------------------ tokens
 
     def tokenize(self, prompt: str) -> list[int]:
@@ -272,6 +314,24 @@ class DePassEngine:
                 self._traces.popitem(last=False)
         return trace
 
+    def trace_many(self, prompts: Sequence[Sequence[int]]) -> list[ForwardTrace]:
+        """Traces of several prompts; those not cached come from one batched forward pass."""
+        keys = [tuple(int(i) for i in ids) for ids in prompts]
+        with self._lock:
+            found = {key: self._traces[key] for key in keys if key in self._traces}
+            for key in found:
+                self._traces.move_to_end(key)
+        missing = list(dict.fromkeys(key for key in keys if key not in found))
+        if missing:
+            tensors = [torch.tensor(key, dtype=torch.long) for key in missing]
+            made = trace_forward_many(self.model, self.adapter, tensors)
+            found |= dict(zip(missing, made, strict=True))
+            with self._lock:
+                self._traces.update(zip(missing, made, strict=True))
+                while self._traces and self._over_cache_limits():
+                    self._traces.popitem(last=False)
+        return [found[key] for key in keys]
+
     def _over_cache_limits(self) -> bool:
         """Whether the trace cache holds more traces, or bytes, than allowed (the newest
         trace may stay alone above the byte limit)."""
@@ -283,6 +343,16 @@ class DePassEngine:
 
     def _cached_bytes(self) -> int:
         return sum(trace.nbytes() for trace in self._traces.values())
+
+    def _make_room(self, needed_bytes: int, keep: set[tuple[int, ...]]) -> None:
+        """Evict cached traces (oldest first, not those in ``keep``) until the cache and a
+        request needing ``needed_bytes`` fit the memory budget together."""
+        with self._lock:
+            for key in list(self._traces):
+                if self._cached_bytes() + needed_bytes <= self.memory_budget_bytes:
+                    break
+                if key not in keep:
+                    del self._traces[key]
 
     def clear_cache(self) -> None:
         """Drop every cached forward trace."""
@@ -325,6 +395,21 @@ class DePassEngine:
         else:
             count = int(np.shape(request.subspace)[0])
         snapshots = end - layers[0] + 1 if request.all_layers else len(layers)
+        target_ids = None if request.targets is None else self._resolve_targets(request.targets)
+        memory, chunk_budget = estimate(
+            self.shape,
+            rows=count + 1,
+            length=length,
+            positions=len(positions),
+            snapshots=snapshots,
+            targets=1 if target_ids is None else len(target_ids),
+            start_extra=self._start_extra(request, count, length),
+            late_starts=granularity == "token" and count > 1,
+            budget_bytes=self.memory_budget_bytes,
+        )
+        if memory.total > self.memory_budget_bytes:
+            field = "input_ids" if from_ids else "prompt"
+            raise MemoryBudgetError(field, memory, self.memory_budget_bytes)
         return Plan(
             input_ids=input_ids,
             positions=positions,
@@ -333,13 +418,27 @@ class DePassEngine:
             end=end,
             components=count,
             snapshots=snapshots,
-            target_ids=None if request.targets is None else self._resolve_targets(request.targets),
+            target_ids=target_ids,
             hidden_size=info.hidden_size,
             intermediate_size=info.intermediate_size,
             outputs=tuple(request.outputs),
-            element_bytes=torch.finfo(self.compute_dtype).bits // 8,
+            element_bytes=self.shape.compute_bytes,
             budget_bytes=self.memory_budget_bytes,
+            memory=memory,
+            chunk_budget=chunk_budget,
+            late_starts=granularity == "token" and count > 1,
         )
+
+    def _start_extra(self, request: AttributionRequest, count: int, length: int) -> int:
+        """Bytes a start builder holds beside the components (see engine/granularity.py)."""
+        c, d = self.shape.compute_bytes, self.info.hidden_size
+        if request.granularity == "subspace":  # the parts, as a tensor
+            return count * length * d * c
+        if request.granularity == "head":  # the head outputs before they are placed
+            return (count + 1) * length * d * c
+        if request.granularity == "neuron":  # the picked down-projection columns, the rest
+            return (count * d + length * self.info.intermediate_size + 2 * length * d) * c
+        return 0
 
     def attribute(
         self, request: AttributionRequest, should_stop: Callable[[], bool] | None = None
@@ -353,66 +452,208 @@ class DePassEngine:
 
         Raises:
             RequestError: the request does not fit the model (names the field).
+            MemoryBudgetError: its memory estimate is over the budget (nothing ran).
             Cancelled: ``should_stop`` said so.
         """
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-        plan = self.plan(request)
-        input_ids, positions, layers, end, groups = (
-            plan.input_ids,
-            plan.positions,
-            plan.layers,
-            plan.end,
-            plan.groups,
+        return self.attribute_many([request], should_stop)[0]
+
+    def attribute_many(
+        self,
+        requests: Sequence[AttributionRequest],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[AttributionResult]:
+        """Decompose several requests; small compatible ones run as one padded batch.
+
+        Requests with the same settings (granularity, start and end layers, split rule,
+        temperature, first-token rule, layer snapshots) and at most ``batch_max_cells``
+        components x tokens each are stacked, up to ``max_batch`` at a time and within the
+        memory budget, and propagated together: one matrix product per step serves them
+        all. Shorter prompts are padded with zero positions and fewer components with zero
+        rows, which stay exactly zero, so every result equals the one ``attribute`` gives
+        alone (up to float rounding). Results come back in the order asked.
+
+        Raises: as :meth:`attribute`, for the first request that fails.
+        """
+        plans = [self.plan(request) for request in requests]
+        outcomes: dict[tuple[int, int], _RunOutcome] = {}
+        batches = self._batches(requests, plans)
+        # The forward pass of a prompt serves all of its runs (start layers) in this call,
+        # cache or no cache; it is let go after the last batch that needs it.
+        uses = Counter(tuple(plans[i].input_ids) for batch in batches for i, _ in batch)
+        held: dict[tuple[int, ...], ForwardTrace] = {}
+        with torch.inference_mode():
+            for batch in batches:
+                outcomes.update(self._run_batch(requests, plans, batch, should_stop, held))
+                for i, _ in batch:
+                    key = tuple(plans[i].input_ids)
+                    uses[key] -= 1
+                    if not uses[key]:
+                        held.pop(key, None)
+            return [
+                self._result(request, plan, outcomes, i)
+                for i, (request, plan) in enumerate(zip(requests, plans, strict=True))
+            ]
+
+    def _batches(
+        self, requests: Sequence[AttributionRequest], plans: Sequence[Plan]
+    ) -> list[list[tuple[int, int]]]:
+        """Runs ``(request index, start layer)`` grouped into batches, in request order."""
+        batches: list[list[tuple[int, int]]] = []
+        open_batches: dict[tuple, list[tuple[int, int]]] = {}
+        for i, (request, plan) in enumerate(zip(requests, plans, strict=True)):
+            for layer in plan.layers:
+                unit = (i, layer)
+                if plan.cells > self.batch_max_cells or self.max_batch < 2:
+                    batches.append([unit])
+                    continue
+                key = _batch_key(request, plan, layer)
+                batch = open_batches.get(key)
+                if batch is not None and len(batch) < self.max_batch:
+                    memory, _ = self._batch_memory(plans, [*batch, unit])
+                    if memory.total <= self.memory_budget_bytes:
+                        batch.append(unit)
+                        continue
+                batch = [unit]
+                open_batches[key] = batch
+                batches.append(batch)
+        return batches
+
+    def _batch_memory(
+        self, plans: Sequence[Plan], batch: list[tuple[int, int]]
+    ) -> tuple[MemoryEstimate, int]:
+        """The memory estimate of a batch of runs (padded to its largest member) and the
+        budget it leaves for chunks."""
+        if len(batch) == 1:
+            plan = plans[batch[0][0]]
+            return plan.memory, plan.chunk_budget
+        members = [plans[i] for i, _ in batch]
+        return estimate(
+            self.shape,
+            rows=max(p.components for p in members) + 1,
+            length=max(p.num_tokens for p in members),
+            positions=max(len(p.positions) for p in members),
+            snapshots=max(p.snapshots for p in members),
+            targets=max(p.targets for p in members),
+            members=len(members),
+            late_starts=all(p.late_starts for p in members),
+            budget_bytes=self.memory_budget_bytes,
         )
 
-        with torch.inference_mode():
-            trace = self.trace(input_ids)
-            timings["forward_s"] = time.perf_counter() - clock
-            clock = time.perf_counter()
+    def _run_batch(
+        self,
+        requests: Sequence[AttributionRequest],
+        plans: Sequence[Plan],
+        batch: list[tuple[int, int]],
+        should_stop: Callable[[], bool] | None,
+        held: dict[tuple[int, ...], ForwardTrace],
+    ) -> dict[tuple[int, int], _RunOutcome]:
+        """Trace, start and propagate one batch of runs (one start layer, many prompts);
+        ``held`` keeps the traces later batches of the call still need."""
+        clock = time.perf_counter()
+        memory, chunk_budget = self._batch_memory(plans, batch)
+        keys = [tuple(plans[i].input_ids) for i, _ in batch]
+        self._make_room(memory.total, set(keys) | set(held))
+        missing = [key for key in dict.fromkeys(keys) if key not in held]
+        if missing:
+            held.update(zip(missing, self.trace_many(missing), strict=True))
+        traces = [held[key] for key in keys]
+        forward_s = time.perf_counter() - clock
+        clock = time.perf_counter()
+        lead = requests[batch[0][0]]
+        layer, end = batch[0][1], plans[batch[0][0]].end
+        members: list[Member] = []
+        for (i, _), trace in zip(batch, traces, strict=True):
+            if should_stop is not None and should_stop():
+                raise Cancelled("the attribution was cancelled")
+            start = self._start(requests[i], trace, layer, plans[i].groups)
+            positions = torch.tensor(plans[i].positions, dtype=torch.long)
+            members.append(Member(start=start, length=trace.num_tokens, positions=positions))
+        labels = [member.start.labels for member in members]
+        split = SplitSettings(
+            rule=lead.mlp_split, temperature=lead.temperature, ignore_first=lead.first_token_rule
+        )
+        # Members whose start facts differ (a group layout, say) run as separate batches.
+        by_facts: dict[StartFacts, list[int]] = {}
+        for index, member in enumerate(members):
+            by_facts.setdefault(member.start.facts(split), []).append(index)
+        for indices in by_facts.values():
+            propagator = Propagator(
+                self.model,
+                self.adapter,
+                [traces[k] for k in indices],
+                self.compute_dtype,
+                chunk_budget,
+                should_stop,
+                self.matmul_dtype,
+                fused_split=self.compile,
+            )
+            propagator.check()
+            propagator.run([members[k] for k in indices], split, end, lead.all_layers)
+        outcomes: dict[tuple[int, int], _RunOutcome] = {}
+        for k, ((i, _), member, trace) in enumerate(zip(batch, members, traces, strict=True)):
+            request, plan = requests[i], plans[i]
             targets = plan.target_ids or [int(trace.last_logits.argmax())]
-            unembed = self.adapter.root_part(self.model, "lm_head")
-            w_u = unembed.weight[targets].to(self.compute_dtype)  # (T, D)
-            bias = getattr(unembed, "bias", None)
-            b_u = None if bias is None else bias[targets].to(self.compute_dtype)
-            texts = self.token_texts(input_ids)
-            index = torch.tensor(positions, dtype=torch.long)
-            split = SplitSettings(
-                rule=request.mlp_split,
-                temperature=request.temperature,
-                ignore_first=request.first_token_rule,
-            )
-            want_states = "states" in request.outputs
-            views: list[_View] = []
-            labels: list[str] = []
-            snapped: list[int] = []
-            for layer in layers:
-                propagator = Propagator(
-                    self.model,
-                    self.adapter,
-                    trace,
-                    self.compute_dtype,
-                    self.memory_budget_bytes,
-                    should_stop,
+            scaled = request.end_layer is None and not request.all_layers
+            w_u, b_u = self._unembedding(targets)
+            views = [
+                self._view(
+                    snap, trace, scaled, member.positions, w_u, b_u, "states" in request.outputs
                 )
-                propagator.check()
-                start = self._start(request, trace, layer, groups, texts, propagator)
-                labels = start.labels
-                for snap in propagator.run(start, split, end, index, request.all_layers):
-                    scaled = request.end_layer is None and not request.all_layers
-                    views.append(self._view(snap, trace, scaled, index, w_u, b_u, want_states))
-                    snapped.append(snap.layer)
-            if request.all_layers:
-                axis: list[int] | None = snapped
-            elif isinstance(request.start_layer, list):
-                axis = layers
-            else:
-                axis = None
-            result = self._assemble(
-                request, labels, views, axis, end, positions, targets, texts, input_ids
+                for snap in member.snapshots
+            ]
+            member.snapshots = []
+            outcomes[(i, layer)] = _RunOutcome(
+                labels=labels[k],
+                targets=targets,
+                views=views,
+                batch_size=len(batch),
+                timings={"forward_s": forward_s, "decompose_s": 0.0},
             )
-        timings["decompose_s"] = time.perf_counter() - clock
-        result.timings = timings
+        decompose_s = time.perf_counter() - clock
+        for outcome in outcomes.values():  # a batch's time is shared by its members
+            outcome.timings["decompose_s"] = decompose_s
+        return outcomes
+
+    def _unembedding(self, targets: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(T, D) unembedding rows of ``targets`` and their biases, in the compute dtype."""
+        unembed = self.adapter.root_part(self.model, "lm_head")
+        w_u = unembed.weight[targets].to(self.compute_dtype)
+        bias = getattr(unembed, "bias", None)
+        return w_u, None if bias is None else bias[targets].to(self.compute_dtype)
+
+    def _result(
+        self,
+        request: AttributionRequest,
+        plan: Plan,
+        outcomes: dict[tuple[int, int], _RunOutcome],
+        index: int,
+    ) -> AttributionResult:
+        """Assemble one request's result from the outcomes of its runs."""
+        runs = [outcomes.pop((index, layer)) for layer in plan.layers]
+        if request.all_layers:
+            axis: list[int] | None = list(range(plan.layers[0], plan.end + 1))
+        elif isinstance(request.start_layer, list):
+            axis = plan.layers
+        else:
+            axis = None
+        texts = self.token_texts(plan.input_ids)
+        views = [view for run in runs for view in run.views]
+        result = self._assemble(
+            request,
+            runs[-1].labels,
+            views,
+            axis,
+            plan.end,
+            plan.positions,
+            runs[-1].targets,
+            texts,
+            plan.input_ids,
+        )
+        result.timings = {
+            "forward_s": sum(run.timings["forward_s"] for run in runs),
+            "decompose_s": sum(run.timings["decompose_s"] for run in runs),
+            "batch_size": float(max(run.batch_size for run in runs)),
+        }
         return result
 
     def _check_ids(self, ids: Sequence[int], field: str) -> None:
@@ -455,13 +696,12 @@ class DePassEngine:
         trace: ForwardTrace,
         layer: int,
         groups: list[list[int]] | None,
-        texts: list[str],
-        propagator: Propagator,
     ) -> Start:
         """The initial components of one run (``layer`` is its start layer)."""
         cast = lambda t: t.to(self.compute_dtype)  # noqa: E731
         granularity = request.granularity
         if granularity == "token":
+            texts = self.token_texts(trace.input_ids.tolist())
             return token_start(cast(trace.resid(layer)), layer, texts, groups)
         if granularity == "subspace":
             parts = torch.as_tensor(request.subspace, dtype=self.compute_dtype)
@@ -482,7 +722,9 @@ class DePassEngine:
                 layer,
                 request.module or "attn",
             )
-        weights = propagator.weights(layer)
+        weights = LayerWeights(
+            self.model, self.adapter, [trace], layer, self.compute_dtype, self.matmul_dtype
+        )
         if granularity == "head":
             return head_start(cast(frozen.resid_pre).to(weights.device), weights, layer)
         return neuron_start(
@@ -499,7 +741,7 @@ class DePassEngine:
         unembed_bias: torch.Tensor | None,
         keep_states: bool,
     ) -> _View:
-        """States, scores and conservation of one snapshot.
+        """States, scores and conservation (at the kept positions) of one snapshot.
 
         ``scaled_output``: the snapshot is the model output, so components are multiplied
         by the final norm's frozen scale and compared with the normalised final state.
@@ -507,16 +749,16 @@ class DePassEngine:
         final norm frozen at the true residual there (a logit lens that adds up).
         """
         final_norm = self.adapter.root_part(self.model, "final_norm")
-        true = trace.resid(snap.layer).to(self.compute_dtype)
-        scale = rms_scale(final_norm, true, self.adapter).to(self.compute_dtype) * norm_weight(
+        device = snap.values.device
+        kept = positions.to(device)
+        true = trace.resid(snap.layer).to(device, self.compute_dtype)[kept]  # (P, D)
+        lens = rms_scale(final_norm, true, self.adapter).to(self.compute_dtype) * norm_weight(
             final_norm, self.adapter
-        ).to(self.compute_dtype)  # (N, D)
-        scale = scale.to(snap.values.device)
-        lens = scale[positions.to(scale.device)]  # (P, D)
-        total = snap.total
+        ).to(device, self.compute_dtype)  # (P, D)
+        total = snap.total  # (P, D)
         if scaled_output:
-            total = total * scale
-            true = trace.normed_final.to(self.compute_dtype)
+            total = total * lens
+            true = trace.normed_final.to(device, self.compute_dtype)[kept]
         error = float((total - true.to(total.device)).abs().max())
         magnitude = max(float(true.abs().max()), torch.finfo(self.compute_dtype).tiny)
         lensed = snap.values * lens  # (M + 1, P, D)
@@ -576,6 +818,17 @@ class DePassEngine:
 
 
 @dataclass
+class _RunOutcome:
+    """What one run (a request at one start layer) leaves for its result."""
+
+    labels: list[str]
+    targets: list[int]
+    views: list[_View]
+    batch_size: int  # runs propagated together with this one (1: alone)
+    timings: dict[str, float]
+
+
+@dataclass
 class _View:
     """One snapshot made ready for the result (remainder in the last component row)."""
 
@@ -583,6 +836,22 @@ class _View:
     scores: torch.Tensor  # (P, M + 1, T)
     error: float
     relative_error: float
+
+
+def _batch_key(request: AttributionRequest, plan: Plan, layer: int) -> tuple:
+    """Runs with equal keys may share a batch: the same start stage, end, split and
+    snapshots (their start facts are compared again once the starts are built)."""
+    return (
+        layer,
+        plan.end,
+        request.granularity,
+        request.module,
+        request.mlp_split,
+        request.temperature,
+        request.first_token_rule,
+        request.all_layers,
+        request.end_layer is None,
+    )
 
 
 def _normalise_positions(values: Sequence[int] | None, length: int, field: str) -> list[int]:

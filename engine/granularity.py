@@ -1,9 +1,12 @@
 """Initial components for each granularity, and their labels.
 
-Every builder returns a :class:`Start`: the (M + 1, N, D) components (the last row is the
-remainder, which holds bias terms and whatever the given parts leave of the true state),
-where each may first be non-zero, which one holds the first token, the stage where
-propagation begins, and one readable label per component. Layer ``s`` conventions:
+Every builder returns a :class:`Start`: the (M + 1, N, D) components in the propagation
+layout (row 0 is the remainder, which holds bias terms and whatever the given parts leave
+of the true state; the components follow, sorted by the first position where each may be
+non-zero), the row of each component in the caller's order, which row holds the first
+token, the stage where propagation begins, and one readable label per component. Each
+builder writes into one preallocated tensor, so a start costs its own size once. Layer
+``s`` conventions:
 
 ========  =====================================================  ====================
 token     ``h^s`` split by position (or by groups of positions)   from attention of s
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.propagate import LayerWeights, Start, attention_stage, mlp_stage
+from engine.propagate import LayerWeights, Start, attention_stage, mlp_stage, project
 
 SUBSPACE_ROUNDING = 1e-5
 
@@ -42,27 +45,38 @@ def token_start(
     component, and positions in no group form a final ``ungrouped`` component.
     """
     length = resid.shape[0]
-    first_alone = True
     if groups is None:
-        groups = [[k] for k in range(length)]
-        labels = [f"tok[{k}]:{_quote(token_texts[k])}" for k in range(length)]
-    else:
-        groups = [sorted(g) for g in groups]
-        labels = [_group_label(g, token_texts) for g in groups]
-        first_alone = [0] in groups  # the first-token rule needs a group of the first token alone
-        covered = {p for g in groups for p in g}
-        rest = [p for p in range(length) if p not in covered]
-        if rest:
-            groups.append(rest)
-            labels.append("ungrouped")
+        values = resid.new_zeros(length + 1, length, resid.shape[1])
+        positions = torch.arange(length, device=resid.device)
+        values[positions + 1, positions] = resid
+        return Start(
+            values=values,
+            first_position=list(range(length)),
+            output_rows=list(range(1, length + 1)),
+            anchor=1,
+            stage=attention_stage(layer),
+            labels=[f"tok[{k}]:{_quote(token_texts[k])}" for k in range(length)],
+            single_position=True,
+        )
+    groups = [sorted(g) for g in groups]
+    labels = [_group_label(g, token_texts) for g in groups]
+    first_alone = [0] in groups  # the first-token rule needs a group of the first token alone
+    covered = {p for g in groups for p in g}
+    rest = [p for p in range(length) if p not in covered]
+    if rest:
+        groups.append(rest)
+        labels.append("ungrouped")
+    order = sorted(range(len(groups)), key=lambda j: groups[j][0])  # rows by first position
+    output_rows = [0] * len(groups)
     values = resid.new_zeros(len(groups) + 1, length, resid.shape[1])
-    for index, group in enumerate(groups):
-        values[index, group] = resid[group]
-    holder = next(i for i, g in enumerate(groups) if 0 in g)
+    for row, j in enumerate(order, start=1):
+        output_rows[j] = row
+        values[row, groups[j]] = resid[groups[j]]
     return Start(
         values=values,
-        first_position=torch.tensor([g[0] for g in groups], dtype=torch.long),
-        anchor=holder,
+        first_position=[groups[j][0] for j in order],
+        output_rows=output_rows,
+        anchor=output_rows[next(j for j, g in enumerate(groups) if 0 in g)],
         anchor_alone=first_alone,
         stage=attention_stage(layer),
         labels=labels,
@@ -78,6 +92,23 @@ def _group_label(group: list[int], token_texts: Sequence[str]) -> str:
     return f"tok[{span}]:{_quote(text)}"
 
 
+def _from_position_zero(
+    values: torch.Tensor, stage: int, labels: list[str], floored: tuple[int, ...] = ()
+) -> Start:
+    """A start whose components all may be non-zero from position 0, in the caller's order
+    (row ``1 + j`` is component ``j``; row 1 holds the first token)."""
+    count = values.shape[0] - 1
+    return Start(
+        values=values,
+        first_position=[0] * count,
+        output_rows=list(range(1, count + 1)),
+        anchor=1,
+        stage=stage,
+        labels=labels,
+        floored=floored,
+    )
+
+
 def subspace_start(resid: torch.Tensor, layer: int, parts: torch.Tensor) -> Start:
     """User components ``parts`` (K, N, D) of ``resid``; the remainder makes up the rest.
 
@@ -86,17 +117,16 @@ def subspace_start(resid: torch.Tensor, layer: int, parts: torch.Tensor) -> Star
     order), not a component: they are zeroed, and show in the conservation error. A
     noise remainder would otherwise win MLP shares under the eligibility rules.
     """
-    remainder = resid - parts.sum(0)  # (N, D)
+    count = parts.shape[0]
+    values = resid.new_empty(count + 1, *resid.shape)
+    values[1:] = parts
+    remainder = torch.sub(resid, parts.sum(0), out=values[0])  # (N, D)
     rounding = SUBSPACE_ROUNDING * resid.abs().amax(-1, keepdim=True)
-    remainder = torch.where(remainder.abs() <= rounding, torch.zeros_like(remainder), remainder)
-    return Start(
-        values=torch.cat([parts, remainder[None]]),
-        first_position=torch.zeros(parts.shape[0], dtype=torch.long),
-        anchor=0,
-        stage=attention_stage(layer),
-        labels=[f"subspace[{k}]" for k in range(parts.shape[0])],
-        floored=(parts.shape[0] - 1,),  # as the reference, which has no remainder there
-    )
+    remainder.masked_fill_(remainder.abs() <= rounding, 0.0)
+    # The last part's gates are floored like the remainder's, as the reference does (it
+    # has no remainder there).
+    labels = [f"subspace[{k}]" for k in range(count)]
+    return _from_position_zero(values, attention_stage(layer), labels, floored=(count,))
 
 
 def module_start(
@@ -111,26 +141,23 @@ def module_start(
         parts, stage = [resid_pre, resid_mid - resid_pre], mlp_stage(layer)
     else:
         parts, stage = [resid_mid, resid_post - resid_mid], attention_stage(layer + 1)
-    return Start(
-        values=torch.stack([*parts, torch.zeros_like(resid_pre)]),
-        first_position=torch.zeros(2, dtype=torch.long),
-        anchor=0,
-        stage=stage,
-        labels=["rest", f"L{layer}.{module}"],
-    )
+    values = torch.stack([torch.zeros_like(resid_pre), *parts])
+    return _from_position_zero(values, stage, ["rest", f"L{layer}.{module}"])
 
 
-def head_start(resid_pre: torch.Tensor, weights: LayerWeights, layer: int) -> Start:
-    """``[h^s, head_1 .. head_H]``; value and output biases start in the remainder."""
-    heads = weights.head_outputs(resid_pre * weights.in_scale)  # (H, N, D)
-    remainder = weights.attn_bias.expand_as(resid_pre)
-    return Start(
-        values=torch.cat([resid_pre[None], heads, remainder[None]]),
-        first_position=torch.zeros(heads.shape[0] + 1, dtype=torch.long),
-        anchor=0,
-        stage=mlp_stage(layer),
-        labels=["rest"] + [f"L{layer}.H{h}" for h in range(heads.shape[0])],
-    )
+def head_start(
+    resid_pre: torch.Tensor, weights: LayerWeights, layer: int, member: int = 0
+) -> Start:
+    """``[h^s, head_1 .. head_H]``; value and output biases start in the remainder.
+
+    ``member``: the prompt's index in the batch ``weights`` was built for.
+    """
+    length = resid_pre.shape[0]
+    normed = resid_pre * weights.in_scale[member, :length]
+    heads = weights.head_outputs(normed, member)  # (H, N, D)
+    values = torch.cat([weights.attn_bias.expand_as(resid_pre)[None], resid_pre[None], heads])
+    labels = ["rest"] + [f"L{layer}.H{h}" for h in range(heads.shape[0])]
+    return _from_position_zero(values, mlp_stage(layer), labels)
 
 
 def neuron_start(
@@ -138,27 +165,27 @@ def neuron_start(
     weights: LayerWeights,
     layer: int,
     neurons: Sequence[int] | None,
+    member: int = 0,
 ) -> Start:
     """``[rest, neuron_i ..]`` after the MLP of ``layer``.
 
     Neuron ``i`` contributes ``a[:, i] * W_down[:, i]``; ``rest`` is the residual after
     attention plus the neurons not asked for, so the components add up to ``h^(s+1)``
-    (the down-projection bias, if any, starts in the remainder).
+    (the down-projection bias, if any, starts in the remainder). ``member``: the prompt's
+    index in the batch ``weights`` was built for.
     """
+    length = resid_mid.shape[0]
     chosen = list(range(weights.w_down.shape[1])) if neurons is None else list(neurons)
     index = torch.tensor(chosen, dtype=torch.long, device=weights.device)
-    act = weights.act  # (N, I)
-    picked = act[:, index].T[:, :, None] * weights.w_down[:, index].T[:, None, :]  # (K, N, D)
-    others = act.index_fill(1, index, 0.0) @ weights.w_down.T  # (N, D)
-    remainder = (
-        torch.zeros_like(resid_mid)
-        if weights.mlp_bias is None
-        else weights.mlp_bias.expand_as(resid_mid).clone()
-    )
-    return Start(
-        values=torch.cat([(resid_mid + others)[None], picked, remainder[None]]),
-        first_position=torch.zeros(len(chosen) + 1, dtype=torch.long),
-        anchor=0,
-        stage=attention_stage(layer + 1),
-        labels=["rest"] + [f"L{layer}.N{i}" for i in chosen],
-    )
+    act = weights.act[member, :length]  # (N, I)
+    values = resid_mid.new_empty(len(chosen) + 2, *resid_mid.shape)
+    if weights.mlp_bias is None:
+        values[0] = 0.0
+    else:
+        values[0] = weights.mlp_bias
+    w_down = weights.w_down[:, index].to(resid_mid.dtype)  # (D, K)
+    torch.mul(act[:, index].T[:, :, None], w_down.T[:, None, :], out=values[2:])  # (K, N, D)
+    others = project(act.index_fill(1, index, 0.0), weights.w_down, resid_mid.dtype)
+    torch.add(resid_mid, others, out=values[1])
+    labels = ["rest"] + [f"L{layer}.N{i}" for i in chosen]
+    return _from_position_zero(values, attention_stage(layer + 1), labels)

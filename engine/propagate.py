@@ -10,24 +10,38 @@ layer ``l``); a run goes from a start stage up to, not including, an end stage.
   :mod:`engine.splits`, computed over chunks of positions so that the
   (components x positions x neurons) gate tensor stays under the memory budget.
 
+Layout: components are held as one ``(M + 1, R, N, D)`` tensor: row 0 is the remainder,
+rows ``1..M`` the components sorted by the first position where they may be non-zero,
+``R`` the prompts of a batch (padded to the longest with zero positions and zero
+components, which stay exactly zero), ``N`` positions, ``D`` the hidden size.
+
 Causality: a component whose first non-zero position is ``p`` stays zero before ``p`` at
-every layer (attention looks back only, the MLP is per position). Components are kept
-sorted by that first position, so attention skips the zero rows of each block of
-components and each MLP chunk only touches the components already alive there.
+every layer (attention looks back only, the MLP is per position). Because rows are sorted
+by that position, attention skips the zero positions of each block of rows, and each MLP
+chunk only touches the rows already alive there (one contiguous slice).
+
+Precision: matrix products run in ``matmul_dtype`` (the model's bfloat16 on a GPU, say,
+with the hardware's float32 accumulation); the components, their sums and the MLP split
+stay in the compute dtype (float32 by default), which keeps conservation tight.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from engine.adapters import ArchitectureAdapter, norm_weight, rms_scale
 from engine.capture import ForwardTrace
+from engine.memory import attention_block, attention_row_bytes, mlp_chunk, mlp_position_bytes
 from engine.splits import SplitRule, SplitSpec, neuron_shares
+
+#: The MLP split (gates, coefficients, shares) always runs in float32: a softmax over
+#: components at temperature 0.1 in bfloat16 would round shares to 3 significant digits.
+SPLIT_DTYPE = torch.float32
 
 
 class Cancelled(RuntimeError):
@@ -55,17 +69,43 @@ class SplitSettings:
 
 @dataclass
 class Start:
-    """Where and how a decomposition begins (built by :mod:`engine.granularity`)."""
+    """Where and how a decomposition begins (built by :mod:`engine.granularity`).
 
-    values: torch.Tensor  # (M + 1, N, D), remainder last
-    first_position: torch.Tensor  # (M,) long: first position where each may be non-zero
-    anchor: int | None  # component holding the first token (position-0 and first-token rules)
+    ``values`` is in the propagation layout: row 0 the remainder, then the components
+    sorted by ``first_position``; ``output_rows`` maps the caller's component order back.
+    """
+
+    values: torch.Tensor  # (M + 1, N, D), remainder first, components sorted by first position
+    first_position: list[int]  # (M,) non-decreasing: first position where row 1 + m may be non-zero
+    output_rows: list[int]  # (M,) row of the caller's component j (labels order)
+    anchor: int | None  # row holding the first token (position-0 and first-token rules)
     stage: int  # first stage to run
-    labels: list[str]  # M labels (the remainder is reported apart)
+    labels: list[str]  # M labels, in the caller's order (the remainder is reported apart)
     # The anchor is the first token alone (a group spanning more keeps the first-token rule off).
     anchor_alone: bool = True
-    # Parts whose gates below 1e-5 count as absent, like the remainder's.
+    # Rows whose gates below 1e-5 count as absent, like the remainder's (row 0, always).
     floored: tuple[int, ...] = ()
+    # Each component is non-zero at its first position only, and row 1 + m at position m
+    # in every prompt of a batch (token components): the first attention stage then
+    # projects each component once instead of at every position.
+    single_position: bool = False
+
+    def facts(self, split: SplitSettings) -> StartFacts:
+        """What the MLP split needs to know of this start (equal facts can share a batch)."""
+        return StartFacts(
+            anchor=self.anchor,
+            floored=(0, *self.floored),
+            ignore_anchor=split.ignore_first and self.anchor_alone,
+        )
+
+
+@dataclass(frozen=True)
+class StartFacts:
+    """Row facts of a start that the MLP split uses."""
+
+    anchor: int | None
+    floored: tuple[int, ...]
+    ignore_anchor: bool  # the first-token rule is on and applies to the anchor
 
 
 @dataclass
@@ -74,38 +114,73 @@ class Snapshot:
 
     layer: int
     values: torch.Tensor  # (M + 1, P, D) in the caller's component order, remainder last
-    total: torch.Tensor  # (N, D) sum of all components at every position
+    total: torch.Tensor  # (P, D) sum of all components at the kept positions
+
+
+@dataclass
+class Member:
+    """One prompt of a batch: its start, its length and the positions to snapshot."""
+
+    start: Start
+    length: int  # N of this prompt (the batch may be padded beyond it)
+    positions: torch.Tensor  # (P,) long
+    snapshots: list[Snapshot] = field(default_factory=list)
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x @ weight.T`` computed in ``weight``'s dtype, returned in ``out_dtype``."""
+    return (x.to(weight.dtype) @ weight.T).to(out_dtype)
+
+
+def _stack_padded(tensors: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """(R, length, ...) from R tensors of shape (n_r, ...), zero-padded at the end."""
+    if len(tensors) == 1 and tensors[0].shape[0] == length:
+        return tensors[0][None]
+    out = tensors[0].new_zeros(len(tensors), length, *tensors[0].shape[1:])
+    for r, tensor in enumerate(tensors):
+        out[r, : tensor.shape[0]] = tensor
+    return out
 
 
 class LayerWeights:
-    """One layer's weights and frozen scales, in the compute dtype on the layer's device."""
+    """One layer's weights and, per prompt of a batch, its frozen scales and activations.
+
+    Weights are in the matmul dtype; frozen per-position quantities (padded to the batch's
+    longest prompt with zeros, which keeps padded positions at exactly zero) in the
+    compute dtype, except the attention probabilities, which feed a matrix product.
+    """
 
     def __init__(
         self,
         model: nn.Module,
         adapter: ArchitectureAdapter,
-        trace: ForwardTrace,
+        traces: Sequence[ForwardTrace],
         layer: int,
         dtype: torch.dtype,
+        matmul_dtype: torch.dtype,
     ) -> None:
         part = lambda role: adapter.layer_part(model, layer, role)  # noqa: E731
-        frozen = trace.layers[layer]
+        frozen = [trace.layers[layer] for trace in traces]
+        length = max(trace.num_tokens for trace in traces)
         v_proj, o_proj = part("v_proj"), part("o_proj")
         self.device = o_proj.weight.device
-        cast = lambda t: t.detach().to(self.device, dtype)  # noqa: E731
+        self.dtype = dtype
+        cast = lambda t, to=dtype: t.detach().to(self.device, to)  # noqa: E731
+        stack = lambda ts, to=dtype: _stack_padded([cast(t, to) for t in ts], length)  # noqa: E731
 
         in_norm, mid_norm = part("input_norm"), part("post_attention_norm")
-        # (N, D) frozen per-position norm scale times the norm's gain
-        self.in_scale = cast(rms_scale(in_norm, frozen.resid_pre, adapter)) * cast(
+        # (R, N, D) frozen per-position norm scale times the norm's gain
+        self.in_scale = stack([rms_scale(in_norm, f.resid_pre, adapter) for f in frozen]) * cast(
             norm_weight(in_norm, adapter)
         )
-        self.mid_scale = cast(rms_scale(mid_norm, frozen.resid_mid, adapter)) * cast(
+        self.mid_scale = stack([rms_scale(mid_norm, f.resid_mid, adapter) for f in frozen]) * cast(
             norm_weight(mid_norm, adapter)
         )
-        self.w_v = cast(v_proj.weight)  # (H_kv * d_h, D)
-        self.w_o = cast(o_proj.weight)  # (D, H * d_h)
-        self.probs = cast(frozen.probs)  # (H, N, N)
-        self.num_heads = int(frozen.probs.shape[0])
+        self.w_v = cast(v_proj.weight, matmul_dtype)  # (H_kv * d_h, D)
+        self.w_o = cast(o_proj.weight, matmul_dtype)  # (D, H * d_h)
+        # (R, H, N, N): padded with zero rows and columns
+        self.probs = torch.stack([_pad_square(cast(f.probs, matmul_dtype), length) for f in frozen])
+        self.num_heads = int(self.probs.shape[1])
         self.head_dim = self.w_o.shape[1] // self.num_heads
         self.num_kv_heads = self.w_v.shape[0] // self.head_dim
 
@@ -114,62 +189,118 @@ class LayerWeights:
         if v_proj.bias is not None:
             group = self.num_heads // self.num_kv_heads
             b_v = cast(v_proj.bias).view(self.num_kv_heads, 1, self.head_dim)
-            bias += self.w_o @ b_v.expand(-1, group, -1).reshape(-1)
+            bias += cast(o_proj.weight) @ b_v.expand(-1, group, -1).reshape(-1)
         if o_proj.bias is not None:
             bias += cast(o_proj.bias)
         self.attn_bias = bias
 
         gate_proj, down_proj = part("gate_proj"), part("down_proj")
-        self.w_gate = cast(gate_proj.weight)  # (I, D)
-        self.w_down = cast(down_proj.weight)  # (D, I)
+        self.w_gate = cast(gate_proj.weight, matmul_dtype)  # (I, D)
+        self.w_down = cast(down_proj.weight, matmul_dtype)  # (D, I)
         self.mlp_bias = cast(down_proj.bias) if down_proj.bias is not None else None
-        self.act = cast(frozen.act)  # (N, I)
-        self.gate = cast(frozen.gate)  # (N, I)
+        # (R, N, I) in float32: the split's dtype, whatever the components'
+        self.act = stack([f.act for f in frozen], SPLIT_DTYPE)
+        self.gate = stack([f.gate for f in frozen], SPLIT_DTYPE)
 
-    def head_context(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def head_context(
+        self, x: torch.Tensor, start: int = 0, probs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attention-mixed values of normalised inputs.
 
         Args:
-            x: (B, N', D) normalised components at positions ``start..N-1``.
+            x: (B, R, N', D) normalised components at positions ``start..N-1``.
             start: first position; components are zero before it.
+            probs: (R, H, Q, N') probabilities of Q query positions over those N' keys
+                (default: this layer's, every position from ``start`` on).
 
         Returns:
-            (B, N', H * d_h) per-head contexts, laid out as the output projection reads.
+            (B, R, Q, H * d_h) per-head contexts (matmul dtype), as the output
+            projection reads them.
         """
-        batch, length, _ = x.shape
+        batch, members, length, _ = x.shape
         kv, dh = self.num_kv_heads, self.head_dim
         group = self.num_heads // kv
-        values = (x @ self.w_v.T).view(batch, length, kv, dh)  # (B, N', H_kv, d_h)
-        values = values.permute(2, 1, 0, 3).reshape(kv, length, batch * dh)
-        probs = self.probs[:, start:, start:].reshape(kv, group * length, length)
-        context = torch.bmm(probs, values)  # (H_kv, G * N', B * d_h)
-        context = context.view(kv, group, length, batch, dh).permute(3, 2, 0, 1, 4)
-        return context.reshape(batch, length, self.num_heads * dh)
+        values = (x.to(self.w_v.dtype) @ self.w_v.T).view(batch, members, length, kv, dh)
+        values = values.permute(1, 3, 2, 0, 4).reshape(members * kv, length, batch * dh)
+        if probs is None:
+            probs = self.probs[:, :, start:, start:]
+        queries = probs.shape[2]
+        probs = probs.reshape(members * kv, group * queries, length)
+        context = torch.bmm(probs, values)  # (R * H_kv, G * Q, B * d_h)
+        context = context.view(members, kv, group, queries, batch, dh).permute(4, 0, 3, 1, 2, 5)
+        return context.reshape(batch, members, queries, self.num_heads * dh)
 
-    def head_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """(H, N, D) each head's attention output for one normalised input ``x`` (N, D)."""
-        context = self.head_context(x[None])[0].view(x.shape[0], self.num_heads, self.head_dim)
-        w_o = self.w_o.view(-1, self.num_heads, self.head_dim)  # (D, H, d_h)
+    def query_context(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """:meth:`head_context` at a few query positions, mixing before projecting.
+
+        Each head's probabilities first average the normalised inputs over the keys, and
+        only those averages go through the value projection: ``H Q`` projections per
+        component instead of one per key position.
+
+        Args:
+            x: (B, R, N', D) normalised components at the key positions.
+            probs: (R, H, Q, N') probabilities of the Q query positions over those keys.
+
+        Returns:
+            (B, R, Q, H * d_h) per-head contexts (matmul dtype).
+        """
+        batch, members, _, hidden = x.shape
+        kv, dh, heads = self.num_kv_heads, self.head_dim, self.num_heads
+        queries = probs.shape[2]
+        mixed = torch.matmul(probs[None], x.to(probs.dtype)[:, :, None])  # (B, R, H, Q, D)
+        w_v = self.w_v.view(kv, 1, dh, hidden).expand(-1, heads // kv, -1, -1)
+        w_v = w_v.reshape(heads, dh, hidden)
+        context = torch.einsum("brhqd,hkd->brqhk", mixed.to(w_v.dtype), w_v)
+        return context.reshape(batch, members, queries, heads * dh)
+
+    def head_outputs(self, x: torch.Tensor, member: int = 0) -> torch.Tensor:
+        """(H, N, D) each head's attention output for one normalised input ``x`` (N, D) of
+        batch member ``member``."""
+        length = x.shape[0]
+        probs = self.probs[member : member + 1, :, :length, :length]
+        context = self.head_context(x[None, None], probs=probs)[0, 0]
+        context = context.view(length, self.num_heads, self.head_dim).to(self.dtype)
+        w_o = self.w_o.to(self.dtype).view(-1, self.num_heads, self.head_dim)  # (D, H, d_h)
         return torch.einsum("nhd,ehd->hne", context, w_o)
 
 
+def _pad_square(probs: torch.Tensor, length: int) -> torch.Tensor:
+    """(H, n, n) attention probabilities zero-padded to (H, length, length)."""
+    n = probs.shape[-1]
+    if n == length:
+        return probs
+    return torch.nn.functional.pad(probs, (0, length - n, 0, length - n))
+
+
 class Propagator:
-    """Runs components from a start stage to an end stage for one traced prompt."""
+    """Runs the components of a batch of prompts (one trace each, the same start stage,
+    split settings and start facts) from a start stage to an end stage.
+
+    Args:
+        budget_bytes: memory the chunked working set may use at once (attention blocks
+            of rows, MLP chunks of positions); the components themselves are apart.
+        matmul_dtype: dtype of the matrix products (default: ``dtype``).
+        fused_split: compute the softmax MLP split with one compiled kernel.
+    """
 
     def __init__(
         self,
         model: nn.Module,
         adapter: ArchitectureAdapter,
-        trace: ForwardTrace,
+        traces: Sequence[ForwardTrace],
         dtype: torch.dtype,
         budget_bytes: int,
         should_stop: Callable[[], bool] | None = None,
+        matmul_dtype: torch.dtype | None = None,
+        fused_split: bool = False,
     ) -> None:
         self.model = model
+        self.fused_split = fused_split
         self.should_stop = should_stop
         self.adapter = adapter
-        self.trace = trace
+        self.traces = list(traces)
         self.dtype = dtype
+        self.matmul_dtype = matmul_dtype or dtype
         self.budget_bytes = budget_bytes
         self._weights: dict[int, LayerWeights] = {}
 
@@ -178,104 +309,171 @@ class Propagator:
         if layer not in self._weights:
             self._weights.clear()
             self._weights[layer] = LayerWeights(
-                self.model, self.adapter, self.trace, layer, self.dtype
+                self.model, self.adapter, self.traces, layer, self.dtype, self.matmul_dtype
             )
         return self._weights[layer]
 
     def run(
         self,
-        start: Start,
+        members: Sequence[Member],
         split: SplitSettings,
         end_layer: int,
-        positions: torch.Tensor,
         every_layer: bool = False,
-    ) -> list[Snapshot]:
-        """Propagate ``start`` (its values are consumed) and return snapshots.
+    ) -> None:
+        """Propagate each member's start (consumed) and fill its ``snapshots``.
 
         Args:
-            start: the initial components and their facts.
+            members: one per trace, in the traces' order; equal start stages and facts.
             split: MLP split settings.
             end_layer: stop at the residual entering this layer (``L``: before the norm).
-            positions: (P,) positions to keep in the snapshots.
             every_layer: snapshot the residual entering every layer from the start on;
                 otherwise only the end.
         """
-        # Internal layout: row 0 is the remainder, rows 1..M the components sorted by
-        # first position, so that the rows alive in a chunk are one contiguous slice.
-        count = start.values.shape[0] - 1
-        order = torch.argsort(start.first_position, stable=True)
-        inverse = torch.argsort(order) + 1  # caller's index -> internal row
-        remainder_row = torch.tensor([count])
-        values = start.values[torch.cat([remainder_row, order])]
-        restore = torch.cat([inverse, torch.tensor([0])])  # internal -> caller's, remainder last
-        first = start.first_position[order].tolist()
-        facts = _SortedFacts(
-            anchor=None if start.anchor is None else int(inverse[start.anchor]),
-            floored=tuple(int(inverse[i]) for i in start.floored),
-            ignore_anchor=split.ignore_first and start.anchor_alone,
-        )
-        start_stage = start.stage
-
-        snapshots: list[Snapshot] = []
+        starts = [member.start for member in members]
+        facts = starts[0].facts(split)
+        stage0 = starts[0].stage
+        if any(s.stage != stage0 or s.facts(split) != facts for s in starts):
+            raise ValueError("a batch needs equal start stages and start facts")
+        values, first = _batch_values(starts)
+        for member in members:
+            member.start.values = None  # type: ignore[assignment]  # consumed: memory
+            member.snapshots = []
 
         def snap(layer: int) -> None:
-            kept = values[:, positions.to(values.device)][restore.to(values.device)]
-            snapshots.append(Snapshot(layer=layer, values=kept, total=values.sum(0)))
+            for r, member in enumerate(members):
+                member.snapshots.append(_snapshot(values[:, r], member, layer))
 
-        if every_layer and start_stage % 2 == 0:
-            snap(start_stage // 2)
-        for stage in range(start_stage, 2 * end_layer):
+        # The last layer's output is read at the kept positions only: attention queries and
+        # MLP positions elsewhere are skipped there (earlier layers feed every position).
+        single = all(start.single_position for start in starts)
+        kept = sorted({p for member in members for p in member.positions.tolist()})
+        last_queries = kept if len(kept) < values.shape[2] else None
+        if every_layer and stage0 % 2 == 0:
+            snap(stage0 // 2)
+        for stage in range(stage0, 2 * end_layer):
             self.check()
             layer = stage // 2
             weights = self.weights(layer)
             values = values.to(weights.device)
-            if stage % 2 == 0:
-                self._attention(weights, values, first)
+            queries = last_queries if layer == end_layer - 1 else None
+            if stage == stage0 and stage % 2 == 0 and single and queries is None:
+                self._attention_from_single_positions(weights, values, first)
+            elif stage % 2 == 0:
+                self._attention(weights, values, first, queries)
             else:
-                self._mlp(weights, values, first, facts, split)
+                self._mlp(weights, values, first, facts, split, queries)
                 if every_layer:
                     snap(layer + 1)
-        if not snapshots or snapshots[-1].layer != end_layer:
+        if not members[0].snapshots or members[0].snapshots[-1].layer != end_layer:
             snap(end_layer)
         self._weights.clear()
-        return snapshots
 
     def check(self) -> None:
         """Raise :class:`Cancelled` when the caller asks to stop (between units of work)."""
         if self.should_stop is not None and self.should_stop():
             raise Cancelled("the attribution was cancelled")
 
-    def _attention(self, w: LayerWeights, values: torch.Tensor, first: list[int]) -> None:
-        """Add each component's attention output, in blocks of components (in place)."""
-        rows, length, hidden = values.shape
-        per_row = (3 * hidden + 2 * w.w_v.shape[0] + 2 * w.w_o.shape[1]) * values.element_size()
-        block = max(1, min(self.budget_bytes // max(1, per_row * length), _causal_block(length)))
-        self._attend_rows(w, values, 0, 1, 0)  # the remainder
+    def _attention(
+        self,
+        w: LayerWeights,
+        values: torch.Tensor,
+        first: list[int],
+        queries: list[int] | None = None,
+    ) -> None:
+        """Add each component's attention output, in blocks of rows (in place); with
+        ``queries``, at those positions only."""
+        rows, members, length, hidden = values.shape
+        per_row = attention_row_bytes(
+            hidden, w.w_v.shape[0], w.w_o.shape[1], members, length, values.element_size()
+        )
+        probs_bytes = w.probs.numel() * w.probs.element_size()  # one copy of a block's
+        block = attention_block(per_row, probs_bytes, self.budget_bytes, length)
+        self._attend_rows(w, values, 0, 1, 0, queries)  # the remainder
         for lo in range(1, rows, block):
-            self._attend_rows(w, values, lo, min(rows, lo + block), first[lo - 1])
+            p0 = first[lo - 1]
+            if p0 < length:  # rows that are padding in every member stay zero
+                self._attend_rows(w, values, lo, min(rows, lo + block), p0, queries)
         values[0] += w.attn_bias
 
-    @staticmethod
-    def _attend_rows(w: LayerWeights, values: torch.Tensor, lo: int, hi: int, p0: int) -> None:
-        rows = values[lo:hi, p0:]  # (B, N', D) view, zero before p0
-        context = w.head_context(rows * w.in_scale[p0:], start=p0)
-        rows += context @ w.w_o.T
+    def _attention_from_single_positions(
+        self, w: LayerWeights, values: torch.Tensor, first: list[int]
+    ) -> None:
+        """:meth:`_attention` for components non-zero at their first position ``p_m`` only.
+
+        Component ``m``'s output at ``n`` is ``sum_h A[h, n, p_m] (W_O,h W_V,h x_m)``: each
+        component is projected once, at ``p_m``, into one vector per head, which its
+        column of the attention probabilities spreads over the positions. The same sum as
+        the general path, for O(M D^2) instead of O(M N D^2) multiply-adds.
+        """
+        rows, members, length, hidden = values.shape
+        heads, dh = w.num_heads, w.head_dim
+        group = heads // w.num_kv_heads
+        per_row = attention_row_bytes(
+            hidden, w.w_v.shape[0], w.w_o.shape[1], members, length, values.element_size()
+        )
+        block = attention_block(per_row, 0, self.budget_bytes, length)
+        self._attend_rows(w, values, 0, 1, 0, None)  # the remainder: any shape
+        w_o = w.w_o.view(hidden, heads, dh)
+        for lo in range(1, rows, block):
+            hi = min(rows, lo + block)
+            where = first[lo - 1 : hi - 1]
+            if where[0] >= length:  # rows that are padding in every member stay zero
+                continue
+            rows_index = torch.arange(lo, hi, device=values.device)
+            at = torch.tensor(where, device=values.device).clamp_(max=length - 1)
+            x = values[rows_index, :, at] * w.in_scale[:, at].transpose(0, 1)  # (B, R, D)
+            v = (x.to(w.w_v.dtype) @ w.w_v.T).view(hi - lo, members, -1, 1, dh)
+            v = v.expand(-1, -1, -1, group, -1).reshape(hi - lo, members, heads, dh)
+            u = torch.einsum("brhd,ehd->brhe", v, w_o)  # (B, R, H, D) per-head outputs
+            spread = w.probs[:, :, :, at].permute(3, 0, 2, 1)  # (B, R, N, H): A[h, n, p_m]
+            values[lo:hi] += torch.matmul(spread, u).to(self.dtype)
+        values[0] += w.attn_bias
+
+    def _attend_rows(
+        self,
+        w: LayerWeights,
+        values: torch.Tensor,
+        lo: int,
+        hi: int,
+        p0: int,
+        queries: list[int] | None,
+    ) -> None:
+        rows = values[lo:hi, :, p0:]  # (B, R, N', D) view, zero before p0
+        normed = rows * w.in_scale[:, p0:]
+        if queries is None:
+            rows += project(w.head_context(normed, start=p0), w.w_o, self.dtype)
+            return
+        index = torch.tensor([q for q in queries if q >= p0], device=values.device)
+        if not index.numel():
+            return
+        probs = w.probs[:, :, index, p0:]  # (R, H, Q, N')
+        # Few queries: mix, then project (fewer multiply-adds while H Q < H_kv d_h, and a
+        # mixed tensor within the block's estimate while H Q <= 2 N').
+        mixes = w.num_heads * index.numel()
+        if mixes <= min(w.w_v.shape[0], 2 * normed.shape[2]):
+            context = w.query_context(normed, probs)
+        else:
+            context = w.head_context(normed, probs=probs)
+        values[lo:hi, :, index] += project(context, w.w_o, self.dtype)
 
     def _mlp(
         self,
         w: LayerWeights,
         values: torch.Tensor,
         first: list[int],
-        facts: _SortedFacts,
+        facts: StartFacts,
         split: SplitSettings,
+        queries: list[int] | None = None,
     ) -> None:
-        """Add each component's share of the MLP output, in chunks of positions (in place)."""
-        rows, length, hidden = values.shape
-        neurons = w.w_gate.shape[0]
-        per_position = rows * (2 * hidden + 3 * neurons) * values.element_size()
-        chunk = max(1, min(self.budget_bytes // max(1, per_position), length))
-        if first and first[-1] > 0:  # components start late: smaller chunks skip more zeros
-            chunk = min(chunk, _causal_block(length))
+        """Add each component's share of the MLP output, in chunks of positions (in place);
+        with ``queries``, at those positions only."""
+        rows, members, length, hidden = values.shape
+        mixed = w.w_gate.dtype != values.dtype
+        per_position = mlp_position_bytes(
+            hidden, w.w_gate.shape[0], rows, members, values.element_size(), mixed
+        )
+        late_starts = bool(first) and first[-1] > 0  # smaller chunks skip more zeros
+        chunk = mlp_chunk(per_position, self.budget_bytes, length, late_starts)
         spec = SplitSpec(
             rule=split.rule,
             temperature=split.temperature,
@@ -283,34 +481,71 @@ class Propagator:
             ignore_anchor=facts.ignore_anchor,
             starts_at_zero=True,
         )
-        scale = w.mid_scale * spec.gate_scale  # (N, D) frozen norm, and 1 / T for softmax
-        for p0 in range(0, length, chunk):
+        scale = w.mid_scale * spec.gate_scale  # (R, N, D) frozen norm, and 1 / T for softmax
+        for where, p0, p1 in _position_chunks(length, chunk, queries, values.device):
             self.check()
-            p1 = min(length, p0 + chunk)
-            live = 1 + bisect.bisect_left(first, p1)  # the remainder and the components alive
-            block = values[:live, p0:p1]  # (live, P, D) view
-            gates = (block * scale[p0:p1]) @ w.w_gate.T  # (live, P, I)
+            live = 1 + bisect.bisect_left(first, p1)  # the remainder and the rows alive
+            block = values[:live, :, where]  # (live, R, P, D): a view, or a copy with queries
+            gates = project(block * scale[:, where], w.w_gate, SPLIT_DTYPE)  # (live, R, P, I)
             chunk_spec = replace(
                 spec,
                 anchor=spec.anchor if spec.anchor is not None and spec.anchor < live else None,
                 starts_at_zero=p0 == 0,
-                floored=(0, *(i for i in facts.floored if i < live)),
+                floored=tuple(i for i in facts.floored if i < live),
             )
-            shares = neuron_shares(gates, w.act[p0:p1], w.gate[p0:p1], chunk_spec)
-            block += shares @ w.w_down.T  # (live, P, D)
+            shares = neuron_shares(
+                gates, w.act[:, where], w.gate[:, where], chunk_spec, self.fused_split
+            )
+            output = project(shares, w.w_down, self.dtype)  # (live, R, P, D)
+            if isinstance(where, slice):
+                block += output
+            else:
+                values[:live, :, where] += output
         if w.mlp_bias is not None:
             values[0] += w.mlp_bias
 
 
-@dataclass(frozen=True)
-class _SortedFacts:
-    """Start facts re-indexed to the sorted component order."""
+def _position_chunks(
+    length: int, chunk: int, queries: list[int] | None, device: torch.device
+) -> Iterator[tuple[slice | torch.Tensor, int, int]]:
+    """Chunks of at most ``chunk`` positions: ``(selector, first position, last + 1)``;
+    slices of ``0..length`` or, with ``queries``, index tensors of those positions."""
+    if queries is None:
+        for p0 in range(0, length, chunk):
+            yield slice(p0, min(length, p0 + chunk)), p0, min(length, p0 + chunk)
+        return
+    for i in range(0, len(queries), chunk):
+        part = queries[i : i + chunk]
+        yield torch.tensor(part, device=device), part[0], part[-1] + 1
 
-    anchor: int | None
-    floored: tuple[int, ...]
-    ignore_anchor: bool  # the first-token rule is on and applies to the anchor
+
+def _batch_values(starts: Sequence[Start]) -> tuple[torch.Tensor, list[int]]:
+    """The (M + 1, R, N, D) components of a batch (padded with zero rows and positions),
+    and each row's first position over the batch (the earliest of the members)."""
+    if len(starts) == 1:
+        return starts[0].values[:, None], list(starts[0].first_position)
+    rows = max(s.values.shape[0] for s in starts)
+    length = max(s.values.shape[1] for s in starts)
+    first = [length] * (rows - 1)
+    values = starts[0].values.new_zeros(rows, len(starts), length, starts[0].values.shape[2])
+    for r, start in enumerate(starts):
+        m, n = start.values.shape[:2]
+        values[:m, r, :n] = start.values
+        first[: m - 1] = [min(a, b) for a, b in zip(first, start.first_position, strict=False)]
+    return values, first
 
 
-def _causal_block(length: int) -> int:
-    """Block size that keeps causal skipping effective without tiny matrix products."""
-    return max(8, -(-length // 8))
+def _snapshot(values: torch.Tensor, member: Member, layer: int) -> Snapshot:
+    """One member's snapshot from its (M + 1, N, D) slice of the batch."""
+    output_rows = member.start.output_rows
+    own = values[: len(output_rows) + 1, : member.length]
+    if member.positions.tolist() != list(range(member.length)):
+        own = own.index_select(1, member.positions.to(values.device))
+    if output_rows == list(range(1, len(output_rows) + 1)):
+        kept = torch.cat([own[1:], own[:1]])  # the remainder last
+    else:
+        rows = torch.tensor([*output_rows, 0], device=values.device)
+        kept = own.index_select(0, rows)
+    # the sum of all components, at the kept positions
+    total = values[: len(output_rows) + 1, member.positions.to(values.device)].sum(0)
+    return Snapshot(layer=layer, values=kept, total=total)

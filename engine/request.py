@@ -1,23 +1,27 @@
-"""The attribution request: one pydantic model shared by the engine, the HTTP API and the SDK.
+"""The attribution request the engine takes, checked as it is built.
 
-Checks that need no model (types, ranges, conflicting fields, finite numbers) live here;
-checks that need the model (layer and position ranges, vocabulary, subspace shape) are made
-by the engine and raise :class:`RequestError`. Both name the offending field.
+A plain dataclass (the engine needs nothing beyond torch, transformers and numpy; the
+HTTP layer has its own pydantic body in ``service/protocol.py`` that maps onto this one).
+Checks that need no model (types, ranges, conflicting fields, finite numbers) run at
+construction; checks that need the model (layer and position ranges, vocabulary,
+subspace shape) run in the engine. Both raise :class:`RequestError`, which names the field.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.splits import SplitRule
+from engine.splits import SPLIT_RULES, SplitRule
 
 Granularity = Literal["token", "module", "head", "neuron", "subspace"]
 Output = Literal["scores", "states"]
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+OUTPUTS: tuple[str, ...] = get_args(Output)
 
 
 class RequestError(ValueError):
@@ -29,135 +33,199 @@ class RequestError(ValueError):
         self.message = message
 
 
-NonNegativeInt = Annotated[int, Field(ge=0)]
+#: What each field of :class:`AttributionRequest` means (also the HTTP API's descriptions).
+FIELD_DOCS: dict[str, str] = {
+    "prompt": "Text to attribute (or give input_ids).",
+    "input_ids": "Token ids to attribute (or give prompt); used as given.",
+    "granularity": "What the components are: token, module, head, neuron or subspace.",
+    "start_layer": "Layer to decompose; for head runs also a list of layers.",
+    "end_layer": "Stop at the residual entering this layer; None: model output.",
+    "module": "Which module of start_layer (granularity='module'): attn or mlp.",
+    "neurons": "MLP neurons of start_layer to keep apart (granularity='neuron').",
+    "groups": "Token groups, each one component (granularity='token').",
+    "subspace": "(K, N, D) components of the residual entering start_layer.",
+    "mlp_split": "MLP split rule: softmax, relu, max, linear or taylor.",
+    "temperature": "Softmax temperature of the split.",
+    "ignore_bos": "First-token rule; None: on for token runs, off otherwise.",
+    "all_layers": "Token runs: the decomposition entering every layer from start.",
+    "targets": "Token ids or strings to score; None: the model's top-1 next token.",
+    "positions": "Positions to return (negative counts from the end); None: all.",
+    "outputs": "'scores' and/or 'states'.",
+}
 
 
-class AttributionRequest(BaseModel):
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _int_list(name: str, value: Any, minimum: int | None = None) -> list[int]:
+    """``value`` as a list of ints (each at least ``minimum``), or a RequestError."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise RequestError(name, "must be a list of integers")
+    items = list(value)
+    if not all(_is_int(v) for v in items):
+        raise RequestError(name, "must be a list of integers")
+    if minimum is not None and any(v < minimum for v in items):
+        raise RequestError(name, f"must hold integers of at least {minimum}")
+    return [int(v) for v in items]
+
+
+@dataclass
+class AttributionRequest:
     """What to decompose, how, and what to return.
 
     Layer conventions: ``start_layer=s`` decomposes the residual entering layer ``s`` for
     token and subspace runs, and the parts of layer ``s`` for module, head and neuron
     runs; ``end_layer=e`` stops at the residual entering layer ``e`` (``None``: the model
     output, after the final norm).
+
+    Each field's meaning is in :data:`FIELD_DOCS` (the HTTP schema shows the same text).
     """
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    prompt: str | None = None
+    input_ids: list[int] | None = None
+    granularity: Granularity = "token"
+    start_layer: int | list[int] = 0
+    end_layer: int | None = None
+    module: Literal["attn", "mlp"] | None = None
+    neurons: list[int] | None = None
+    groups: list[list[int]] | None = None
+    subspace: Any = None
+    mlp_split: SplitRule = "softmax"
+    temperature: float = 0.1
+    ignore_bos: bool | None = None
+    all_layers: bool = False
+    targets: list[int | str] | None = None
+    positions: list[int] | None = None
+    outputs: list[Output] = field(default_factory=lambda: ["scores"])
 
-    prompt: str | None = Field(None, description="Text to attribute (or give input_ids).")
-    input_ids: list[NonNegativeInt] | None = Field(
-        None, description="Token ids to attribute (or give prompt); used as given."
-    )
-    granularity: Granularity = Field("token", description="What the components are.")
-    start_layer: NonNegativeInt | list[NonNegativeInt] = Field(
-        0, description="Layer to decompose; for head runs also a list of layers."
-    )
-    end_layer: NonNegativeInt | None = Field(
-        None, description="Stop at the residual entering this layer; None: model output."
-    )
-    module: Literal["attn", "mlp"] | None = Field(
-        None, description="Which module of start_layer (granularity='module')."
-    )
-    neurons: list[NonNegativeInt] | None = Field(
-        None, description="MLP neurons of start_layer to keep apart (granularity='neuron')."
-    )
-    groups: list[list[int]] | None = Field(
-        None, description="Token groups, each one component (granularity='token')."
-    )
-    subspace: Any = Field(
-        None, description="(K, N, D) components of the residual entering start_layer."
-    )
-    mlp_split: SplitRule = Field("softmax", description="MLP split rule.")
-    temperature: float = Field(0.1, gt=0, description="Softmax temperature of the split.")
-    ignore_bos: bool | None = Field(
-        None, description="First-token rule; None: on for token runs, off otherwise."
-    )
-    all_layers: bool = Field(
-        False, description="Token runs: the decomposition entering every layer from start."
-    )
-    targets: list[int | str] | None = Field(
-        None, description="Token ids or strings to score; None: the model's top-1 next token."
-    )
-    positions: list[int] | None = Field(
-        None, description="Positions to return (negative counts from the end); None: all."
-    )
-    outputs: list[Output] = Field(
-        default_factory=lambda: ["scores"], description="'scores' and/or 'states'."
-    )
+    def __post_init__(self) -> None:
+        self._check_values()
+        self._check_consistency()
 
-    @field_validator("temperature")
-    @classmethod
-    def _finite_temperature(cls, value: float) -> float:
+    # ------------------------------------------------------------------ checks
+
+    def _check_values(self) -> None:
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise RequestError("prompt", "must be a string")
+        if self.input_ids is not None:
+            self.input_ids = _int_list("input_ids", self.input_ids, minimum=0)
+        if self.granularity not in GRANULARITIES:
+            raise RequestError("granularity", f"must be one of {', '.join(GRANULARITIES)}")
+        if _is_int(self.start_layer):
+            if self.start_layer < 0:
+                raise RequestError("start_layer", "must be at least 0")
+            self.start_layer = int(self.start_layer)
+        else:
+            self.start_layer = _int_list("start_layer", self.start_layer, minimum=0)
+        if self.end_layer is not None and (not _is_int(self.end_layer) or self.end_layer < 0):
+            raise RequestError("end_layer", "must be an integer of at least 0, or null")
+        if self.module not in (None, "attn", "mlp"):
+            raise RequestError("module", "must be 'attn' or 'mlp'")
+        if self.neurons is not None:
+            self.neurons = _int_list("neurons", self.neurons, minimum=0)
+        if self.groups is not None:
+            self.groups = self._checked_groups(self.groups)
+        if self.subspace is not None:
+            self.subspace = self._subspace_array(self.subspace)
+        if self.mlp_split not in SPLIT_RULES:
+            raise RequestError("mlp_split", f"must be one of {', '.join(SPLIT_RULES)}")
+        temperature = self.temperature
         # Below ~1e-38 the gates times 1/T overflow float32; no useful split needs less.
-        if not math.isfinite(value) or value < 1e-30:
-            raise ValueError("must be a finite number of at least 1e-30")
-        return value
+        if (
+            not isinstance(temperature, (int, float))
+            or isinstance(temperature, bool)
+            or not math.isfinite(temperature)
+            or temperature < 1e-30
+        ):
+            raise RequestError("temperature", "must be a finite number of at least 1e-30")
+        self.temperature = float(temperature)
+        if self.ignore_bos is not None and not isinstance(self.ignore_bos, bool):
+            raise RequestError("ignore_bos", "must be true, false or null")
+        if not isinstance(self.all_layers, bool):
+            raise RequestError("all_layers", "must be true or false")
+        if self.targets is not None:
+            targets = list(self.targets) if isinstance(self.targets, (list, tuple)) else None
+            if targets is None or not all(_is_int(t) or isinstance(t, str) for t in targets):
+                raise RequestError("targets", "must be a list of token ids or strings")
+            if any(_is_int(t) and t < 0 for t in targets):
+                raise RequestError("targets", "token ids must be at least 0")
+            self.targets = [int(t) if _is_int(t) else t for t in targets]
+        if self.positions is not None:
+            self.positions = _int_list("positions", self.positions)
+        self.outputs = self._checked_outputs(self.outputs)
 
-    @field_validator("outputs")
-    @classmethod
-    def _known_outputs(cls, value: list[str]) -> list[str]:
+    @staticmethod
+    def _checked_outputs(value: Any) -> list[Output]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise RequestError("outputs", "must be a list of 'scores' and/or 'states'")
         if not value:
-            raise ValueError("must name at least one of 'scores', 'states'")
+            raise RequestError("outputs", "must name at least one of 'scores', 'states'")
+        unknown = [v for v in value if v not in OUTPUTS]
+        if unknown:
+            raise RequestError("outputs", f"{unknown[0]!r} is not one of 'scores', 'states'")
         return list(dict.fromkeys(value))
 
-    @field_validator("groups")
-    @classmethod
-    def _groups_shape(cls, value: list[list[int]] | None) -> list[list[int]] | None:
-        if value is None:
-            return None
+    @staticmethod
+    def _checked_groups(value: Any) -> list[list[int]]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise RequestError("groups", "must be a list of lists of positions")
         if not value:
-            raise ValueError("must hold at least one group")
+            raise RequestError("groups", "must hold at least one group")
+        groups = [_int_list("groups", group) for group in value]
         seen: set[int] = set()
-        for index, group in enumerate(value):
+        for index, group in enumerate(groups):
             if not group:
-                raise ValueError(f"group {index} is empty")
+                raise RequestError("groups", f"group {index} is empty")
             if len(set(group)) != len(group) or seen & set(group):
-                raise ValueError(f"group {index} repeats a position; groups must be disjoint")
+                raise RequestError(
+                    "groups", f"group {index} repeats a position; groups must be disjoint"
+                )
             seen |= set(group)
-        return value
+        return groups
 
-    @field_validator("subspace", mode="before")
-    @classmethod
-    def _subspace_array(cls, value: Any) -> Any:
-        if value is None:
-            return None
+    @staticmethod
+    def _subspace_array(value: Any) -> np.ndarray:
         if isinstance(value, torch.Tensor):
             array = value.detach().to("cpu", torch.float32).numpy()
         else:
             try:
                 array = np.asarray(value, dtype=np.float32)
-            except (TypeError, ValueError) as exc:
-                raise ValueError("must be a numeric (K, N, D) array") from exc
+            except (TypeError, ValueError):
+                raise RequestError("subspace", "must be a numeric (K, N, D) array") from None
         if array.ndim != 3 or array.shape[0] < 1:
-            raise ValueError(f"must have shape (K, N, D) with K >= 1, got {array.shape}")
+            raise RequestError(
+                "subspace", f"must have shape (K, N, D) with K >= 1, got {array.shape}"
+            )
         if not np.isfinite(array).all():
-            raise ValueError("must hold finite numbers only")
+            raise RequestError("subspace", "must hold finite numbers only")
         return array
 
-    @model_validator(mode="after")
-    def _consistent(self) -> AttributionRequest:
+    def _check_consistency(self) -> None:
         if (self.prompt is None) == (self.input_ids is None):
-            raise ValueError("give exactly one of 'prompt' and 'input_ids'")
+            raise RequestError("prompt", "give exactly one of 'prompt' and 'input_ids'")
         if self.input_ids is not None and not self.input_ids:
-            raise ValueError("input_ids: must not be empty")
+            raise RequestError("input_ids", "must not be empty")
         if self.prompt is not None and not self.prompt:
-            raise ValueError("prompt: must not be empty")
+            raise RequestError("prompt", "must not be empty")
         g = self.granularity
         if isinstance(self.start_layer, list):
             if g != "head":
-                raise ValueError("start_layer: a list of layers is allowed for head runs only")
+                raise RequestError("start_layer", "a list of layers is allowed for head runs only")
             if not self.start_layer:
-                raise ValueError("start_layer: the list of layers is empty")
+                raise RequestError("start_layer", "the list of layers is empty")
         if (self.module is None) == (g == "module"):
-            raise ValueError("module: required for granularity='module' and only there")
+            raise RequestError("module", "required for granularity='module' and only there")
         if self.neurons is not None and g != "neuron":
-            raise ValueError("neurons: only for granularity='neuron'")
+            raise RequestError("neurons", "only for granularity='neuron'")
         if self.groups is not None and g != "token":
-            raise ValueError("groups: only for granularity='token'")
+            raise RequestError("groups", "only for granularity='token'")
         if (self.subspace is None) == (g == "subspace"):
-            raise ValueError("subspace: required for granularity='subspace' and only there")
+            raise RequestError("subspace", "required for granularity='subspace' and only there")
         if self.all_layers and g != "token":
-            raise ValueError("all_layers: only for granularity='token'")
-        return self
+            raise RequestError("all_layers", "only for granularity='token'")
+
+    # ------------------------------------------------------------------ derived
 
     @property
     def start_layers(self) -> list[int]:

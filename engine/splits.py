@@ -24,6 +24,8 @@ neuron with no eligible component goes wholly to the remainder.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,61 +68,95 @@ class SplitSpec:
 
 
 def neuron_shares(
-    gates: torch.Tensor, act: torch.Tensor, true_gate: torch.Tensor, spec: SplitSpec
+    gates: torch.Tensor,
+    act: torch.Tensor,
+    true_gate: torch.Tensor,
+    spec: SplitSpec,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Each component's share of each neuron's activation.
 
     Args:
-        gates: (M, P, I) component gate pre-activations times ``spec.gate_scale``; the
-            FIRST component is the remainder. Modified in place.
-        act: (P, I) true neuron activations ``a``.
-        true_gate: (P, I) true gate pre-activations ``g``.
+        gates: (M, ..., P, I) component gate pre-activations times ``spec.gate_scale``
+            (``...``: batch axes, e.g. the prompts of a batch); the FIRST component is the
+            remainder. Modified in place.
+        act: (..., P, I) true neuron activations ``a``.
+        true_gate: (..., P, I) true gate pre-activations ``g``.
         spec: the rule and the first-token settings.
+        fused: compute the softmax split with one compiled kernel (``torch.compile``)
+            instead of a pass per operation; the same numbers up to float rounding.
 
     Returns:
-        (M, P, I) shares whose sum over components is ``act`` (up to rounding).
+        (M, ..., P, I) shares whose sum over components is ``act`` (up to rounding).
     """
     if spec.rule == "taylor":
         ratio = torch.where(true_gate != 0, act / true_gate, torch.zeros_like(act))
         return gates.mul_(ratio)
 
+    # Row rules first, so that afterwards "eligible" is simply "gate != 0" everywhere:
+    # an ineligible gate is set to zero (its value is never used again).
     scale = spec.gate_scale
     if spec.anchor is not None and spec.starts_at_zero:
-        gates[spec.anchor, 0] = scale  # a gate of 1.0
-    eligible = gates != 0  # (M, P, I)
+        gates[spec.anchor, ..., 0, :] = scale  # a gate of 1.0
     for index in spec.floored:
-        eligible[index] &= gates[index].abs() >= REMAINDER_GATE_EPS * scale
+        row = gates[index]
+        row.masked_fill_(row.abs() < REMAINDER_GATE_EPS * scale, 0.0)
     if spec.anchor is not None and spec.ignore_anchor:
-        eligible[spec.anchor, 1 if spec.starts_at_zero else 0 :] = False
+        gates[spec.anchor, ..., 1 if spec.starts_at_zero else 0 :, :] = 0.0
 
-    weights, total = _RULES[spec.rule](gates, eligible)  # unnormalised, and their sum
-    assigned = total > 0  # (P, I)
-    shares = weights.mul_(act / torch.where(assigned, total, torch.ones_like(total)))
-    shares[0] += torch.where(assigned, torch.zeros_like(act), act)  # unassigned -> remainder
+    if fused and spec.rule == "softmax":
+        shares, unassigned = _compiled_softmax()(gates, act)
+    else:
+        weights, total = _RULES[spec.rule](gates)  # unnormalised, and their sum
+        assigned = total > 0  # (..., P, I)
+        shares = weights.mul_(act / torch.where(assigned, total, torch.ones_like(total)))
+        unassigned = torch.where(assigned, torch.zeros_like(act), act)
+    shares[0] += unassigned  # a neuron no component may take goes to the remainder
     return shares
 
 
-def _softmax(gates: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = gates.masked_fill_(eligible.logical_not_(), float("-inf"))  # gates are g / T
+def _softmax(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = gates.masked_fill_(gates == 0, float("-inf"))  # gates are g / T
     peak = logits.amax(0, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     weights = logits.sub_(peak).exp_()  # exp(-inf) = 0 for the ineligible
     return weights, weights.sum(0)
 
 
-def _relu(gates: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    weights = gates.clamp_(min=0).mul_(eligible)
+def _softmax_shares(gates: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax split as one function of tensors (what :func:`torch.compile` fuses):
+    shares, and the activation no component may take."""
+    logits = gates.masked_fill(gates == 0, float("-inf"))
+    peak = logits.amax(0, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    weights = (logits - peak).exp()
+    total = weights.sum(0)
+    assigned = total > 0
+    ratio = torch.where(assigned, act / torch.where(assigned, total, 1.0), 0.0)
+    return weights * ratio, torch.where(assigned, 0.0, act)
+
+
+@functools.cache
+def _compiled_softmax() -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+    """:func:`_softmax_shares` compiled once per process, for any chunk shape."""
+    return torch.compile(_softmax_shares, dynamic=True)
+
+
+def _relu(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = gates.clamp_(min=0)  # ineligible gates are 0 already
     return weights, weights.sum(0)
 
 
-def _max(gates: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _max(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    eligible = gates != 0
     any_eligible = eligible.any(0)
     winner = gates.masked_fill_(eligible.logical_not_(), float("-inf")).argmax(0, keepdim=True)
     weights = torch.zeros_like(gates).scatter_(0, winner, 1.0).mul_(any_eligible)
     return weights, any_eligible.to(gates.dtype)
 
 
-def _linear(gates: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    eligible = gates != 0
     floor = gates.masked_fill(~eligible, float("inf")).amin(0, keepdim=True)
     floor = torch.where(torch.isfinite(floor), floor, torch.zeros_like(floor))
     weights = gates.sub_(floor).clamp_(min=0).mul_(eligible)

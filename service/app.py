@@ -112,6 +112,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.max_queue,
         on_skip=lambda reason: metrics.skipped.labels(reason).inc(),
         on_stop=lambda reason: metrics.stopped.labels(reason).inc(),
+        batch_runner=lambda requests, stop: app.state.serving.attribute_batch(requests, stop),
+        max_batch=settings.max_batch,
     )
     worker.start()
     metrics.track_worker(lambda: worker.depth, lambda: float(worker.busy))

@@ -56,6 +56,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_size = Histogram(
+            "depass_batch_size_requests",
+            "Attribution requests run together in one batch (batches of two or more).",
+            buckets=(2, 3, 4, 6, 8, 12, 16, 32, 64),
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "depass_queue_depth_requests", "Jobs waiting for the worker.", registry=r
         )

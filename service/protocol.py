@@ -1,7 +1,8 @@
 """Request and response bodies of the HTTP API (pydantic, with field descriptions).
 
-The attribution body *is* the engine's :class:`engine.AttributionRequest` (same fields,
-same checks), with ``subspace`` as an encoded array object and two transport options.
+The attribution body carries the fields of the engine's :class:`engine.AttributionRequest`
+(same names, defaults and descriptions; the engine's dataclass runs the checks that span
+fields), with ``subspace`` as an encoded array object and two transport options.
 Shapes use the engine's axis names: P positions, M components, D hidden, T targets,
 G generated tokens. Request bodies are strict: JSON types must be the declared ones (``1``
 is not ``true``, ``"1"`` is not ``1``, ``1.0`` is not an integer).
@@ -14,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine import AttributionRequest
+from engine.request import FIELD_DOCS, Granularity, Output
 from engine.splits import SplitRule
 from service.arrays import RequestedEncoding, WireDtype
 
@@ -59,8 +60,16 @@ class ArrayOptions(BaseModel):
     )
 
 
-class AttributionBody(AttributionRequest, ArrayOptions):
-    """``POST /v1/attributions``: the engine's attribution request, over HTTP."""
+def _doc(name: str) -> str:
+    return FIELD_DOCS[name]
+
+
+class AttributionBody(ArrayOptions):
+    """``POST /v1/attributions``: the engine's attribution request, over HTTP.
+
+    The fields are :class:`engine.AttributionRequest`'s (a test keeps names and defaults
+    equal); the checks that span fields run when the engine's request is built from it.
+    """
 
     model_config = ConfigDict(
         extra="forbid",
@@ -79,16 +88,28 @@ class AttributionBody(AttributionRequest, ArrayOptions):
         },
     )
 
+    prompt: str | None = Field(None, description=_doc("prompt"))
+    input_ids: list[NonNegativeInt] | None = Field(None, description=_doc("input_ids"))
+    granularity: Granularity = Field("token", description=_doc("granularity"))
+    start_layer: NonNegativeInt | list[NonNegativeInt] = Field(0, description=_doc("start_layer"))
+    end_layer: NonNegativeInt | None = Field(None, description=_doc("end_layer"))
+    module: Literal["attn", "mlp"] | None = Field(None, description=_doc("module"))
+    neurons: list[NonNegativeInt] | None = Field(None, description=_doc("neurons"))
+    groups: list[list[int]] | None = Field(None, description=_doc("groups"))
     subspace: EncodedArray | None = Field(
-        None,
-        description="granularity='subspace': a (K, N, D) array, K components of the "
-        "residual entering start_layer.",
+        None, description=f"granularity='subspace': {_doc('subspace')} An encoded array."
     )
+    mlp_split: SplitRule = Field("softmax", description=_doc("mlp_split"))
     temperature: float = Field(
         0.1,
         ge=MIN_SPLIT_TEMPERATURE,
-        description="Softmax temperature of the MLP split (below 1e-6 use mlp_split='max').",
+        description=f"{_doc('temperature')} Below 1e-6 use mlp_split='max'.",
     )
+    ignore_bos: bool | None = Field(None, description=_doc("ignore_bos"))
+    all_layers: bool = Field(False, description=_doc("all_layers"))
+    targets: list[int | str] | None = Field(None, description=_doc("targets"))
+    positions: list[int] | None = Field(None, description=_doc("positions"))
+    outputs: list[Output] = Field(default_factory=lambda: ["scores"], description=_doc("outputs"))
 
     @field_validator("subspace", mode="before")
     @classmethod
@@ -121,7 +142,9 @@ class AttributionResponse(BaseModel):
     )
     relative_conservation_error: float = Field(description="conservation_error / max |true state|.")
     timings: dict[str, float] = Field(
-        description="Seconds: queue_s, forward_s, decompose_s, total_s."
+        description="Seconds: queue_s, forward_s, decompose_s, total_s; and batch_size, the "
+        "requests run together with this one (1: alone), whose forward and decomposition "
+        "times are shared."
     )
     scores: EncodedArray | None = Field(
         None, description="([layers,] P, M, T) logit contribution of each component."

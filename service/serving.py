@@ -21,19 +21,26 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from safetensors.numpy import save as save_safetensors
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from engine import SPLIT_RULES, AttributionRequest, AttributionResult, DePassEngine, RequestError
+from engine import (
+    SPLIT_RULES,
+    AttributionRequest,
+    AttributionResult,
+    DePassEngine,
+    MemoryBudgetError,
+    RequestError,
+)
+from engine.engine import resolve_dtype
 from service.arrays import ENCODINGS, ArrayDecodeError, decode_array, encode_array
 from service.errors import (
     InvalidFieldError,
     NonFiniteResultError,
     OutOfMemoryError,
     PayloadTooLargeError,
-    invalid_fields,
 )
 from service.generation import Continuation, continue_ids, eos_token_ids
 from service.metrics import Metrics
@@ -51,7 +58,7 @@ from service.protocol import (
     TokenizeResponse,
 )
 from service.settings import Settings
-from service.worker import StopCheck, Worker
+from service.worker import Batchable, StopCheck, Worker
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,16 +82,35 @@ def load_engine(settings: Settings) -> DePassEngine:
     device = settings.resolved_device()
     where = f"device map {settings.device_map!r}" if settings.device_map else device
     logger.info("loading %s on %s (dtype %s)", settings.model, where, settings.dtype)
+    weights = resolve_dtype(settings.dtype, device)
+    matmul = settings.matmul_dtype
+    if matmul == "auto":
+        sixteen_bit = weights in (torch.bfloat16, torch.float16)
+        on_cuda = device.startswith("cuda") or settings.device_map is not None
+        matmul = str(weights).removeprefix("torch.") if sixteen_bit and on_cuda else None
     return DePassEngine.from_pretrained(
         settings.model,
         device=device,
-        dtype=settings.dtype,
+        dtype=weights,
         device_map=settings.device_map,
         trust_remote_code=settings.trust_remote_code,
+        compute_dtype=getattr(torch, settings.compute_dtype),
+        matmul_dtype=None if matmul is None else getattr(torch, matmul),
         memory_budget_bytes=settings.memory_budget_bytes,
         trace_cache_size=settings.trace_cache_size,
         trace_cache_bytes=settings.trace_cache_bytes,
+        max_batch=settings.max_batch,
+        batch_max_cells=settings.batch_max_cells,
+        compile=settings.compile,
     )
+
+
+def field_error(exc: RequestError) -> InvalidFieldError | PayloadTooLargeError:
+    """The HTTP error for an engine request error: 413 (with the estimate) for a request
+    over the memory budget, 422 naming the field otherwise."""
+    if isinstance(exc, MemoryBudgetError):
+        return PayloadTooLargeError(str(exc), param=exc.field, code="memory_budget")
+    return InvalidFieldError(str(exc), param=exc.field)
 
 
 def wants_safetensors(accept: str | None) -> bool:
@@ -158,12 +184,14 @@ class Serving:
                 code="response_too_large",
             )
         self.metrics.input_tokens.labels("attribute").observe(plan.num_tokens)
+        small = plan.cells <= self.engine.batch_max_cells and self.settings.max_batch > 1
         done = await self.worker.submit(
             lambda stop: self._guarded(
                 "attribute", lambda: self.engine.attribute(request, should_stop=stop)
             ),
             timeout_s=self.settings.request_timeout_s,
             is_disconnected=is_disconnected,
+            batch=Batchable("attribute", request) if small else None,
         )
         self.metrics.queue_wait.observe(done.queue_s)
         result: AttributionResult = done.value
@@ -275,8 +303,8 @@ class Serving:
                 raise InvalidFieldError(f"subspace: {exc}", param="subspace") from None
         try:
             return AttributionRequest(**fields)
-        except ValidationError as exc:
-            raise invalid_fields(exc.errors(include_url=False)) from None
+        except RequestError as exc:
+            raise field_error(exc) from None
 
     def _check_prompt_chars(self, prompt: str | None) -> None:
         """413 for a prompt too long to fit the token limit, before tokenizing it."""
@@ -303,7 +331,17 @@ class Serving:
         try:
             return await run_in_threadpool(fn, *args)
         except RequestError as exc:
-            raise InvalidFieldError(str(exc), param=exc.field) from None
+            raise field_error(exc) from None
+
+    def attribute_batch(
+        self, requests: list[AttributionRequest], should_stop: StopCheck
+    ) -> list[AttributionResult]:
+        """The worker's batch runner: several queued attribution requests in one engine
+        call (each result equals the one its request gets alone)."""
+        self.metrics.batch_size.observe(len(requests))
+        return self._guarded(
+            "attribute", lambda: self.engine.attribute_many(requests, should_stop=should_stop)
+        )
 
     # ------------------------------------------------------------------ worker side
 
@@ -315,7 +353,7 @@ class Serving:
                 self.fault_injector(operation)
             return job()
         except RequestError as exc:
-            raise InvalidFieldError(str(exc), param=exc.field) from None
+            raise field_error(exc) from None
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise

@@ -60,8 +60,36 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         64 * MiB, ge=1, description="Largest request body accepted (else 413, before parsing)."
     )
-    memory_budget_bytes: int = Field(
-        2 * 1024 * MiB, ge=MiB, description="Working memory one decomposition may use at once."
+    memory_budget_bytes: int | None = Field(
+        None,
+        ge=MiB,
+        description="All the memory one request may use beyond the weights (trace, "
+        "components, chunked work; else 413); unset: measured at start-up, the GPU's free "
+        "memory less 2 GiB, or half the available RAM on the CPU.",
+    )
+    compute_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Dtype the components are kept and split in (bfloat16 halves their memory; "
+        "float32 keeps conservation tight).",
+    )
+    matmul_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype of the propagation's matrix products; auto: the weights' 16-bit "
+        "dtype on CUDA (tensor cores, float32 accumulation), the compute dtype elsewhere.",
+    )
+    compile: bool = Field(
+        False,
+        description="Fuse the softmax MLP split with torch.compile (seconds of compilation "
+        "at the first request, then a faster split).",
+    )
+    max_batch: int = Field(
+        8, ge=1, description="Most queued attribution requests run together as one batch."
+    )
+    batch_max_cells: int = Field(
+        4096,
+        ge=0,
+        description="Requests with at most this many (components + 1) x tokens may be "
+        "batched; bigger ones run alone.",
     )
     trace_cache_size: int = Field(
         8, ge=0, description="Forward passes kept per prompt (LRU) for repeated prompts."
@@ -105,10 +133,11 @@ class Settings(BaseSettings):
             return None
         return value.strip()
 
-    @field_validator("trace_cache_bytes", mode="before")
+    @field_validator("trace_cache_bytes", "memory_budget_bytes", mode="before")
     @classmethod
     def _empty_bytes_is_none(cls, value: object) -> object:
-        """An empty ``DEPASS_TRACE_CACHE_BYTES=`` (as in .env.example) means no byte limit."""
+        """An empty ``DEPASS_TRACE_CACHE_BYTES=`` (as in .env.example) means no byte limit;
+        an empty ``DEPASS_MEMORY_BUDGET_BYTES=`` the measured budget."""
         return None if isinstance(value, str) and not value.strip() else value
 
     def resolved_device(self) -> str:

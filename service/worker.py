@@ -7,6 +7,12 @@ when its client went away or its deadline passed while it waited. A running job 
 ``should_stop`` callable to poll (the engine does, between layers and chunks): it turns True
 as soon as the deadline passes or the waiting request gives up, so the job stops and the
 worker moves on to the next one at once.
+
+Batching: a job submitted with a :class:`Batchable` may run together with the other
+queued jobs of the same key (up to ``max_batch``), through the worker's ``batch_runner``,
+in one call that serves them all; each job still gets its own value. A batch stops when
+every member wants to stop; when a batch fails, its jobs run again one by one, so an error
+reaches only the request that caused it.
 """
 
 from __future__ import annotations
@@ -15,10 +21,10 @@ import asyncio
 import contextlib
 import logging
 import math
-import queue
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -39,6 +45,19 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.05
 
 
+#: Runs the items of several batched jobs in one call; returns their values in order.
+BatchRunner = Callable[[list[Any], StopCheck], list[Any]]
+
+
+@dataclass(frozen=True)
+class Batchable:
+    """How a job may share a run: jobs with equal ``key`` may be batched, and the batch
+    runner receives their ``item``s."""
+
+    key: Hashable
+    item: Any
+
+
 @dataclass
 class _Job(Generic[T]):
     fn: Callable[[StopCheck], T]
@@ -46,9 +65,11 @@ class _Job(Generic[T]):
     loop: asyncio.AbstractEventLoop
     deadline: float  # time.monotonic() after which the job is not started, or is stopped
     enqueued: float
+    batch: Batchable | None = None
     abandoned: threading.Event = field(default_factory=threading.Event)
     reason: str = "cancelled"  # why the waiting side gave up, once ``abandoned`` is set
     started: float | None = None
+    batch_size: int = 1
 
     def should_stop(self) -> bool:
         """Whether the job should stop: its request gave up, or its deadline passed."""
@@ -57,11 +78,53 @@ class _Job(Generic[T]):
 
 @dataclass(frozen=True)
 class Done(Generic[T]):
-    """A job's value with the seconds it waited in the queue and ran."""
+    """A job's value with the seconds it waited in the queue and ran, and how many jobs
+    ran with it (1: alone)."""
 
     value: T
     queue_s: float
     run_s: float
+    batch_size: int = 1
+
+
+class QueueFull(Exception):
+    """The job queue holds ``maxsize`` jobs."""
+
+
+class _JobQueue:
+    """A bounded FIFO of jobs from which the jobs of one batch key can also be taken."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._jobs: deque[_Job[Any]] = deque()
+        self._ready = threading.Condition()
+
+    def put_nowait(self, job: _Job[Any]) -> None:
+        with self._ready:
+            if len(self._jobs) >= self.maxsize:
+                raise QueueFull
+            self._jobs.append(job)
+            self._ready.notify()
+
+    def get(self, timeout: float) -> _Job[Any] | None:
+        with self._ready:
+            if not self._jobs:
+                self._ready.wait(timeout)
+            return self._jobs.popleft() if self._jobs else None
+
+    def take(self, key: Hashable, limit: int) -> list[_Job[Any]]:
+        """Remove and return up to ``limit`` queued jobs with batch key ``key``, oldest
+        first."""
+        with self._ready:
+            taken = [j for j in self._jobs if j.batch is not None and j.batch.key == key]
+            taken = taken[:limit]
+            for job in taken:
+                self._jobs.remove(job)
+            return taken
+
+    def qsize(self) -> int:
+        with self._ready:
+            return len(self._jobs)
 
 
 class Worker:
@@ -74,6 +137,9 @@ class Worker:
             of each job skipped without running.
         on_stop: called with the reason of each job that was stopped while running (it
             raised after ``should_stop`` turned True).
+        batch_runner: runs the items of batchable jobs together (see the module's text);
+            without one, every job runs alone.
+        max_batch: most jobs in one batch.
     """
 
     def __init__(
@@ -82,8 +148,12 @@ class Worker:
         name: str = "depass-worker",
         on_skip: Callable[[str], None] | None = None,
         on_stop: Callable[[str], None] | None = None,
+        batch_runner: BatchRunner | None = None,
+        max_batch: int = 1,
     ) -> None:
-        self._queue: queue.Queue[_Job[Any]] = queue.Queue(maxsize=max_queue)
+        self._queue = _JobQueue(max_queue)
+        self._batch_runner = batch_runner
+        self._max_batch = max_batch
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._on_skip = on_skip or (lambda reason: None)
@@ -102,11 +172,7 @@ class Worker:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        while (job := self._queue.get(timeout=0)) is not None:
             _settle(job, error=NotReadyError("the service is shutting down"))
 
     @property
@@ -131,8 +197,10 @@ class Worker:
         *,
         timeout_s: float,
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        batch: Batchable | None = None,
     ) -> Done[T]:
-        """Run ``fn(should_stop)`` on the worker and wait for it.
+        """Run ``fn(should_stop)`` on the worker and wait for it (or, with ``batch``, maybe
+        its item together with other queued jobs' through the batch runner).
 
         ``fn`` should poll ``should_stop`` between units of work and stop (by raising) when
         it turns True: then a request that times out or loses its client frees the worker
@@ -150,10 +218,10 @@ class Worker:
             raise NotReadyError("the service is shutting down")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        job: _Job[T] = _Job(fn, loop.create_future(), loop, now + timeout_s, now)
+        job: _Job[T] = _Job(fn, loop.create_future(), loop, now + timeout_s, now, batch)
         try:
             self._queue.put_nowait(job)
-        except queue.Full:
+        except QueueFull:
             raise QueueFullError(
                 f"the queue is full ({self._queue.maxsize} requests waiting); retry later",
                 retry_after_s=self.retry_after_s(),
@@ -170,7 +238,8 @@ class Worker:
                 if done:
                     value = job.future.result()
                     started = job.started or now
-                    return Done(value, started - job.enqueued, time.monotonic() - started)
+                    elapsed = time.monotonic() - started
+                    return Done(value, started - job.enqueued, elapsed, job.batch_size)
                 if is_disconnected is not None and await is_disconnected():
                     job.reason = "disconnected"
                     raise ClientDisconnectedError("the client disconnected")
@@ -185,24 +254,45 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                job = self._queue.get(timeout=0.2)
-            except queue.Empty:
+            job = self._queue.get(timeout=0.2)
+            if job is None:
                 continue
+            jobs = [job, *self._companions(job)]
             try:
-                self._run(job)
+                if len(jobs) == 1:
+                    self._run(job)
+                else:
+                    self._run_batch(jobs)
             except Exception:  # a bug in a callback: log it, keep serving
                 logger.exception("the worker failed on a job")
-                _settle(job, error=RuntimeError("the worker failed on this job"))
+                for each in jobs:
+                    _settle(each, error=RuntimeError("the worker failed on this job"))
 
-    def _run(self, job: _Job[Any]) -> None:
-        """Run one job unless it was abandoned or expired while queued."""
+    def _companions(self, job: _Job[Any]) -> list[_Job[Any]]:
+        """Queued jobs that may run with ``job`` (same batch key, still wanted)."""
+        if job.batch is None or self._batch_runner is None or self._max_batch < 2:
+            return []
+        taken = self._queue.take(job.batch.key, self._max_batch - 1)
+        wanted = []
+        for other in taken:
+            if self._runnable(other):
+                wanted.append(other)
+        return wanted
+
+    def _runnable(self, job: _Job[Any]) -> bool:
+        """False (and the job settled or skipped) when it was abandoned or expired."""
         if job.abandoned.is_set():
             self._on_skip(job.reason)
-            return
+            return False
         if time.monotonic() >= job.deadline:
             self._on_skip("expired")
             _settle(job, error=RequestTimeoutError("the request expired while queued"))
+            return False
+        return True
+
+    def _run(self, job: _Job[Any]) -> None:
+        """Run one job unless it was abandoned or expired while queued."""
+        if not self._runnable(job):
             return
         job.started = time.monotonic()
         self.busy = True
@@ -216,8 +306,42 @@ class Worker:
             _settle(job, value=value)
         finally:
             self.busy = False
-            elapsed = time.monotonic() - job.started
-            self._mean_run_s = 0.8 * self._mean_run_s + 0.2 * elapsed
+            self._record(time.monotonic() - job.started)
+
+    def _run_batch(self, jobs: list[_Job[Any]]) -> None:
+        """Run several jobs' items in one call; on failure, run them again one by one."""
+        jobs = [job for job in jobs if self._runnable(job)]
+        if len(jobs) < 2:
+            for job in jobs:
+                self._run(job)
+            return
+        assert self._batch_runner is not None
+        started = time.monotonic()
+        for job in jobs:
+            job.started, job.batch_size = started, len(jobs)
+        self.busy = True
+        try:
+            items = [job.batch.item for job in jobs if job.batch is not None]
+            values = self._batch_runner(items, lambda: all(j.should_stop() for j in jobs))
+        except Exception:
+            logger.info(
+                "a batch of %d failed; running its jobs one by one", len(jobs), exc_info=True
+            )
+            values = None
+        finally:
+            self.busy = False
+        if values is None:
+            for job in jobs:
+                job.batch_size = 1
+                self._run(job)
+            return
+        self._record((time.monotonic() - started) / len(jobs))
+        for job, value in zip(jobs, values, strict=True):
+            _settle(job, value=value)
+
+    def _record(self, elapsed: float) -> None:
+        """Fold one job's run time into the mean used for Retry-After."""
+        self._mean_run_s = 0.8 * self._mean_run_s + 0.2 * elapsed
 
 
 def _settle(job: _Job[Any], value: Any = None, error: BaseException | None = None) -> None:

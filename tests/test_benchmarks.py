@@ -27,13 +27,20 @@ def test_cpu_bench_small_shape_runs_and_agrees() -> None:
     )
     lines = [json.loads(line) for line in completed.stdout.strip().splitlines()]
     by_impl = {line.get("impl"): line for line in lines if "impl" in line}
-    assert set(by_impl) == {"engine", "naive"}
+    assert set(by_impl) == {
+        "naive",
+        "engine",
+        "engine-compiled",
+        "engine-last",
+        "engine-last-compiled",
+    }
     for line in by_impl.values():
         assert line["seconds"] > 0 and line["peak_rss_mib"] > 0
     summary = lines[-1]
     assert summary["summary"] == "engine vs naive"
-    assert summary["speedup"] > 0
+    assert summary["speedup"] > 0 and set(summary["speedups"]) == set(by_impl) - {"naive"}
     assert summary["max_rel_diff"] <= 1e-4
+    assert summary["last_position_max_abs_diff"] <= 1e-5
 
 
 def test_gpu_bench_small_shape_runs_on_cpu() -> None:
@@ -54,10 +61,42 @@ def test_gpu_bench_small_shape_runs_on_cpu() -> None:
         timeout=300,
     )
     lines = [json.loads(line) for line in completed.stdout.strip().splitlines()]
-    assert [line["workload"] for line in lines] == ["token-32", "heads-32", "neurons-8"]
+    assert [line["workload"] for line in lines] == [
+        "token-32",
+        "heads-32",
+        "neurons-8",
+        "batch-16x8",
+    ]
     for line in lines:
-        assert "error" not in line, line
+        assert "error" not in line and "refused" not in line, line
         assert line["seconds"] > 0 and line["flop_limit_s"] > 0 and line["flop_limit_ratio"] > 0
-        assert line["relative_conservation_error"] <= 1e-4
-        for key in ("n", "peak_gib", "device", "dtype"):
+        assert line["relative_conservation_error"] <= 1e-5
+        assert line["estimate_gib"] <= line["budget_gib"]
+        for key in ("n", "peak_gib", "device", "dtype", "matmul_dtype", "within_budget"):
             assert key in line
+    batch = lines[-1]
+    assert batch["max_abs_diff"] <= 1e-5 and batch["batch_size"] > 1
+
+
+def test_gpu_bench_reports_a_refusal_without_running() -> None:
+    """A budget too small for the workload prints the engine's 413-style refusal."""
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_bench.py"),
+            "--shape",
+            "small",
+            "--device",
+            "cpu",
+            "--workloads",
+            "token-32",
+            "--budget-gib",
+            "0.0001",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    (line,) = [json.loads(text) for text in completed.stdout.strip().splitlines()]
+    assert "needs an estimated" in line["refused"] and "seconds" not in line

@@ -11,7 +11,8 @@ import torch
 
 from engine import AttributionRequest, DePassEngine
 from engine.granularity import token_start
-from engine.propagate import Propagator, SplitSettings
+from engine.memory import MemoryBudgetError
+from engine.propagate import Member, Propagator, SplitSettings
 from engine.testing import tiny_model, word_tokenizer
 
 PROMPT = "when Mary and John went to the store John gave a drink to Mary"
@@ -34,19 +35,36 @@ def model() -> torch.nn.Module:
     ids=["token", "groups", "heads", "neurons", "module"],
 )
 @pytest.mark.parametrize("rule", ["softmax", "linear", "taylor"])
-def test_tiny_budget_matches_large_budget(
+def test_smallest_budget_chunks_and_matches_large_budget(
     model: torch.nn.Module, fields: dict[str, Any], rule: str
 ) -> None:
-    """A 1 KiB budget forces one component per attention block and one position per MLP
-    chunk; the result must not change."""
+    """A budget that leaves room for one component per attention block and one position
+    per MLP chunk splits the work into many more pieces; the result must not change, and
+    one byte less is refused before any model work."""
     fields = {"prompt": PROMPT, "mlp_split": rule, "outputs": ["states", "scores"], **fields}
+    request = AttributionRequest(**fields)
     big = DePassEngine(model, word_tokenizer(), memory_budget_bytes=1 << 32)
-    small = DePassEngine(model, word_tokenizer(), memory_budget_bytes=1 << 10)
-    want = big.attribute(AttributionRequest(**fields))
-    got = small.attribute(AttributionRequest(**fields))
+    memory = big.plan(request).memory
+    smallest = memory.total - memory.working + memory.working_min
+    small = DePassEngine(model, word_tokenizer(), memory_budget_bytes=smallest)
+    calls: dict[str, int] = {"big": 0, "small": 0}
+
+    def counter(name: str) -> Any:
+        def should_stop() -> bool:
+            calls[name] += 1
+            return False
+
+        return should_stop
+
+    want = big.attribute(request, should_stop=counter("big"))
+    got = small.attribute(request, should_stop=counter("small"))
+    assert calls["small"] > calls["big"]  # polled once per MLP chunk: more chunks
     torch.testing.assert_close(got.states, want.states, rtol=0, atol=2e-6)
     torch.testing.assert_close(got.remainder, want.remainder, rtol=0, atol=2e-6)
     torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=2e-6)
+    too_small = DePassEngine(model, word_tokenizer(), memory_budget_bytes=smallest - 1)
+    with pytest.raises(MemoryBudgetError, match="prompt: needs an estimated"):
+        too_small.plan(request)
 
 
 @pytest.mark.parametrize("rule", ["softmax", "max", "relu"])
@@ -60,10 +78,13 @@ def test_causal_skipping_matches_full_computation(model: torch.nn.Module, rule: 
     results = []
     for skip in (True, False):
         start = token_start(trace.resid(0), 0, engine.token_texts(trace.input_ids.tolist()), None)
-        if not skip:
-            start.first_position = torch.zeros_like(start.first_position)
-        propagator = Propagator(model, engine.adapter, trace, torch.float32, 1 << 30)
-        results.append(propagator.run(start, split, n_layers, positions)[-1].values)
+        if not skip:  # declared live everywhere: the general attention path, no skipping
+            start.first_position = [0] * len(start.first_position)
+            start.single_position = False
+        member = Member(start=start, length=trace.num_tokens, positions=positions)
+        propagator = Propagator(model, engine.adapter, [trace], torch.float32, 1 << 30)
+        propagator.run([member], split, n_layers)
+        results.append(member.snapshots[-1].values)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=2e-6)
 
 
@@ -207,3 +228,84 @@ def test_should_stop_cancels_between_units_of_work(model: torch.nn.Module) -> No
     # The engine is unharmed: the next request runs to the end.
     result = engine.attribute(AttributionRequest(prompt=PROMPT), should_stop=lambda: False)
     assert result.relative_conservation_error <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"granularity": "token"},
+        {"granularity": "token", "all_layers": True},
+        {"granularity": "head", "start_layer": [0, 2]},
+        {"granularity": "module", "module": "attn", "start_layer": 2},
+        {"granularity": "token", "end_layer": 2},
+    ],
+    ids=["token", "all-layers", "heads", "module-last-layer", "end-layer"],
+)
+def test_last_layer_at_kept_positions_matches_every_position(
+    model: torch.nn.Module, fields: dict[str, Any]
+) -> None:
+    """Asking for a few positions skips the last layer's work elsewhere; the states there
+    equal those of the run that computes every position."""
+    engine = DePassEngine(model, word_tokenizer())
+    full = engine.attribute(AttributionRequest(prompt=PROMPT, outputs=["states"], **fields))
+    picked = [-1, 3, 0]
+    some = engine.attribute(
+        AttributionRequest(prompt=PROMPT, outputs=["states"], positions=picked, **fields)
+    )
+    index = [full.positions.index(p % len(full.positions)) for p in picked]
+    torch.testing.assert_close(some.states, full.states[..., index, :, :], rtol=0, atol=2e-6)
+    torch.testing.assert_close(some.remainder, full.remainder[..., index, :], rtol=0, atol=2e-6)
+    assert some.relative_conservation_error <= 1e-5
+
+
+def test_compiled_split_matches_eager(model: torch.nn.Module) -> None:
+    """compile=True fuses the softmax split with torch.compile; the numbers are the eager
+    ones up to float rounding, for whole-prompt and late-starting components alike."""
+    eager = DePassEngine(model, word_tokenizer())
+    fused = DePassEngine(model, word_tokenizer(), compile=True)
+    for fields in ({"granularity": "token"}, {"granularity": "head", "start_layer": [0, 1]}):
+        request = AttributionRequest(prompt=PROMPT, outputs=["states", "scores"], **fields)
+        want, got = eager.attribute(request), fused.attribute(request)
+        torch.testing.assert_close(got.states, want.states, rtol=0, atol=2e-6)
+        torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=2e-6)
+        assert got.relative_conservation_error <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("compute", "matmul", "tolerance"),
+    [
+        (torch.float32, torch.bfloat16, 1.5e-2),  # a GPU's default: bf16 tensor-core products
+        (torch.bfloat16, torch.bfloat16, 3e-2),  # components kept in bf16 (long prompts)
+    ],
+    ids=["bf16-matmul", "bf16-components"],
+)
+def test_mixed_precision_stays_close_and_conserves(
+    model: torch.nn.Module, compute: torch.dtype, matmul: torch.dtype, tolerance: float
+) -> None:
+    """bfloat16 products (and components) change the numbers at bfloat16's rounding only;
+    the split stays float32 and the components still add up to the state."""
+    exact = DePassEngine(model, word_tokenizer())
+    mixed = DePassEngine(model, word_tokenizer(), compute_dtype=compute, matmul_dtype=matmul)
+    for fields in ({"granularity": "token"}, {"granularity": "head", "start_layer": [0, 2]}):
+        request = AttributionRequest(prompt=PROMPT, outputs=["states", "scores"], **fields)
+        want, got = exact.attribute(request), mixed.attribute(request)
+        assert got.states.dtype == compute
+        scale = float(want.scores.abs().max())
+        assert float((got.scores.float() - want.scores).abs().max()) <= tolerance * scale
+        assert got.relative_conservation_error <= tolerance
+
+
+def test_one_forward_pass_serves_every_start_layer(model: torch.nn.Module) -> None:
+    """A request over several start layers traces its prompt once, even with no cache."""
+    engine = DePassEngine(model, word_tokenizer(), trace_cache_size=0)
+    calls: list[int] = []
+    original = engine.trace_many
+
+    def counting(prompts: Any) -> Any:
+        calls.append(len(prompts))
+        return original(prompts)
+
+    engine.trace_many = counting  # type: ignore[method-assign]
+    request = AttributionRequest(prompt=PROMPT, granularity="head", start_layer=[0, 1, 2])
+    result = engine.attribute(request)
+    assert calls == [1] and result.layers == [0, 1, 2]

@@ -13,7 +13,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -41,9 +41,13 @@ class PacedEngine(DePassEngine):
         self.units = 0
         self.cancelled: list[float] = []  # monotonic times of Cancelled
 
-    def attribute(
-        self, request: AttributionRequest, should_stop: Callable[[], bool] | None = None
-    ) -> AttributionResult:
+    def attribute_many(
+        self,
+        requests: Sequence[AttributionRequest],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[AttributionResult]:
+        """Every attribution path (one request, or a batch) goes through here."""
+
         def paced_stop() -> bool:
             if self.paced.is_set():
                 time.sleep(UNIT_S)
@@ -51,7 +55,7 @@ class PacedEngine(DePassEngine):
             return should_stop is not None and should_stop()
 
         try:
-            return super().attribute(request, should_stop=paced_stop)
+            return super().attribute_many(requests, should_stop=paced_stop)
         except Cancelled:
             self.cancelled.append(time.monotonic())
             raise

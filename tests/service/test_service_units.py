@@ -165,3 +165,24 @@ def test_operations_page_lists_every_setting() -> None:
     page = (DEFAULT_MODEL_DIR.parents[1] / "docs" / "operations.md").read_text()
     for name in Settings.model_fields:
         assert f"`DEPASS_{name.upper()}`" in page, name
+
+
+def test_http_body_has_the_engine_requests_fields() -> None:
+    """AttributionBody mirrors engine.AttributionRequest: same names and defaults, so that
+    every body maps onto the engine's request and nothing is silently dropped."""
+    import dataclasses
+
+    from engine import AttributionRequest
+    from service.protocol import AttributionBody
+
+    engine_fields = {f.name: f for f in dataclasses.fields(AttributionRequest)}
+    body_fields = set(AttributionBody.model_fields) - {"array_encoding", "array_dtype"}
+    assert body_fields == set(engine_fields)
+    for name, info in AttributionBody.model_fields.items():
+        if name not in engine_fields:
+            continue
+        engine_field = engine_fields[name]
+        if engine_field.default is not dataclasses.MISSING:
+            assert info.default == engine_field.default, name
+        else:
+            assert info.default_factory() == engine_field.default_factory(), name

@@ -1,0 +1,237 @@
+"""How much memory a decomposition needs, estimated from shapes before any model work.
+
+The engine promises that a request uses at most its working budget beyond the model's
+weights: it sizes the request here, refuses it (:class:`MemoryBudgetError`) when even the
+smallest chunks would not fit, and otherwise gives the chunked parts of the work
+(attention blocks of components, MLP chunks of positions) what the fixed parts leave.
+
+Every term is an upper bound of what the code allocates at once (the tests compare the
+total with the measured peak on the CPU):
+
+- ``trace``: the forward pass's frozen quantities (engine/capture.py) and the pass's own
+  transient memory (eager attention scores in float32);
+- ``components``: the (M + 1, R, N, D) components, plus their start while a batch is
+  gathered;
+- ``frozen_layer``: one layer's scales, probabilities and activations in the compute
+  dtypes, and its weights when the matmul dtype differs from the model's;
+- ``snapshots``: the kept states and what the result is built from;
+- ``working``: the largest chunk of attention or MLP work, within what the budget leaves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from engine.info import ModelInfo
+from engine.request import RequestError
+
+GiB = 1024**3
+
+#: What an automatic budget leaves free on a GPU (CUDA context, allocator slack, the
+#: forward pass's own temporaries beyond the estimate).
+GPU_RESERVE_BYTES = 2 * GiB
+#: Share of the available host memory an automatic budget takes on the CPU.
+CPU_SHARE = 0.5
+#: The budget when nothing can be measured.
+FALLBACK_BUDGET_BYTES = 2 * GiB
+
+
+class MemoryBudgetError(RequestError):
+    """The request needs more memory than the engine's working budget (HTTP 413)."""
+
+    def __init__(self, field: str, estimate: MemoryEstimate, budget_bytes: int) -> None:
+        super().__init__(
+            field,
+            f"needs an estimated {_gib(estimate.total)} of working memory "
+            f"({estimate.describe()}), over this engine's budget of {_gib(budget_bytes)}; "
+            "send fewer tokens, components, positions or layers",
+        )
+        self.estimate = estimate
+        self.budget_bytes = budget_bytes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The model facts the estimate needs, and element sizes in bytes."""
+
+    model: ModelInfo
+    model_bytes: int  # per element of the weights (and of the trace)
+    compute_bytes: int  # per element of the components
+    matmul_bytes: int  # per element of the matrix-product operands
+
+    @property
+    def layer_weight_elements(self) -> int:
+        """Elements of the four matrices one layer's propagation reads."""
+        m = self.model
+        d, i = m.hidden_size, m.intermediate_size
+        return d * (m.num_kv_heads * m.head_dim + m.num_heads * m.head_dim + 2 * i)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a decomposition holds at its peak, by part."""
+
+    trace: int
+    components: int
+    frozen_layer: int
+    snapshots: int
+    working: int
+    working_min: int = 0  # the smallest chunked work (one row, one position): not in total
+
+    @property
+    def total(self) -> int:
+        return self.trace + self.components + self.frozen_layer + self.snapshots + self.working
+
+    def describe(self) -> str:
+        parts = ("trace", "components", "frozen_layer", "snapshots", "working")
+        return ", ".join(f"{name.replace('_', ' ')} {_gib(getattr(self, name))}" for name in parts)
+
+
+def trace_bytes(shape: Shape, length: int) -> int:
+    """Bytes of one forward trace (engine/capture.py) of a ``length``-token prompt."""
+    n, d, i = length, shape.model.hidden_size, shape.model.intermediate_size
+    per_layer = 2 * n * d + shape.model.num_heads * n * n + 2 * n * i  # pre, mid, probs, gate, act
+    elements = shape.model.num_layers * per_layer + 2 * n * d + shape.model.vocab_size
+    return elements * shape.model_bytes + 8 * n  # + the int64 input ids
+
+
+def forward_transient_bytes(shape: Shape, length: int) -> int:
+    """Memory the ordinary forward pass allocates and frees (one layer's float32 attention
+    scores, softmax and cast, and its MLP intermediates)."""
+    n = length
+    return 3 * shape.model.num_heads * n * n * 4 + 4 * n * shape.model.intermediate_size * 4
+
+
+def attention_row_bytes(
+    hidden: int, kv_width: int, head_width: int, members: int, length: int, element: int
+) -> int:
+    """Working bytes of one component row of an attention block, over ``length`` positions
+    of ``members`` prompts: the normalised input, values, contexts (and their permuted
+    copies) and the output."""
+    return members * length * element * (3 * hidden + 2 * kv_width + 2 * head_width)
+
+
+def mlp_position_bytes(
+    hidden: int, intermediate: int, rows: int, members: int, element: int, mixed: bool
+) -> int:
+    """Working bytes of one position of an MLP chunk over ``rows`` components of
+    ``members`` prompts: the scaled input and the output (``element`` bytes each), the
+    float32 gates, their mask and the shares, and (``mixed``: a matmul dtype other than
+    the compute dtype) the casts."""
+    if mixed:
+        width = 3 * hidden * element + 3 * intermediate * 4
+    else:
+        width = 2 * hidden * element + 5 * intermediate * 4 // 2
+    return rows * members * width
+
+
+def causal_block(length: int) -> int:
+    """Rows per attention block and positions per MLP chunk when components start at
+    different positions: small enough that causal skipping pays, big enough to keep the
+    matrix products efficient."""
+    return max(8, -(-length // 8))
+
+
+def attention_block(row_bytes: int, probs_bytes: int, budget_bytes: int, length: int) -> int:
+    """Component rows per attention block: what the budget holds beside one copy of the
+    block's probabilities, at most :func:`causal_block`, at least one."""
+    room = budget_bytes - probs_bytes
+    return max(1, min(room // max(1, row_bytes), causal_block(length)))
+
+
+def mlp_chunk(position_bytes: int, budget_bytes: int, length: int, late_starts: bool) -> int:
+    """Positions per MLP chunk: what the budget holds, at most :func:`causal_block` when
+    components start late (``late_starts``), at least one."""
+    chunk = max(1, min(budget_bytes // max(1, position_bytes), length))
+    return min(chunk, causal_block(length)) if late_starts else chunk
+
+
+def estimate(
+    shape: Shape,
+    *,
+    rows: int,
+    length: int,
+    positions: int,
+    snapshots: int,
+    targets: int,
+    members: int = 1,
+    start_extra: int = 0,
+    late_starts: bool = False,
+    budget_bytes: int,
+) -> tuple[MemoryEstimate, int]:
+    """The estimate of one run (``members`` prompts padded to ``length`` tokens, ``rows``
+    = M + 1 components) and the budget left for its chunks.
+
+    Returns:
+        (estimate, chunk_budget): ``chunk_budget`` is what the attention blocks and MLP
+        chunks may use; the estimate's ``working`` is what they will use at most.
+    ``start_extra``: bytes a start builder holds beside the components (per prompt);
+    ``late_starts``: components start at different positions (token runs), which caps
+    the chunks at :func:`causal_block`.
+    """
+    c, n, d = shape.compute_bytes, length, shape.model.hidden_size
+    trace = members * (trace_bytes(shape, n) + forward_transient_bytes(shape, n))
+    values = rows * members * n * d * c
+    components = (2 * values if members > 1 else values) + members * start_extra
+    probs = members * shape.model.num_heads * n * n * shape.matmul_bytes
+    # scales in the compute dtype, activations and gates in float32 (the split's dtype)
+    frozen = 2 * members * n * d * c + 2 * members * n * shape.model.intermediate_size * 4 + probs
+    if shape.matmul_bytes != shape.model_bytes:
+        frozen += shape.layer_weight_elements * shape.matmul_bytes
+    # snapshots kept, and the result built from them: the views' lensed states and the
+    # stacked result (the snapshots' totals too)
+    kept = snapshots * rows * positions * (d + targets) * c
+    snaps = 3 * kept * members + snapshots * members * n * d * c
+    fixed = trace + components + frozen + snaps
+    chunk_budget = max(0, budget_bytes - fixed)
+    row = attention_row_bytes(
+        d,
+        shape.model.num_kv_heads * shape.model.head_dim,
+        shape.model.num_heads * shape.model.head_dim,
+        members,
+        n,
+        c,
+    )
+    block = min(rows, attention_block(row, probs, chunk_budget, n))
+    mixed = shape.matmul_bytes != shape.compute_bytes
+    position = mlp_position_bytes(d, shape.model.intermediate_size, rows, members, c, mixed)
+    chunk = mlp_chunk(position, chunk_budget, n, late_starts)
+    working = max(block * row + probs, chunk * position)
+    attention_min, mlp_min = row + probs, position
+    parts = MemoryEstimate(
+        trace=trace,
+        components=components,
+        frozen_layer=frozen,
+        snapshots=snaps,
+        working=working,
+        working_min=max(attention_min, mlp_min),
+    )
+    return parts, chunk_budget
+
+
+def auto_budget_bytes(devices: Iterable[torch.device]) -> int:
+    """A working budget from what is free now (call it once the weights are loaded).
+
+    CUDA: the least free memory over the model's GPUs less ``GPU_RESERVE_BYTES`` (the
+    working set lives on the GPU of the layer being decomposed); CPU: ``CPU_SHARE`` of the
+    available physical memory. At least 256 MiB.
+    """
+    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    if cuda:
+        free = min(torch.cuda.mem_get_info(index)[0] for index in cuda)
+        budget = free - GPU_RESERVE_BYTES
+    else:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            budget = int(CPU_SHARE * available)
+        except (ValueError, OSError, AttributeError):
+            budget = FALLBACK_BUDGET_BYTES
+    return max(budget, 256 * 1024**2)
+
+
+def _gib(value: int) -> str:
+    return f"{value / GiB:.2f} GiB" if value >= GiB / 100 else f"{value / 1024**2:.1f} MiB"
