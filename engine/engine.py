@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from engine.adapters import ArchitectureAdapter, adapter_for, norm_weight, rms_scale
-from engine.capture import ForwardTrace, trace_forward, trace_forward_many
+from engine.capture import ForwardTrace
 from engine.granularity import (
     head_start,
     module_start,
@@ -42,6 +41,7 @@ from engine.propagate import (
 )
 from engine.request import AttributionRequest, RequestError
 from engine.result import AttributionResult
+from engine.trace_cache import TraceCache
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -170,14 +170,11 @@ class DePassEngine:
             if memory_budget_bytes is None
             else memory_budget_bytes
         )
-        self.trace_cache_size = trace_cache_size
-        self.trace_cache_bytes = trace_cache_bytes
         self.matmul_dtype = matmul_dtype or compute_dtype
         self.max_batch = max_batch
         self.batch_max_cells = batch_max_cells
         self.compile = compile
-        self._traces: OrderedDict[tuple[int, ...], ForwardTrace] = OrderedDict()
-        self._lock = threading.Lock()
+        self.traces = TraceCache(self.model, self.adapter, trace_cache_size, trace_cache_bytes)
         self.info = self._model_info()
         self.shape = self._shape()
 
@@ -302,62 +299,15 @@ class DePassEngine:
 
     def trace(self, input_ids: Sequence[int]) -> ForwardTrace:
         """The forward trace of ``input_ids``, from the LRU cache when possible."""
-        key = tuple(int(i) for i in input_ids)
-        with self._lock:
-            if key in self._traces:
-                self._traces.move_to_end(key)
-                return self._traces[key]
-        trace = trace_forward(self.model, self.adapter, torch.tensor(key, dtype=torch.long))
-        with self._lock:
-            self._traces[key] = trace
-            while self._traces and self._over_cache_limits():
-                self._traces.popitem(last=False)
-        return trace
+        return self.traces.get_many([input_ids])[0]
 
     def trace_many(self, prompts: Sequence[Sequence[int]]) -> list[ForwardTrace]:
         """Traces of several prompts; those not cached come from one batched forward pass."""
-        keys = [tuple(int(i) for i in ids) for ids in prompts]
-        with self._lock:
-            found = {key: self._traces[key] for key in keys if key in self._traces}
-            for key in found:
-                self._traces.move_to_end(key)
-        missing = list(dict.fromkeys(key for key in keys if key not in found))
-        if missing:
-            tensors = [torch.tensor(key, dtype=torch.long) for key in missing]
-            made = trace_forward_many(self.model, self.adapter, tensors)
-            found |= dict(zip(missing, made, strict=True))
-            with self._lock:
-                self._traces.update(zip(missing, made, strict=True))
-                while self._traces and self._over_cache_limits():
-                    self._traces.popitem(last=False)
-        return [found[key] for key in keys]
-
-    def _over_cache_limits(self) -> bool:
-        """Whether the trace cache holds more traces, or bytes, than allowed (the newest
-        trace may stay alone above the byte limit)."""
-        if len(self._traces) > self.trace_cache_size:
-            return True
-        if self.trace_cache_bytes is None or len(self._traces) < 2:
-            return False
-        return self._cached_bytes() > self.trace_cache_bytes
-
-    def _cached_bytes(self) -> int:
-        return sum(trace.nbytes() for trace in self._traces.values())
-
-    def _make_room(self, needed_bytes: int, keep: set[tuple[int, ...]]) -> None:
-        """Evict cached traces (oldest first, not those in ``keep``) until the cache and a
-        request needing ``needed_bytes`` fit the memory budget together."""
-        with self._lock:
-            for key in list(self._traces):
-                if self._cached_bytes() + needed_bytes <= self.memory_budget_bytes:
-                    break
-                if key not in keep:
-                    del self._traces[key]
+        return self.traces.get_many(prompts)
 
     def clear_cache(self) -> None:
         """Drop every cached forward trace."""
-        with self._lock:
-            self._traces.clear()
+        self.traces.clear()
 
     # ------------------------------------------------------------------ attribution
 
@@ -552,7 +502,7 @@ class DePassEngine:
         clock = time.perf_counter()
         memory, chunk_budget = self._batch_memory(plans, batch)
         keys = [tuple(plans[i].input_ids) for i, _ in batch]
-        self._make_room(memory.total, set(keys) | set(held))
+        self.traces.make_room(memory.total, self.memory_budget_bytes, set(keys) | set(held))
         missing = [key for key in dict.fromkeys(keys) if key not in held]
         if missing:
             held.update(zip(missing, self.trace_many(missing), strict=True))

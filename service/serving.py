@@ -278,8 +278,8 @@ class Serving:
                 max_response_bytes=s.max_response_bytes,
                 max_body_bytes=s.max_body_bytes,
                 memory_budget_bytes=self.engine.memory_budget_bytes,
-                trace_cache_size=self.engine.trace_cache_size,
-                trace_cache_bytes=self.engine.trace_cache_bytes,
+                trace_cache_size=self.engine.traces.size,
+                trace_cache_bytes=self.engine.traces.max_bytes,
             ),
         )
 

@@ -94,7 +94,7 @@ async def test_request_over_the_memory_budget_is_413_before_any_work() -> None:
         error = assert_envelope(response, 413, param="prompt")
         assert error["code"] == "memory_budget"
         assert "needs an estimated" in error["message"] and "budget of 1.0 MiB" in error["message"]
-        assert not engine._traces  # refused before the forward pass
+        assert len(engine.traces) == 0  # refused before the forward pass
         ok = await client.post("/v1/attributions", json={"prompt": PROMPTS[0]})
         assert ok.status_code == 200, ok.text
 
@@ -106,5 +106,5 @@ def test_engine_refuses_before_tracing() -> None:
         engine.attribute(request)
     assert type(caught.value).__name__ == "MemoryBudgetError"
     assert caught.value.estimate.total > caught.value.budget_bytes
-    assert not engine._traces
+    assert len(engine.traces) == 0
     assert torch.is_tensor(engine.attribute(AttributionRequest(prompt="a b c")).logits)

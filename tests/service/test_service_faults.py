@@ -143,7 +143,7 @@ async def test_out_of_memory_frees_memory_and_the_next_request_succeeds(
     clear_cache = llama_engine.clear_cache
 
     def counting_clear_cache() -> None:
-        cleared.append(len(llama_engine._traces))
+        cleared.append(len(llama_engine.traces))
         clear_cache()
 
     monkeypatch.setattr(llama_engine, "clear_cache", counting_clear_cache)
@@ -158,12 +158,12 @@ async def test_out_of_memory_frees_memory_and_the_next_request_succeeds(
 
     async with running(llama_engine, fault_injector=inject) as (app, client):
         assert (await client.post("/v1/attributions", json=BODY)).status_code == 200
-        assert llama_engine._traces  # a trace in the cache
+        assert len(llama_engine.traces)  # a trace in the cache
         baseline = torch.cuda.memory_allocated() if device == "cuda" else 0
         armed.set()
         response = await client.post("/v1/attributions", json={**BODY, "prompt": "the capital"})
         assert assert_envelope(response, 503)["code"] == "out_of_memory"
-        assert cleared and cleared[-1] >= 1 and llama_engine._traces == {}
+        assert cleared and cleared[-1] >= 1 and len(llama_engine.traces) == 0
         if device == "cuda":  # the frame that held the tensor is gone, the cache emptied
             assert torch.cuda.memory_allocated() <= baseline
         again = await client.post("/v1/attributions", json=BODY)

@@ -409,5 +409,5 @@ def test_remote_code_is_off_unless_turned_on(
 async def test_model_card_reports_the_trace_cache_limits(llama_engine: DePassEngine) -> None:
     async with running(llama_engine) as (_, client):
         limits = (await client.get("/v1/model")).json()["limits"]
-    assert limits["trace_cache_size"] == llama_engine.trace_cache_size
-    assert limits["trace_cache_bytes"] == llama_engine.trace_cache_bytes
+    assert limits["trace_cache_size"] == llama_engine.traces.size
+    assert limits["trace_cache_bytes"] == llama_engine.traces.max_bytes
