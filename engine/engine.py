@@ -343,7 +343,7 @@ class DePassEngine:
                 info.intermediate_size if request.neurons is None else len(request.neurons)
             )
         else:
-            count = int(np.shape(request.subspace)[0])
+            count = self._check_subspace(request.subspace, length)
         snapshots = end - layers[0] + 1 if request.all_layers else len(layers)
         target_ids = None if request.targets is None else self._resolve_targets(request.targets)
         memory, chunk_budget = estimate(
@@ -631,6 +631,15 @@ class DePassEngine:
             )
         return end
 
+    def _check_subspace(self, parts: Any, length: int) -> int:
+        """The number of parts of a (K, N, D) subspace of this prompt and model."""
+        shape = tuple(np.shape(parts))
+        if shape[1:] != (length, self.info.hidden_size):
+            raise RequestError(
+                "subspace", f"shape {shape} must be (K, {length}, {self.info.hidden_size})"
+            )
+        return int(shape[0])
+
     def _check_neurons(self, neurons: Sequence[int]) -> None:
         width = self.info.intermediate_size
         if not neurons:
@@ -653,14 +662,8 @@ class DePassEngine:
         if granularity == "token":
             texts = self.token_texts(trace.input_ids.tolist())
             return token_start(cast(trace.resid(layer)), layer, texts, groups)
-        if granularity == "subspace":
+        if granularity == "subspace":  # its shape was checked by plan()
             parts = torch.as_tensor(request.subspace, dtype=self.compute_dtype)
-            expected = (trace.num_tokens, self.info.hidden_size)
-            if tuple(parts.shape[1:]) != expected:
-                raise RequestError(
-                    "subspace",
-                    f"shape {tuple(parts.shape)} must be (K, {expected[0]}, {expected[1]})",
-                )
             resid = cast(trace.resid(layer))
             return subspace_start(resid, layer, parts.to(resid.device))
         frozen = trace.layers[layer]

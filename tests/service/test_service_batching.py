@@ -108,3 +108,36 @@ def test_engine_refuses_before_tracing() -> None:
     assert caught.value.estimate.total > caught.value.budget_bytes
     assert len(engine.traces) == 0
     assert torch.is_tensor(engine.attribute(AttributionRequest(prompt="a b c")).logits)
+
+
+async def test_a_failed_batch_runs_its_requests_one_by_one() -> None:
+    """When the batch call fails, each queued request runs alone, so an error reaches only
+    the request that caused it (here every one succeeds on its own)."""
+    engine = make_engine()
+    release = threading.Event()
+    state = {"calls": 0}
+
+    def hold_then_fail_batch(operation: str) -> None:
+        state["calls"] += 1
+        if state["calls"] == 1:
+            release.wait(10)  # the first request holds the worker
+        elif state["calls"] == 2:
+            raise RuntimeError("injected failure of the batch call")
+
+    async with running(engine, fault_injector=hold_then_fail_batch, max_batch=8) as (
+        app,
+        client,
+    ):
+        first = asyncio.create_task(client.post("/v1/attributions", json={"prompt": PROMPTS[0]}))
+        await asyncio.sleep(0.2)
+        rest = [
+            asyncio.create_task(client.post("/v1/attributions", json={"prompt": p}))
+            for p in PROMPTS[1:]
+        ]
+        while app.state.serving.worker.depth < len(rest):
+            await asyncio.sleep(0.02)
+        release.set()
+        responses = [await first, *[await task for task in rest]]
+    assert [r.status_code for r in responses] == [200] * len(PROMPTS)
+    assert [r.json()["timings"]["batch_size"] for r in responses] == [1] * len(PROMPTS)
+    assert state["calls"] == 2 + len(rest)  # the failed batch, then each alone
