@@ -247,7 +247,8 @@ class LayerWeights:
         batch, members, _, hidden = x.shape
         kv, dh, heads = self.num_kv_heads, self.head_dim, self.num_heads
         queries = probs.shape[2]
-        mixed = torch.matmul(probs[None], x.to(probs.dtype)[:, :, None])  # (B, R, H, Q, D)
+        # (B, R, H, Q, D); an einsum, so that no (B, R, H, N', D) broadcast is materialised
+        mixed = torch.einsum("rhqn,brnd->brhqd", probs, x.to(probs.dtype))
         w_v = self.w_v.view(kv, 1, dh, hidden).expand(-1, heads // kv, -1, -1)
         w_v = w_v.reshape(heads, dh, hidden)
         context = torch.einsum("brhqd,hkd->brqhk", mixed.to(w_v.dtype), w_v)
