@@ -70,7 +70,8 @@ class NotFoundError(APIStatusError):
 
 
 class PayloadTooLargeError(APIStatusError):
-    """413: the input, the body or the estimated response is over the service's limits."""
+    """413: the input, the body, the estimated response or the estimated memory
+    (``code == "memory_budget"``) is over the service's limits."""
 
 
 class UnprocessableEntityError(APIStatusError):
