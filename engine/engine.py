@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.adapters import ArchitectureAdapter, adapter_for, norm_weight, rms_scale
+from engine.adapters import ArchitectureAdapter, adapter_for
 from engine.capture import ForwardTrace
 from engine.granularity import (
     head_start,
@@ -34,11 +34,11 @@ from engine.propagate import (
     LayerWeights,
     Member,
     Propagator,
-    Snapshot,
     SplitSettings,
     Start,
     StartFacts,
 )
+from engine.readout import Readout, View, assemble
 from engine.request import AttributionRequest, RequestError
 from engine.result import AttributionResult
 from engine.trace_cache import TraceCache
@@ -176,6 +176,12 @@ class DePassEngine:
         self.compile = compile
         self.traces = TraceCache(self.model, self.adapter, trace_cache_size, trace_cache_bytes)
         self.info = self._model_info()
+        self.readout = Readout(
+            final_norm=self.adapter.root_part(self.model, "final_norm"),
+            unembed=self.adapter.root_part(self.model, "lm_head"),
+            adapter=self.adapter,
+            dtype=compute_dtype,
+        )
         self.shape = self._shape()
 
     @classmethod
@@ -544,11 +550,10 @@ class DePassEngine:
             request, plan = requests[i], plans[i]
             targets = plan.target_ids or [int(trace.last_logits.argmax())]
             scaled = request.end_layer is None and not request.all_layers
-            w_u, b_u = self._unembedding(targets)
+            head = self.readout.for_targets(targets)
+            keep_states = "states" in request.outputs
             views = [
-                self._view(
-                    snap, trace, scaled, member.positions, w_u, b_u, "states" in request.outputs
-                )
+                self.readout.view(snap, trace, scaled, member.positions, head, keep_states)
                 for snap in member.snapshots
             ]
             member.snapshots = []
@@ -563,13 +568,6 @@ class DePassEngine:
         for outcome in outcomes.values():  # a batch's time is shared by its members
             outcome.timings["decompose_s"] = decompose_s
         return outcomes
-
-    def _unembedding(self, targets: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(T, D) unembedding rows of ``targets`` and their biases, in the compute dtype."""
-        unembed = self.adapter.root_part(self.model, "lm_head")
-        w_u = unembed.weight[targets].to(self.compute_dtype)
-        bias = getattr(unembed, "bias", None)
-        return w_u, None if bias is None else bias[targets].to(self.compute_dtype)
 
     def _result(
         self,
@@ -588,7 +586,7 @@ class DePassEngine:
             axis = None
         texts = self.token_texts(plan.input_ids)
         views = [view for run in runs for view in run.views]
-        result = self._assemble(
+        result = assemble(
             request,
             runs[-1].labels,
             views,
@@ -596,6 +594,7 @@ class DePassEngine:
             plan.end,
             plan.positions,
             runs[-1].targets,
+            self.token_texts(runs[-1].targets),
             texts,
             plan.input_ids,
         )
@@ -684,91 +683,6 @@ class DePassEngine:
             cast(frozen.resid_mid).to(weights.device), weights, layer, request.neurons
         )
 
-    def _view(
-        self,
-        snap: Snapshot,
-        trace: ForwardTrace,
-        scaled_output: bool,
-        positions: torch.Tensor,
-        unembed: torch.Tensor,
-        unembed_bias: torch.Tensor | None,
-        keep_states: bool,
-    ) -> _View:
-        """States, scores and conservation (at the kept positions) of one snapshot.
-
-        ``scaled_output``: the snapshot is the model output, so components are multiplied
-        by the final norm's frozen scale and compared with the normalised final state.
-        Other snapshots stay in the residual's units; their scores read them through the
-        final norm frozen at the true residual there (a logit lens that adds up).
-        """
-        final_norm = self.adapter.root_part(self.model, "final_norm")
-        device = snap.values.device
-        kept = positions.to(device)
-        true = trace.resid(snap.layer).to(device, self.compute_dtype)[kept]  # (P, D)
-        lens = rms_scale(final_norm, true, self.adapter).to(self.compute_dtype) * norm_weight(
-            final_norm, self.adapter
-        ).to(device, self.compute_dtype)  # (P, D)
-        total = snap.total  # (P, D)
-        if scaled_output:
-            total = total * lens
-            true = trace.normed_final.to(device, self.compute_dtype)[kept]
-        error = float((total - true.to(total.device)).abs().max())
-        magnitude = max(float(true.abs().max()), torch.finfo(self.compute_dtype).tiny)
-        lensed = snap.values * lens  # (M + 1, P, D)
-        scores = lensed @ unembed.to(lensed.device).T  # (M + 1, P, T)
-        if unembed_bias is not None:
-            scores[-1] += unembed_bias.to(scores.device)
-        states = (lensed if scaled_output else snap.values) if keep_states else None
-        return _View(
-            states=None if states is None else states.transpose(0, 1).cpu(),  # (P, M + 1, D)
-            scores=scores.transpose(0, 1).cpu(),  # (P, M + 1, T)
-            error=error,
-            relative_error=error / magnitude,
-        )
-
-    def _assemble(
-        self,
-        request: AttributionRequest,
-        labels: list[str],
-        views: list[_View],
-        layers: list[int] | None,
-        end: int,
-        positions: list[int],
-        targets: list[int],
-        texts: list[str],
-        input_ids: Sequence[int],
-    ) -> AttributionResult:
-        """Stack the views (a leading layer axis when ``layers`` is set) into a result."""
-
-        def pick(arrays: list[torch.Tensor]) -> torch.Tensor:
-            return torch.stack(arrays) if layers is not None else arrays[-1]
-
-        want_states = "states" in request.outputs
-        want_scores = "scores" in request.outputs
-        return AttributionResult(
-            tokens=texts,
-            input_ids=list(input_ids),
-            components=labels,
-            positions=positions,
-            targets=targets,
-            target_tokens=self.token_texts(targets),
-            granularity=request.granularity,
-            mlp_split=request.mlp_split,
-            end="output" if request.end_layer is None else f"layer {end}",
-            layers=layers,
-            states=pick([v.states[:, :-1] for v in views if v.states is not None])
-            if want_states
-            else None,
-            remainder=pick([v.states[:, -1] for v in views if v.states is not None])
-            if want_states
-            else None,
-            scores=pick([v.scores[:, :-1] for v in views]) if want_scores else None,
-            remainder_scores=pick([v.scores[:, -1] for v in views]) if want_scores else None,
-            logits=pick([v.scores.sum(1) for v in views]),
-            conservation_error=max(v.error for v in views),
-            relative_conservation_error=max(v.relative_error for v in views),
-        )
-
 
 @dataclass
 class _RunOutcome:
@@ -776,19 +690,9 @@ class _RunOutcome:
 
     labels: list[str]
     targets: list[int]
-    views: list[_View]
+    views: list[View]
     batch_size: int  # runs propagated together with this one (1: alone)
     timings: dict[str, float]
-
-
-@dataclass
-class _View:
-    """One snapshot made ready for the result (remainder in the last component row)."""
-
-    states: torch.Tensor | None  # (P, M + 1, D), when asked for
-    scores: torch.Tensor  # (P, M + 1, T)
-    error: float
-    relative_error: float
 
 
 def _batch_key(request: AttributionRequest, plan: Plan, layer: int) -> tuple:

@@ -1,0 +1,134 @@
+"""From propagated components to the result: the logit lens, scores, conservation, stacking."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.adapters import ArchitectureAdapter, norm_weight, rms_scale
+from engine.capture import ForwardTrace
+from engine.propagate import Snapshot
+from engine.request import AttributionRequest
+from engine.result import AttributionResult
+
+
+@dataclass
+class View:
+    """One snapshot made ready for the result (remainder in the last component row)."""
+
+    states: torch.Tensor | None  # (P, M + 1, D), when asked for
+    scores: torch.Tensor  # (P, M + 1, T)
+    error: float
+    relative_error: float
+
+
+@dataclass(frozen=True)
+class TargetHead:
+    """The unembedding rows of the scored targets, in the compute dtype."""
+
+    weight: torch.Tensor  # (T, D)
+    bias: torch.Tensor | None  # (T,)
+
+
+@dataclass(frozen=True)
+class Readout:
+    """What reading components out needs of the model: its final norm and unembedding."""
+
+    final_norm: nn.Module
+    unembed: nn.Module
+    adapter: ArchitectureAdapter
+    dtype: torch.dtype
+
+    def for_targets(self, targets: list[int]) -> TargetHead:
+        """The unembedding rows (and biases) of ``targets``."""
+        bias = getattr(self.unembed, "bias", None)
+        return TargetHead(
+            weight=self.unembed.weight[targets].to(self.dtype),
+            bias=None if bias is None else bias[targets].to(self.dtype),
+        )
+
+    def view(
+        self,
+        snap: Snapshot,
+        trace: ForwardTrace,
+        scaled_output: bool,
+        positions: torch.Tensor,
+        head: TargetHead,
+        keep_states: bool,
+    ) -> View:
+        """States, scores and conservation (at the kept positions) of one snapshot.
+
+        ``scaled_output``: the snapshot is the model output, so components are multiplied
+        by the final norm's frozen scale and compared with the normalised final state.
+        Other snapshots stay in the residual's units; their scores read them through the
+        final norm frozen at the true residual there (a logit lens that adds up).
+        """
+        device = snap.values.device
+        kept = positions.to(device)
+        true = trace.resid(snap.layer).to(device, self.dtype)[kept]  # (P, D)
+        gain = norm_weight(self.final_norm, self.adapter).to(device, self.dtype)
+        lens = rms_scale(self.final_norm, true, self.adapter).to(self.dtype) * gain  # (P, D)
+        total = snap.total  # (P, D)
+        if scaled_output:
+            total = total * lens
+            true = trace.normed_final.to(device, self.dtype)[kept]
+        error = float((total - true.to(total.device)).abs().max())
+        magnitude = max(float(true.abs().max()), torch.finfo(self.dtype).tiny)
+        lensed = snap.values * lens  # (M + 1, P, D)
+        scores = lensed @ head.weight.to(lensed.device).T  # (M + 1, P, T)
+        if head.bias is not None:
+            scores[-1] += head.bias.to(scores.device)
+        states = (lensed if scaled_output else snap.values) if keep_states else None
+        return View(
+            states=None if states is None else states.transpose(0, 1).cpu(),  # (P, M + 1, D)
+            scores=scores.transpose(0, 1).cpu(),  # (P, M + 1, T)
+            error=error,
+            relative_error=error / magnitude,
+        )
+
+
+def assemble(
+    request: AttributionRequest,
+    labels: list[str],
+    views: list[View],
+    layers: list[int] | None,
+    end: int,
+    positions: list[int],
+    targets: list[int],
+    target_tokens: list[str],
+    texts: list[str],
+    input_ids: Sequence[int],
+) -> AttributionResult:
+    """Stack the views (a leading layer axis when ``layers`` is set) into a result."""
+
+    def pick(arrays: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(arrays) if layers is not None else arrays[-1]
+
+    want_states = "states" in request.outputs
+    want_scores = "scores" in request.outputs
+    return AttributionResult(
+        tokens=texts,
+        input_ids=list(input_ids),
+        components=labels,
+        positions=positions,
+        targets=targets,
+        target_tokens=target_tokens,
+        granularity=request.granularity,
+        mlp_split=request.mlp_split,
+        end="output" if request.end_layer is None else f"layer {end}",
+        layers=layers,
+        states=pick([v.states[:, :-1] for v in views if v.states is not None])
+        if want_states
+        else None,
+        remainder=pick([v.states[:, -1] for v in views if v.states is not None])
+        if want_states
+        else None,
+        scores=pick([v.scores[:, :-1] for v in views]) if want_scores else None,
+        remainder_scores=pick([v.scores[:, -1] for v in views]) if want_scores else None,
+        logits=pick([v.scores.sum(1) for v in views]),
+        conservation_error=max(v.error for v in views),
+        relative_conservation_error=max(v.relative_error for v in views),
+    )
