@@ -10,22 +10,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_cpu_bench_small_shape_runs_and_agrees() -> None:
+def bench(script: str, *args: str) -> list[dict]:
+    """Run ``benchmarks/<script>`` with ``args``; its JSON lines."""
     completed = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "cpu_bench.py"),
-            "--shape",
-            "small",
-            "--repeats",
-            "1",
-        ],
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
         check=True,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    lines = [json.loads(line) for line in completed.stdout.strip().splitlines()]
+    return [json.loads(line) for line in completed.stdout.strip().splitlines()]
+
+
+def test_cpu_bench_small_shape_runs_and_agrees() -> None:
+    lines = bench("cpu_bench.py", "--shape", "small", "--repeats", "1")
     by_impl = {line.get("impl"): line for line in lines if "impl" in line}
     assert set(by_impl) == {
         "naive",
@@ -44,23 +42,7 @@ def test_cpu_bench_small_shape_runs_and_agrees() -> None:
 
 
 def test_gpu_bench_small_shape_runs_on_cpu() -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "gpu_bench.py"),
-            "--shape",
-            "small",
-            "--device",
-            "cpu",
-            "--repeats",
-            "1",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [json.loads(line) for line in completed.stdout.strip().splitlines()]
+    lines = bench("gpu_bench.py", "--shape", "small", "--device", "cpu", "--repeats", "1")
     assert [line["workload"] for line in lines] == [
         "token-32",
         "heads-32",
@@ -80,23 +62,16 @@ def test_gpu_bench_small_shape_runs_on_cpu() -> None:
 
 def test_gpu_bench_reports_a_refusal_without_running() -> None:
     """A budget too small for the workload prints the engine's 413-style refusal."""
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "gpu_bench.py"),
-            "--shape",
-            "small",
-            "--device",
-            "cpu",
-            "--workloads",
-            "token-32",
-            "--budget-gib",
-            "0.0001",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    lines = bench(
+        "gpu_bench.py",
+        "--shape",
+        "small",
+        "--device",
+        "cpu",
+        "--workloads",
+        "token-32",
+        "--budget-gib",
+        "0.0001",
     )
-    (line,) = [json.loads(text) for text in completed.stdout.strip().splitlines()]
+    (line,) = lines
     assert "needs an estimated" in line["refused"] and "seconds" not in line
