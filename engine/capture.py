@@ -66,17 +66,6 @@ def _hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
             handle.remove()
 
 
-def trace_forward(
-    model: nn.Module, adapter: ArchitectureAdapter, input_ids: torch.Tensor
-) -> ForwardTrace:
-    """Run ``model`` on one prompt (``input_ids`` of shape (N,)) and capture the trace.
-
-    The model must use eager attention so that the attention module returns its
-    probabilities as the second element of its output.
-    """
-    return trace_forward_many(model, adapter, [input_ids])[0]
-
-
 def trace_forward_many(
     model: nn.Module, adapter: ArchitectureAdapter, prompts: Sequence[torch.Tensor]
 ) -> list[ForwardTrace]:
@@ -85,7 +74,8 @@ def trace_forward_many(
     Prompts are left-padded to the longest, with an attention mask that hides the padding
     and position ids that start at 0 on each prompt's first token, so every real position
     computes what it computes alone (up to float rounding in batched products). Each
-    trace is cut back to its own positions.
+    trace is cut back to its own positions. One prompt runs as the plain call, unmasked.
+    The model must use eager attention, which returns its probabilities.
     """
     store: dict[tuple[int, str], torch.Tensor] = {}
     handles: list[torch.utils.hooks.RemovableHandle] = []

@@ -66,7 +66,6 @@ class Plan:
     intermediate_size: int
     outputs: tuple[str, ...]
     element_bytes: int
-    budget_bytes: int
     memory: MemoryEstimate  # peak memory of the request beyond the weights, by part
     chunk_budget: int  # what the estimate leaves for attention blocks and MLP chunks
     late_starts: bool  # components start at different positions (causal skipping pays)
@@ -379,7 +378,6 @@ class DePassEngine:
             intermediate_size=info.intermediate_size,
             outputs=tuple(request.outputs),
             element_bytes=self.shape.compute_bytes,
-            budget_bytes=self.memory_budget_bytes,
             memory=memory,
             chunk_budget=chunk_budget,
             late_starts=granularity == "token" and count > 1,

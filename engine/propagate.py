@@ -547,6 +547,5 @@ def _snapshot(values: torch.Tensor, member: Member, layer: int) -> Snapshot:
     else:
         rows = torch.tensor([*output_rows, 0], device=values.device)
         kept = own.index_select(0, rows)
-    # the sum of all components, at the kept positions
-    total = values[: len(output_rows) + 1, member.positions.to(values.device)].sum(0)
-    return Snapshot(layer=layer, values=kept, total=total)
+    # ``kept`` holds every row (the remainder too): its sum is the total at those positions
+    return Snapshot(layer=layer, values=kept, total=kept.sum(0))

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +22,7 @@ from engine import DePassEngine
 from engine.testing import tiny_model, word_tokenizer
 from service import Settings, create_app
 from service.serving import FaultInjector
+from tests.service.support import load_test_module
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(os.environ.get("DEPASS_SHARED", REPO.parent / "shared")) / "golden"
@@ -65,50 +62,20 @@ async def running(
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port (the load-test driver's)."""
+    return load_test_module().free_port()
 
 
 @contextlib.contextmanager
 def serve(model: Path, log: Path, **env: str) -> Iterator[str]:
-    """``python -m service`` on a free port until the block ends; yields its base URL."""
-    port = free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("DEPASS_")}
-    environment.update(
-        DEPASS_MODEL=str(model),
-        DEPASS_HOST="127.0.0.1",
-        DEPASS_PORT=str(port),
-        DEPASS_DEVICE="cpu",
-        DEPASS_DTYPE="float32",
-        DEPASS_LOG_LEVEL="warning",
-        OMP_NUM_THREADS=str(torch.get_num_threads()),  # same reduction order as the tests
-        **env,
-    )
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=REPO, env=environment, stdout=sink, stderr=sink
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the service exited ({process.returncode}):\n{log.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the service was not ready in 120 s:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """``python -m service`` on a free port until the block ends; yields its base URL.
+
+    The launcher of ``scripts/load_test.py``, with this process's thread count so that
+    the server reduces in the same order as the tests.
+    """
+    threads = str(torch.get_num_threads())
+    with load_test_module().serve(model, log, OMP_NUM_THREADS=threads, **env) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="session")
