@@ -94,6 +94,7 @@ def load_engine(settings: Settings) -> DePassEngine:
         dtype=weights,
         device_map=settings.device_map,
         trust_remote_code=settings.trust_remote_code,
+        gguf_cache_dir=settings.gguf_cache_dir,
         compute_dtype=getattr(torch, settings.compute_dtype),
         matmul_dtype=None if matmul is None else getattr(torch, matmul),
         memory_budget_bytes=settings.memory_budget_bytes,
