@@ -7,12 +7,12 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install test lint format bench clean run
 
-# The service (.[dev]) and the SDK with its `depass` command (clients/python), editable.
+# The service (.[dev]) and the SDK with its `depass` command and plots (clients/python), editable.
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]" -e clients/python
+	$(PY) -m pip install -q -e ".[dev]" -e "clients/python[plot]"
 	touch $@
 
 install: $(VENV)/.installed
