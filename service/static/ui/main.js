@@ -45,7 +45,7 @@ async function start() {
 function askKey(err) {
   $("main").hidden = true;
   $("key-form").hidden = false;
-  $("model-card").textContent = "This service needs an API key.";
+  $("model-card").textContent = "The model card shows once the service has the key.";
   $("key-error").textContent = storedKey() ? err.message : "";
   storeKey(null);
   $("api-key").focus();
