@@ -134,6 +134,11 @@ def test_any_position_and_target_can_be_chosen(page: Any, viewer_url: str) -> No
     assert f"target {json.dumps(second['token'])} (id {second['id']})" in page.text_content(
         "#view-tokens svg"
     )
+    # the other views follow the chosen position and target
+    page.click(".tabs button[data-view='heads']")
+    page.wait_for_selector("#view-heads[data-ready=true]")
+    heads_title = page.text_content("#view-heads svg text")
+    assert f"{json.dumps(second['token'])} (id {second['id']}) at position 4" in heads_title
 
 
 def test_heads_view_has_layers_x_heads_cells(page: Any, viewer_url: str, artifacts: Path) -> None:

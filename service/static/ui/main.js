@@ -19,7 +19,7 @@ const state = {
   candidates: [], // the model's top-5 next tokens at that position
   overLimit: "", // why the prompt cannot be sent, if it cannot
   candidatesFor: "", // the prompt and position the candidates are for
-  results: {}, // view -> { svg, exchanges }
+  results: {}, // view -> { svg, exchanges, inputs }: the latest figure and what it is of
 };
 
 // ---------------------------------------------------------------------------- key, card
@@ -213,11 +213,7 @@ async function run() {
     return;
   }
   const spec = VIEWS[view];
-  const params = {
-    neuronLayer: Number($("neuron-layer").value || 0),
-    neuronK: Math.max(1, Number($("neuron-k").value) || 10),
-    maxNewTokens: Math.max(1, Number($("max-new").value) || 1),
-  };
+  const params = viewParams();
   if (view === "generation") {
     const limits = state.card.limits;
     let message = "";
@@ -269,11 +265,33 @@ async function run() {
 }
 
 function draw(section, view, svg, exchanges) {
+  $("tooltip").hidden = true;
   section.textContent = "";
   section.append(svg);
   fit(svg);
-  state.results[view] = { svg, exchanges };
+  state.results[view] = { svg, exchanges, inputs: inputsOf(view) };
   section.dataset.ready = "true";
+}
+
+function viewParams() {
+  return {
+    neuronLayer: Number($("neuron-layer").value || 0),
+    neuronK: Math.max(1, Number($("neuron-k").value) || 10),
+    maxNewTokens: Math.max(1, Number($("max-new").value) || 1),
+  };
+}
+
+/** What a view's figure depends on: a figure of other inputs is drawn again. */
+function inputsOf(view) {
+  const params = viewParams();
+  const inputs = { prompt: $("prompt").value };
+  if (VIEWS[view].usesTarget) {
+    Object.assign(inputs, { position: state.position, target: $("target").value,
+      free: $("free-target").value });
+  }
+  if (view === "neurons") Object.assign(inputs, { layer: params.neuronLayer, k: params.neuronK });
+  if (view === "generation") inputs.maxNewTokens = params.maxNewTokens;
+  return JSON.stringify(inputs);
 }
 
 function selectView(view) {
@@ -288,7 +306,8 @@ function selectView(view) {
     control.hidden = control.dataset.for !== view;
   }
   $("target-row").hidden = !VIEWS[view].usesTarget;
-  if (state.card && !state.results[view]) run();
+  const result = state.results[view];
+  if (state.card && (!result || result.inputs !== inputsOf(view))) run();
 }
 
 function exportView(kind) {
