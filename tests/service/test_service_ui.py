@@ -92,6 +92,8 @@ def test_the_viewer_is_served_from_the_package(llama_engine: DePassEngine) -> No
             assert "http://" not in text.replace("http://www.w3.org/2000/svg", ""), name
             assert "https://" not in text, name
         assert "javascript" in client.get("/ui/main.js").headers["content-type"]
+        policy = page.headers["content-security-policy"]
+        assert "default-src 'self'" in policy and "script-src 'self';" in policy
         # the page is open; its data is behind the key
         assert client.get("/v1/model").status_code == 401
         card = client.get("/v1/model", headers={"Authorization": "Bearer k"}).json()

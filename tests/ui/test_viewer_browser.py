@@ -36,6 +36,13 @@ def page(browser: Any, viewer_url: str) -> Iterator[Any]:
     tab.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    # anything the page tried to load from elsewhere, or to run inline, is refused and logged
+    tab.on(
+        "console",
+        lambda message: (
+            errors.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
     tab.goto(f"{viewer_url}/ui")
     yield tab
     context.close()
@@ -68,7 +75,7 @@ def test_the_key_is_asked_once_and_checked_by_the_service(page: Any, artifacts: 
     assert page.is_hidden("#main")
     page.fill("#api-key", "not-the-key")
     page.click("#key-submit")
-    page.wait_for_function("document.getElementById('key-error').textContent !== ''")
+    page.wait_for_selector("#key-error:not(:empty)")
     assert page.text_content("#key-error") == "the API key is not valid"
     assert page.is_visible("#key-form") and page.is_hidden("#main")
     page.screenshot(path=str(artifacts / "key-prompt.png"))
@@ -221,7 +228,7 @@ def test_a_prompt_over_the_limit_is_refused_before_sending(page: Any) -> None:
     sent: list[str] = []
     page.on("request", lambda request: sent.append(request.url))
     page.fill("#prompt", "the store " * 40)  # 81 tokens with <s>
-    page.wait_for_function("document.getElementById('limit').textContent !== ''")
+    page.wait_for_selector("#limit:not(:empty)")
     assert page.text_content("#limit") == (
         f"The prompt is 81 tokens, over this service's limit of {MAX_INPUT_TOKENS} tokens. "
         "Shorten it."
