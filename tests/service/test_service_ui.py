@@ -106,3 +106,13 @@ def test_the_viewer_can_be_turned_off(llama_engine: DePassEngine) -> None:
         assert client.get("/ui/").status_code == 404
         assert client.get("/ui", follow_redirects=False).status_code == 404
         assert client.get("/ready").status_code == 200
+
+
+async def test_openapi_documents_next_tokens(llama_engine: DePassEngine) -> None:
+    async with running(llama_engine) as (_, client):
+        spec = (await client.get("/openapi.json")).json()
+    operation = spec["paths"]["/v1/next_tokens"]["post"]
+    for status in ("401", "413", "422", "429", "503", "504"):
+        schema = operation["responses"][status]["content"]["application/json"]["schema"]
+        assert schema["$ref"].endswith("/ErrorResponse"), status
+    assert not any(path.startswith("/ui") for path in spec["paths"])  # files, not API
