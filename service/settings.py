@@ -108,6 +108,7 @@ class Settings(BaseSettings):
         "bytes (the newest one is always kept); unset: no byte limit.",
     )
     docs_enabled: bool = Field(True, description="Serve /docs, /redoc and /openapi.json.")
+    ui_enabled: bool = Field(True, description="Serve the web viewer at /ui.")
     protect_metrics: bool = Field(
         False, description="With DEPASS_API_KEY set, /metrics also needs the key."
     )
