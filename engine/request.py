@@ -113,8 +113,7 @@ def check_one_input(
         if v is not None
     ]
     if len(given) != 1:
-        field = given[-1] if given else "prompt"
-        raise RequestError(field, "give exactly one of 'prompt', 'input_ids' and 'messages'")
+        raise RequestError("prompt", "give exactly one of 'prompt', 'input_ids' and 'messages'")
     if input_ids is not None and not input_ids:
         raise RequestError("input_ids", "must not be empty")
     if prompt is not None and not prompt:

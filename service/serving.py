@@ -10,6 +10,7 @@ allocator's cache and answers 503; the service keeps serving.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -35,6 +36,7 @@ from engine import (
     RequestError,
 )
 from engine.engine import resolve_dtype
+from engine.request import GRANULARITIES
 from service.arrays import ENCODINGS, ArrayDecodeError, decode_array, encode_array
 from service.errors import (
     InvalidFieldError,
@@ -68,7 +70,6 @@ T = TypeVar("T")
 FaultInjector = Callable[[str], None]
 Disconnected = Callable[[], Awaitable[bool]]
 
-GRANULARITIES = ("token", "module", "head", "neuron", "subspace")
 ELEMENT_BYTES = {"float32": 4, "float16": 2}
 #: A prompt longer than ``max_input_tokens`` times this many characters is refused (413)
 #: before it is tokenized: no tokenizer has tokens this long, and tokenizing megabytes of
@@ -172,11 +173,10 @@ class Serving:
     ) -> Response | BaseModel:
         """``POST /v1/attributions``."""
         clock = time.perf_counter()
-        self._check_prompt_chars(body.prompt)
         request = self._engine_request(body)
+        # The input limit first: a request over it gets that answer, whatever else it asks.
+        await self._input_ids(body)
         plan = await self._call(self.engine.plan, request)
-        field = "input_ids" if body.input_ids is not None else "prompt"
-        self._check_input_length(plan.num_tokens, field)
         estimate = plan.result_bytes(ELEMENT_BYTES[body.array_dtype])
         if estimate > self.settings.max_response_bytes:
             raise PayloadTooLargeError(
@@ -211,21 +211,7 @@ class Serving:
                 f"max_new_tokens: {body.max_new_tokens} is over this service's limit of {limit}",
                 param="max_new_tokens",
             )
-        if body.input_ids is not None:
-            field, prompt_ids = "input_ids", list(body.input_ids)
-            bad = [i for i in prompt_ids if i >= self.engine.info.vocab_size]
-            if bad:
-                raise InvalidFieldError(
-                    f"input_ids: token ids {bad[:5]} are outside the vocabulary "
-                    f"[0, {self.engine.info.vocab_size})",
-                    param="input_ids",
-                )
-        else:
-            self._check_prompt_chars(body.prompt)
-            field, prompt_ids = "prompt", await self._call(self.engine.tokenize, body.prompt or "")
-        if not prompt_ids:
-            raise InvalidFieldError(f"{field}: tokenizes to no tokens", param=field)
-        self._check_input_length(len(prompt_ids) + body.max_new_tokens - 1, field)
+        prompt_ids = await self._input_ids(body, extra_tokens=body.max_new_tokens - 1)
         self.metrics.input_tokens.labels("generate").observe(len(prompt_ids))
         done = await self.worker.submit(
             lambda stop: self._guarded(
@@ -243,29 +229,18 @@ class Serving:
 
     async def tokenize(self, body: TokenizeBody) -> TokenizeResponse:
         """``POST /v1/tokenize``."""
-        self._check_prompt_chars(body.prompt)
+        self._check_input_chars(body)
         ids = await self._call(self.engine.tokenize, body.prompt)
         tokens = await self._call(self.engine.token_texts, ids)
         return TokenizeResponse(input_ids=ids, tokens=tokens, num_tokens=len(ids))
 
     def model_card(self) -> ModelResponse:
         """``GET /v1/model``."""
-        info = self.engine.info
         s = self.settings
         return ModelResponse(
+            **dataclasses.asdict(self.engine.info),
             id=self.model_name,
-            architecture=info.architecture,
-            family=info.family,
-            num_layers=info.num_layers,
-            num_heads=info.num_heads,
-            num_kv_heads=info.num_kv_heads,
-            head_dim=info.head_dim,
-            hidden_size=info.hidden_size,
-            intermediate_size=info.intermediate_size,
-            vocab_size=info.vocab_size,
-            dtype=info.dtype,
             compute_dtype=str(self.engine.compute_dtype).removeprefix("torch."),
-            device=info.device,
             granularities=list(GRANULARITIES),
             mlp_splits=list(SPLIT_RULES),
             array_encodings=["auto", *ENCODINGS],
@@ -285,10 +260,21 @@ class Serving:
 
     # ------------------------------------------------------------------ requests
 
+    async def _input_ids(
+        self, body: AttributionBody | GenerateBody, extra_tokens: int = 0
+    ) -> list[int]:
+        """The token ids of a body's input, held to the input limit (with ``extra_tokens``
+        more to come) before anything else is checked or sized."""
+        self._check_input_chars(body)
+        if body.input_ids is not None:  # the limit before the vocabulary
+            self._check_input_length(len(body.input_ids) + extra_tokens, "input_ids")
+        messages = None if body.messages is None else [m.model_dump() for m in body.messages]
+        ids, field = await self._call(self.engine.input_ids, body.prompt, body.input_ids, messages)
+        self._check_input_length(len(ids) + extra_tokens, field)
+        return ids
+
     def _engine_request(self, body: AttributionBody) -> AttributionRequest:
         """The engine's request: ``subspace`` decoded (never unpickled), fields re-checked."""
-        if body.input_ids is not None:
-            self._check_input_length(len(body.input_ids), "input_ids")
         fields = body.model_dump(exclude={"array_encoding", "array_dtype", "subspace"})
         if body.subspace is not None:
             try:
@@ -306,16 +292,21 @@ class Serving:
         except RequestError as exc:
             raise field_error(exc) from None
 
-    def _check_prompt_chars(self, prompt: str | None) -> None:
-        """413 for a prompt too long to fit the token limit, before tokenizing it."""
+    def _check_input_chars(self, body: AttributionBody | GenerateBody | TokenizeBody) -> None:
+        """413 for a prompt (or chat) too long to fit the token limit, before tokenizing it."""
         limit = self.settings.max_input_tokens * MAX_CHARS_PER_TOKEN
-        if prompt is not None and len(prompt) > limit:
-            raise PayloadTooLargeError(
-                f"prompt: {len(prompt)} characters cannot fit this service's limit of "
-                f"{self.settings.max_input_tokens} tokens (at most {limit} characters)",
-                param="prompt",
-                code="input_too_long",
-            )
+        messages = getattr(body, "messages", None) or []
+        for field, size in (
+            ("prompt", len(body.prompt or "")),
+            ("messages", sum(len(m.content) for m in messages)),
+        ):
+            if size > limit:
+                raise PayloadTooLargeError(
+                    f"{field}: {size} characters cannot fit this service's limit of "
+                    f"{self.settings.max_input_tokens} tokens (at most {limit} characters)",
+                    param=field,
+                    code="input_too_long",
+                )
 
     def _check_input_length(self, tokens: int, field: str) -> None:
         limit = self.settings.max_input_tokens
@@ -365,8 +356,8 @@ class Serving:
         self.metrics.out_of_memory.inc()
         logger.warning("out of memory during %s; caches freed", operation)
         raise OutOfMemoryError(
-            "the model ran out of memory on this request; caches were freed. Retry, or ask "
-            "for less: fewer positions, outputs=['scores'], a shorter input"
+            "the model ran out of memory on this request; caches were freed. Ask for less: "
+            "fewer positions, outputs=['scores'], a shorter input"
         )
 
     def _free_memory(self) -> None:
@@ -414,9 +405,13 @@ class Serving:
             "tokens": result.tokens,
             "input_ids": result.input_ids,
             "components": result.components,
+            "layer_components": result.layer_components,
+            "first_positions": result.first_positions,
             "positions": result.positions,
             "targets": result.targets,
             "target_tokens": result.target_tokens,
+            "position_targets": result.position_targets,
+            "position_target_tokens": result.position_target_tokens,
             "granularity": result.granularity,
             "mlp_split": result.mlp_split,
             "end": result.end,

@@ -137,7 +137,7 @@ def test_messages_exclude_the_other_inputs_and_need_a_template(engine: DePassEng
     chat = [{"role": "user", "content": "the"}]
     with pytest.raises(RequestError) as caught:
         AttributionRequest(prompt="the", messages=chat)
-    assert caught.value.field == "messages" and "exactly one" in caught.value.message
+    assert caught.value.field == "prompt" and "'messages'" in caught.value.message
     with pytest.raises(RequestError) as caught:
         engine.attribute(AttributionRequest(messages=chat))
     assert caught.value.field == "messages" and "no chat template" in caught.value.message
