@@ -71,6 +71,8 @@ FaultInjector = Callable[[str], None]
 Disconnected = Callable[[], Awaitable[bool]]
 
 ELEMENT_BYTES = {"float32": 4, "float16": 2}
+#: The array fields of an attribution result (absent ones are left out of a response).
+RESULT_ARRAYS = ("scores", "remainder_scores", "states", "remainder", "logits")
 #: A prompt longer than ``max_input_tokens`` times this many characters is refused (413)
 #: before it is tokenized: no tokenizer has tokens this long, and tokenizing megabytes of
 #: text would cost seconds of CPU for a request that is refused anyway.
@@ -400,34 +402,17 @@ class Serving:
     # ------------------------------------------------------------------ responses
 
     def _attribution_payload(self, result: AttributionResult, timings: dict[str, float]) -> Payload:
-        fields = {
-            "model": self.model_name,
-            "tokens": result.tokens,
-            "input_ids": result.input_ids,
-            "components": result.components,
-            "layer_components": result.layer_components,
-            "first_positions": result.first_positions,
-            "positions": result.positions,
-            "targets": result.targets,
-            "target_tokens": result.target_tokens,
-            "position_targets": result.position_targets,
-            "position_target_tokens": result.position_target_tokens,
-            "granularity": result.granularity,
-            "mlp_split": result.mlp_split,
-            "end": result.end,
-            "layers": result.layers,
-            "conservation_error": result.conservation_error,
-            "relative_conservation_error": result.relative_conservation_error,
-            "timings": timings,
-        }
-        named = {
-            "scores": result.scores,
-            "remainder_scores": result.remainder_scores,
-            "states": result.states,
-            "remainder": result.remainder,
-            "logits": result.logits,
-        }
-        arrays = {k: _numpy(v) for k, v in named.items() if v is not None}
+        """The response of a result: every field of the engine's result (tensors as
+        arrays), the model's name, and the service's timings."""
+        fields: dict[str, Any] = {"model": self.model_name}
+        arrays: dict[str, np.ndarray] = {}
+        for f in dataclasses.fields(result):
+            value = getattr(result, f.name)
+            if isinstance(value, torch.Tensor):
+                arrays[f.name] = _numpy(value)
+            elif value is not None or f.name not in RESULT_ARRAYS:
+                fields[f.name] = value
+        fields["timings"] = timings
         return Payload(fields, arrays)
 
     def _generation_payload(
