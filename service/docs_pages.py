@@ -9,6 +9,7 @@ viewer's ``/ui``.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from pathlib import Path
 
@@ -22,29 +23,38 @@ ASSETS_PATH = "/docs-assets"
 ASSETS_DIR = Path(str(files("fastapi_offline") / "static"))
 
 
+#: Builds a page from the OpenAPI document's URL and a function giving an asset's URL.
+Page = Callable[[str, Callable[[str], str]], HTMLResponse]
+
+
 def add_docs_pages(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") -> None:
     """Serve ``docs_url`` and ``redoc_url`` with assets of this service (no CDN)."""
     app.mount(ASSETS_PATH, StaticFiles(directory=ASSETS_DIR), name="docs-assets")
-    openapi_url = app.openapi_url or "/openapi.json"
-
-    @app.get(docs_url, include_in_schema=False)
-    async def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(
-            openapi_url=f"{root}{openapi_url}",
-            title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui.css",
-            swagger_favicon_url=f"{root}{ASSETS_PATH}/favicon.png",
+    swagger: Page = lambda spec, asset: get_swagger_ui_html(  # noqa: E731
+        openapi_url=spec,
+        title=f"{app.title} - Swagger UI",
+        swagger_js_url=asset("swagger-ui-bundle.js"),
+        swagger_css_url=asset("swagger-ui.css"),
+        swagger_favicon_url=asset("favicon.png"),
+    )
+    redoc: Page = lambda spec, asset: get_redoc_html(  # noqa: E731
+        openapi_url=spec,
+        title=f"{app.title} - ReDoc",
+        redoc_js_url=asset("redoc.standalone.js"),
+        redoc_favicon_url=asset("favicon.png"),
+        with_google_fonts=False,
+    )
+    for path, page in ((docs_url, swagger), (redoc_url, redoc)):
+        app.add_api_route(
+            path, _route(page, app.openapi_url or "/openapi.json"), include_in_schema=False
         )
 
-    @app.get(redoc_url, include_in_schema=False)
-    async def redoc(request: Request) -> HTMLResponse:
+
+def _route(page: Page, openapi_url: str) -> Callable[[Request], Awaitable[HTMLResponse]]:
+    """The handler of one page; URLs honour the ASGI ``root_path`` (behind a proxy)."""
+
+    async def handler(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_redoc_html(
-            openapi_url=f"{root}{openapi_url}",
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{root}{ASSETS_PATH}/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{ASSETS_PATH}/favicon.png",
-            with_google_fonts=False,
-        )
+        return page(f"{root}{openapi_url}", lambda name: f"{root}{ASSETS_PATH}/{name}")
+
+    return handler
