@@ -35,7 +35,7 @@ from engine import (
     MemoryBudgetError,
     RequestError,
 )
-from engine.engine import resolve_dtype
+from engine.loading import resolve_dtype
 from engine.request import GRANULARITIES
 from service.arrays import ENCODINGS, ArrayDecodeError, decode_array, encode_array
 from service.errors import (
