@@ -1,8 +1,10 @@
 """The service's failures, each with its HTTP status, error type and code.
 
 Every failure reaches the client as the one envelope
-``{"error": {"message", "type", "param", "code"}}`` (see :mod:`service.app` for the
-handlers). ``type`` is the broad class a client branches on; ``code`` is the precise reason.
+``{"error": {"message", "type", "param", "code"}}``, built by :func:`error_response` alone
+(from the handlers of :mod:`service.app` and the middleware of :mod:`service.middleware`).
+``type`` is the broad class a client branches on; ``code`` is the precise reason; the
+``x-should-retry`` header says whether sending the same request again can help.
 """
 
 from __future__ import annotations
