@@ -7,11 +7,17 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install test lint format bench clean run screenshots
 
-# The service (.[dev]) and the SDK with its `depass` command and plots (clients/python), editable.
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml Makefile
+# What serving needs: torch, the service and the SDK with its `depass` command
+# (clients/python), editable. `make run` installs only this.
+$(VENV)/.serving: pyproject.toml clients/python/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e . -e clients/python
+	touch $@
+
+# Everything: the above with the test and lint tools (.[dev]).
+$(VENV)/.installed: $(VENV)/.serving
 	$(PY) -m pip install -q -e ".[dev]" -e "clients/python[plot]"
 	touch $@
 
@@ -19,7 +25,7 @@ install: $(VENV)/.installed
 
 # Serve DEPASS_MODEL (default: the embedded models/depass-tiny) on DEPASS_HOST:DEPASS_PORT
 # (default 127.0.0.1:8000); the service prints the URL of its docs page when ready.
-run: install
+run: $(VENV)/.serving
 	$(PY) -m service
 
 test: install real-models

@@ -16,6 +16,7 @@ from torch import nn
 from engine.adapters import ArchitectureAdapter, adapter_for, adapter_named
 from engine.capture import ForwardTrace
 from engine.granularity import (
+    head_labels,
     head_start,
     module_start,
     neuron_start,
@@ -47,8 +48,8 @@ from engine.propagate import (
     Start,
     StartFacts,
 )
-from engine.readout import Readout, View, assemble
-from engine.request import AttributionRequest, RequestError
+from engine.readout import Labels, Readout, View, assemble
+from engine.request import AttributionRequest, RequestError, check_one_input
 from engine.result import AttributionResult
 from engine.trace_cache import TraceCache
 
@@ -272,6 +273,45 @@ class DePassEngine:
             raise RequestError("prompt", "this engine has no tokenizer; send input_ids")
         return list(self.tokenizer(prompt)["input_ids"])
 
+    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a chat in the tokenizer's own chat template, with the generation
+        prompt appended (so the next token is the assistant's first)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if self.tokenizer is None or not template:
+            raise RequestError(
+                "messages", "this model's tokenizer has no chat template; send prompt or input_ids"
+            )
+        try:
+            encoded = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        except Exception as exc:  # the template's own checks (roles must alternate, ...)
+            raise RequestError("messages", f"the chat template refused them: {exc}") from None
+        return list(encoded["input_ids"])
+
+    def input_ids(
+        self,
+        prompt: str | None = None,
+        input_ids: Sequence[int] | None = None,
+        messages: Sequence[dict[str, str]] | None = None,
+    ) -> tuple[list[int], str]:
+        """The token ids of a request's input (exactly one of the three) and the name of
+        the field that gave them, checked against the vocabulary.
+
+        Raises:
+            RequestError: no or several inputs, no tokens, ids outside the vocabulary, no
+                chat template for ``messages``.
+        """
+        check_one_input(prompt, None if input_ids is None else list(input_ids), messages)
+        if input_ids is not None:
+            ids, field = list(input_ids), "input_ids"
+        elif messages is not None:
+            ids, field = self.chat_ids(messages), "messages"
+        else:
+            ids, field = self.tokenize(prompt or ""), "prompt"
+        self._check_ids(ids, field)
+        return ids, field
+
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Readable text of each token."""
         if self.tokenizer is None:
@@ -328,9 +368,7 @@ class DePassEngine:
         Raises:
             RequestError: the request does not fit the model (names the field).
         """
-        from_ids = request.input_ids is not None
-        input_ids = list(request.input_ids) if from_ids else self.tokenize(request.prompt or "")
-        self._check_ids(input_ids, "input_ids" if from_ids else "prompt")
+        input_ids, input_field = self.input_ids(request.prompt, request.input_ids, request.messages)
         length = len(input_ids)
         positions = _normalise_positions(request.positions, length, "positions")
         layers = request.start_layers
@@ -369,8 +407,7 @@ class DePassEngine:
             budget_bytes=self.memory_budget_bytes,
         )
         if memory.total > self.memory_budget_bytes:
-            field = "input_ids" if from_ids else "prompt"
-            raise MemoryBudgetError(field, memory, self.memory_budget_bytes)
+            raise MemoryBudgetError(input_field, memory, self.memory_budget_bytes)
         return Plan(
             input_ids=input_ids,
             positions=positions,
@@ -552,17 +589,24 @@ class DePassEngine:
         outcomes: dict[tuple[int, int], _RunOutcome] = {}
         for k, ((i, _), member, trace) in enumerate(zip(batch, members, traces, strict=True)):
             request, plan = requests[i], plans[i]
-            targets = plan.target_ids or [int(trace.last_logits.argmax())]
+            if plan.target_ids is None:  # each position's own top-1 next token
+                tops = self.readout.top_tokens(trace, member.positions)
+                targets = [[token] for token in tops]
+                head = self.readout.for_position_targets(targets)
+            else:
+                targets = [list(plan.target_ids)] * len(plan.positions)
+                head = self.readout.for_targets(plan.target_ids)
             scaled = request.end_layer is None and not request.all_layers
-            head = self.readout.for_targets(targets)
             keep_states = "states" in request.outputs
             views = [
                 self.readout.view(snap, trace, scaled, member.positions, head, keep_states)
                 for snap in member.snapshots
             ]
             member.snapshots = []
+            start = member.start
             outcomes[(i, layer)] = _RunOutcome(
                 labels=labels[k],
+                first_positions=[start.first_position[row - 1] for row in start.output_rows],
                 targets=targets,
                 views=views,
                 batch_size=len(batch),
@@ -588,19 +632,21 @@ class DePassEngine:
             axis = plan.layers
         else:
             axis = None
-        texts = self.token_texts(plan.input_ids)
         views = [view for run in runs for view in run.views]
+        per_layer = [run.labels for run in runs]
+        differ = any(labels != per_layer[0] for labels in per_layer)
+        targets = runs[-1].targets
+        labels = Labels(
+            # head runs over several layers: layer-free labels, and each layer's own
+            components=head_labels(None, self.info.num_heads) if differ else per_layer[0],
+            layer_components=per_layer if differ else None,
+            first_positions=runs[-1].first_positions,
+            position_targets=targets,
+            position_target_tokens=[self.token_texts(row) for row in targets],
+        )
+        texts = self.token_texts(plan.input_ids)
         result = assemble(
-            request,
-            runs[-1].labels,
-            views,
-            axis,
-            plan.end,
-            plan.positions,
-            runs[-1].targets,
-            self.token_texts(runs[-1].targets),
-            texts,
-            plan.input_ids,
+            request, labels, views, axis, plan.end, plan.positions, texts, plan.input_ids
         )
         result.timings = {
             "forward_s": sum(run.timings["forward_s"] for run in runs),
@@ -693,7 +739,8 @@ class _RunOutcome:
     """What one run (a request at one start layer) leaves for its result."""
 
     labels: list[str]
-    targets: list[int]
+    first_positions: list[int]  # (M,) in the labels' order
+    targets: list[list[int]]  # (P, T) each kept position's scored ids
     views: list[View]
     batch_size: int  # runs propagated together with this one (1: alone)
     timings: dict[str, float]

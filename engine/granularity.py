@@ -157,8 +157,14 @@ def head_start(
     normed = resid_pre * weights.in_scale[member, :length]
     heads = weights.head_outputs(normed, member)  # (H, N, D)
     values = torch.cat([weights.attn_bias.expand_as(resid_pre)[None], resid_pre[None], heads])
-    labels = ["rest"] + [f"L{layer}.H{h}" for h in range(heads.shape[0])]
-    return _from_position_zero(values, mlp_stage(layer), labels)
+    return _from_position_zero(values, mlp_stage(layer), head_labels(layer, heads.shape[0]))
+
+
+def head_labels(layer: int | None, heads: int) -> list[str]:
+    """``["rest", "L3.H0", ..]`` for the heads of one layer; without a layer (a result
+    over several layers, whose layer axis names it) ``["rest", "H0", ..]``."""
+    prefix = "" if layer is None else f"L{layer}."
+    return ["rest"] + [f"{prefix}H{h}" for h in range(heads)]
 
 
 def neuron_start(

@@ -1,22 +1,29 @@
-"""Shape facts of a loaded model, shared by the engine and its memory estimate."""
+"""Shape facts of a loaded model, shared by the engine, its memory estimate and the
+service's ``GET /v1/model`` (whose schema is built from this class)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _fact(description: str) -> Any:
+    """A field whose meaning the HTTP schema shows."""
+    return field(metadata={"description": description})
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     """Shape facts of the loaded model."""
 
-    architecture: str
-    family: str
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    intermediate_size: int
-    vocab_size: int
-    dtype: str
-    device: str
+    architecture: str = _fact("The transformers class, e.g. LlamaForCausalLM.")
+    family: str = _fact("The engine's adapter family: llama, mistral, qwen2, qwen3.")
+    num_layers: int = _fact("Decoder layers (L).")
+    num_heads: int = _fact("Attention (query) heads per layer.")
+    num_kv_heads: int = _fact("Key/value heads per layer.")
+    head_dim: int = _fact("Width of one head.")
+    hidden_size: int = _fact("Width of the residual stream (D).")
+    intermediate_size: int = _fact("MLP width (neurons per layer).")
+    vocab_size: int = _fact("Rows of the embedding.")
+    dtype: str = _fact("Weight dtype.")
+    device: str = _fact("Where the embedding is (cuda:0, cpu, ...).")

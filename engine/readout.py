@@ -27,10 +27,15 @@ class View:
 
 @dataclass(frozen=True)
 class TargetHead:
-    """The unembedding rows of the scored targets, in the compute dtype."""
+    """The unembedding rows of the scored targets, in the compute dtype: the same targets
+    at every position (T, D), or each position's own (P, T, D)."""
 
-    weight: torch.Tensor  # (T, D)
-    bias: torch.Tensor | None  # (T,)
+    weight: torch.Tensor  # (T, D) or (P, T, D)
+    bias: torch.Tensor | None  # (T,) or (P, T)
+
+
+#: Positions whose full logits are computed at once when finding each one's top-1 token.
+TOP_TOKEN_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,26 @@ class Readout:
             weight=self.unembed.weight[targets].to(self.dtype),
             bias=None if bias is None else bias[targets].to(self.dtype),
         )
+
+    def for_position_targets(self, targets: list[list[int]]) -> TargetHead:
+        """The unembedding rows of each position's own targets (P lists of T ids)."""
+        index = torch.tensor(targets, dtype=torch.long, device=self.unembed.weight.device)
+        bias = getattr(self.unembed, "bias", None)
+        return TargetHead(
+            weight=self.unembed.weight[index].to(self.dtype),  # (P, T, D)
+            bias=None if bias is None else bias[index].to(self.dtype),
+        )
+
+    def top_tokens(self, trace: ForwardTrace, positions: torch.Tensor) -> list[int]:
+        """The model's own top-1 next token at each of ``positions`` (the argmax of its
+        logits, computed as the forward pass does, a chunk of positions at a time)."""
+        weight = self.unembed.weight
+        normed = trace.normed_final[positions.to(trace.normed_final.device)]  # (P, D)
+        tops: list[int] = []
+        for chunk in normed.split(TOP_TOKEN_CHUNK):
+            logits = self.unembed(chunk.to(weight.device, weight.dtype))  # (p, V)
+            tops.extend(logits.argmax(-1).tolist())
+        return tops
 
     def view(
         self,
@@ -78,7 +103,11 @@ class Readout:
         error = float((total - true.to(total.device)).abs().max())
         magnitude = max(float(true.abs().max()), torch.finfo(self.dtype).tiny)
         lensed = snap.values * lens  # (M + 1, P, D)
-        scores = lensed @ head.weight.to(lensed.device).T  # (M + 1, P, T)
+        weight = head.weight.to(lensed.device)
+        if weight.dim() == 2:
+            scores = lensed @ weight.T  # (M + 1, P, T)
+        else:  # each position's own targets
+            scores = torch.einsum("mpd,ptd->mpt", lensed, weight)
         if head.bias is not None:
             scores[-1] += head.bias.to(scores.device)
         states = (lensed if scaled_output else snap.values) if keep_states else None
@@ -90,15 +119,24 @@ class Readout:
         )
 
 
+@dataclass(frozen=True)
+class Labels:
+    """What names the axes of a result: components, their first positions, targets."""
+
+    components: list[str]  # (M,)
+    layer_components: list[list[str]] | None  # ([layers,] M) when they differ by layer
+    first_positions: list[int]  # (M,)
+    position_targets: list[list[int]]  # (P, T)
+    position_target_tokens: list[list[str]]  # (P, T)
+
+
 def assemble(
     request: AttributionRequest,
-    labels: list[str],
+    labels: Labels,
     views: list[View],
     layers: list[int] | None,
     end: int,
     positions: list[int],
-    targets: list[int],
-    target_tokens: list[str],
     texts: list[str],
     input_ids: Sequence[int],
 ) -> AttributionResult:
@@ -112,10 +150,14 @@ def assemble(
     return AttributionResult(
         tokens=texts,
         input_ids=list(input_ids),
-        components=labels,
+        components=labels.components,
+        layer_components=labels.layer_components,
+        first_positions=labels.first_positions,
         positions=positions,
-        targets=targets,
-        target_tokens=target_tokens,
+        targets=labels.position_targets[-1],
+        target_tokens=labels.position_target_tokens[-1],
+        position_targets=labels.position_targets,
+        position_target_tokens=labels.position_target_tokens,
         granularity=request.granularity,
         mlp_split=request.mlp_split,
         end="output" if request.end_layer is None else f"layer {end}",

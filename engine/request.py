@@ -20,8 +20,16 @@ from engine.splits import SPLIT_RULES, SplitRule
 
 Granularity = Literal["token", "module", "head", "neuron", "subspace"]
 Output = Literal["scores", "states"]
+Role = Literal["system", "user", "assistant"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 OUTPUTS: tuple[str, ...] = get_args(Output)
+ROLES: tuple[str, ...] = get_args(Role)
+#: The inputs a request may give, exactly one of them.
+INPUT_FIELDS = ("prompt", "input_ids", "messages")
+
+#: The smallest MLP-split temperature accepted (the engine and the HTTP schema). The
+#: float32 softmax split overflows near 1e-38; long before that it is the 'max' split.
+MIN_TEMPERATURE = 1e-6
 
 
 class RequestError(ValueError):
@@ -35,8 +43,10 @@ class RequestError(ValueError):
 
 #: What each field of :class:`AttributionRequest` means (also the HTTP API's descriptions).
 FIELD_DOCS: dict[str, str] = {
-    "prompt": "Text to attribute (or give input_ids).",
-    "input_ids": "Token ids to attribute (or give prompt); used as given.",
+    "prompt": "Text to attribute (or give input_ids or messages).",
+    "input_ids": "Token ids to attribute (or give prompt or messages); used as given.",
+    "messages": "A chat (role/content list) to attribute, in the model's chat template "
+    "with the generation prompt appended (or give prompt or input_ids).",
     "granularity": "What the components are: token, module, head, neuron or subspace.",
     "start_layer": "Layer to decompose; for head runs also a list of layers.",
     "end_layer": "Stop at the residual entering this layer; None: model output.",
@@ -45,10 +55,12 @@ FIELD_DOCS: dict[str, str] = {
     "groups": "Token groups, each one component (granularity='token').",
     "subspace": "(K, N, D) components of the residual entering start_layer.",
     "mlp_split": "MLP split rule: softmax, relu, max, linear or taylor.",
-    "temperature": "Softmax temperature of the split.",
+    "temperature": f"Softmax temperature of the split (at least {MIN_TEMPERATURE:g}; "
+    "below, use mlp_split='max').",
     "ignore_bos": "First-token rule; None: on for token runs, off otherwise.",
     "all_layers": "Token runs: the decomposition entering every layer from start.",
-    "targets": "Token ids or strings to score; None: the model's top-1 next token.",
+    "targets": "Token ids or strings to score at every position; None: each returned "
+    "position's own top-1 next token.",
     "positions": "Positions to return (negative counts from the end); None: all.",
     "outputs": "'scores' and/or 'states'.",
 }
@@ -70,6 +82,44 @@ def _int_list(name: str, value: Any, minimum: int | None = None) -> list[int]:
     return [int(v) for v in items]
 
 
+def check_messages(value: Any) -> list[dict[str, str]]:
+    """``value`` as a chat: a non-empty list of ``{"role", "content"}`` with known roles."""
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        raise RequestError("messages", "must be a list of {'role', 'content'} objects")
+    if not value:
+        raise RequestError("messages", "must hold at least one message")
+    chat = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise RequestError("messages", f"message {index} must have 'role' and 'content' only")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise RequestError(
+                "messages", f"message {index}: role must be one of {', '.join(ROLES)}"
+            )
+        if not isinstance(content, str):
+            raise RequestError("messages", f"message {index}: content must be a string")
+        chat.append({"role": role, "content": content})
+    return chat
+
+
+def check_one_input(
+    prompt: str | None, input_ids: list[int] | None, messages: list[Any] | None = None
+) -> None:
+    """Exactly one of ``prompt``, ``input_ids`` and ``messages``, and not an empty one."""
+    given = [
+        name
+        for name, v in zip(INPUT_FIELDS, (prompt, input_ids, messages), strict=True)
+        if v is not None
+    ]
+    if len(given) != 1:
+        raise RequestError("prompt", "give exactly one of 'prompt', 'input_ids' and 'messages'")
+    if input_ids is not None and not input_ids:
+        raise RequestError("input_ids", "must not be empty")
+    if prompt is not None and not prompt:
+        raise RequestError("prompt", "must not be empty")
+
+
 @dataclass
 class AttributionRequest:
     """What to decompose, how, and what to return.
@@ -84,6 +134,7 @@ class AttributionRequest:
 
     prompt: str | None = None
     input_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
     granularity: Granularity = "token"
     start_layer: int | list[int] = 0
     end_layer: int | None = None
@@ -110,6 +161,8 @@ class AttributionRequest:
             raise RequestError("prompt", "must be a string")
         if self.input_ids is not None:
             self.input_ids = _int_list("input_ids", self.input_ids, minimum=0)
+        if self.messages is not None:
+            self.messages = check_messages(self.messages)
         if self.granularity not in GRANULARITIES:
             raise RequestError("granularity", f"must be one of {', '.join(GRANULARITIES)}")
         if _is_int(self.start_layer):
@@ -131,14 +184,15 @@ class AttributionRequest:
         if self.mlp_split not in SPLIT_RULES:
             raise RequestError("mlp_split", f"must be one of {', '.join(SPLIT_RULES)}")
         temperature = self.temperature
-        # Below ~1e-38 the gates times 1/T overflow float32; no useful split needs less.
         if (
             not isinstance(temperature, (int, float))
             or isinstance(temperature, bool)
             or not math.isfinite(temperature)
-            or temperature < 1e-30
+            or temperature < MIN_TEMPERATURE
         ):
-            raise RequestError("temperature", "must be a finite number of at least 1e-30")
+            raise RequestError(
+                "temperature", f"must be a finite number of at least {MIN_TEMPERATURE:g}"
+            )
         self.temperature = float(temperature)
         if self.ignore_bos is not None and not isinstance(self.ignore_bos, bool):
             raise RequestError("ignore_bos", "must be true, false or null")
@@ -202,12 +256,7 @@ class AttributionRequest:
         return array
 
     def _check_consistency(self) -> None:
-        if (self.prompt is None) == (self.input_ids is None):
-            raise RequestError("prompt", "give exactly one of 'prompt' and 'input_ids'")
-        if self.input_ids is not None and not self.input_ids:
-            raise RequestError("input_ids", "must not be empty")
-        if self.prompt is not None and not self.prompt:
-            raise RequestError("prompt", "must not be empty")
+        check_one_input(self.prompt, self.input_ids, self.messages)
         g = self.granularity
         if isinstance(self.start_layer, list):
             if g != "head":

@@ -17,10 +17,19 @@ class AttributionResult:
 
     tokens: list[str]  # (N,) readable text of each input token
     input_ids: list[int]  # (N,)
-    components: list[str]  # (M,) labels, in the order of the component axis
+    # (M,) labels, in the order of the component axis; when they differ by layer (a list
+    # of head layers) they leave the layer out ("rest", "H0", ..) and ``layer_components``
+    # ([layers,] M) names each layer's ("L3.H0", ..).
+    components: list[str]
+    layer_components: list[list[str]] | None
+    first_positions: list[int]  # (M,) first position where each component exists
     positions: list[int]  # (P,) non-negative positions of the position axis
-    targets: list[int]  # (T,) scored token ids
+    targets: list[int]  # (T,) scored token ids at the last returned position
     target_tokens: list[str]  # (T,)
+    # (P, T) each position's scored ids and texts: the asked targets at every position,
+    # or by default each position's own top-1 next token (T = 1)
+    position_targets: list[list[int]]
+    position_target_tokens: list[list[str]]
     granularity: str
     mlp_split: str
     end: str  # "output" (final-norm scaled) or "layer e" (residual entering layer e)
@@ -34,13 +43,25 @@ class AttributionResult:
     relative_conservation_error: float  # conservation_error / max |true state|
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
 
+    def labels(self, layer: int = -1) -> list[str]:
+        """The component labels at one index of the layer axis (``components`` without one)."""
+        return self.components if self.layer_components is None else self.layer_components[layer]
+
     def top_components(
-        self, k: int = 10, position: int = -1, target: int = 0
+        self, k: int = 10, position: int = -1, target: int = 0, layer: int = -1
     ) -> list[tuple[str, float]]:
-        """The ``k`` components with the largest score for one position and target."""
+        """The ``k`` components with the largest score for one position and target.
+
+        Components that do not exist yet at that position (later tokens, exactly 0 there)
+        are not ranked. ``position``, ``target`` and ``layer`` index the result's axes.
+        """
         if self.scores is None:
             raise ValueError("the result holds no scores; ask for outputs=['scores']")
-        scores = self.scores if self.layers is None else self.scores[-1]
+        scores = self.scores if self.layers is None else self.scores[layer]
         row = scores[position, :, target]
-        order = torch.argsort(row, descending=True)[:k]
-        return [(self.components[i], float(row[i])) for i in order.tolist()]
+        present = [
+            m for m, first in enumerate(self.first_positions) if first <= self.positions[position]
+        ]
+        order = sorted(present, key=lambda m: -float(row[m]))[:k]
+        names = self.labels(layer)
+        return [(names[i], float(row[i])) for i in order]

@@ -24,14 +24,16 @@ from starlette.responses import JSONResponse
 
 from engine import DePassEngine
 from service.api_router import router
-from service.errors import BadRequestError, ServiceError, invalid_fields
-from service.metrics import Metrics
-from service.middleware import (
-    ApiKeyMiddleware,
-    BodyLimitMiddleware,
-    MetricsMiddleware,
+from service.docs_pages import add_docs_pages
+from service.errors import (
+    BadRequestError,
+    ServiceError,
     error_response,
+    from_http_exception,
+    invalid_fields,
 )
+from service.metrics import Metrics
+from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from service.serving import FaultInjector, Serving, load_engine
 from service.settings import Settings
 from service.ui import mount_ui
@@ -70,10 +72,12 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=_lifespan,
-        docs_url="/docs" if settings.docs_enabled else None,
-        redoc_url="/redoc" if settings.docs_enabled else None,
+        docs_url=None,  # served offline by add_docs_pages
+        redoc_url=None,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
+    if settings.docs_enabled:
+        add_docs_pages(app)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.engine = engine
@@ -168,27 +172,12 @@ def _gpu_allocated_bytes() -> float:
 # ---------------------------------------------------------------------------- errors
 
 
-_HTTP_CODES = {
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-}
-
-
 def register_error_handlers(app: FastAPI) -> None:
     """Route every failure to the envelope: service errors, validation, HTTP, and the rest."""
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(
-            exc.status_code,
-            exc.message,
-            exc.type,
-            param=exc.param,
-            code=exc.code,
-            headers=exc.headers,
-        )
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -206,22 +195,14 @@ def register_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        default = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        code = getattr(exc, "code", None) or default
-        message = str(exc.detail)
+        message = None
         if exc.status_code == 404:
             message = f"no such route: {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
-        return error_response(
-            exc.status_code,
-            message,
-            "server_error" if exc.status_code >= 500 else "invalid_request_error",
-            code=code,
-            headers=dict(exc.headers or {}),
-        )
+        return error_response(from_http_exception(exc, message))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         # Uvicorn logs the traceback; the client gets the envelope, never the trace.
-        return error_response(500, "internal server error", "server_error", code="internal_error")
+        return error_response(ServiceError("internal server error"))

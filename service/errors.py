@@ -1,8 +1,10 @@
 """The service's failures, each with its HTTP status, error type and code.
 
 Every failure reaches the client as the one envelope
-``{"error": {"message", "type", "param", "code"}}`` (see :mod:`service.app` for the
-handlers). ``type`` is the broad class a client branches on; ``code`` is the precise reason.
+``{"error": {"message", "type", "param", "code"}}``, built by :func:`error_response` alone
+(from the handlers of :mod:`service.app` and the middleware of :mod:`service.middleware`).
+``type`` is the broad class a client branches on; ``code`` is the precise reason; the
+``x-should-retry`` header says whether sending the same request again can help.
 """
 
 from __future__ import annotations
@@ -13,14 +15,26 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+from service.protocol import ErrorDetail, ErrorResponse
+
+#: The response header that tells a client whether retrying this very request can help
+#: (the convention the anthropic and openai SDKs honour).
+SHOULD_RETRY_HEADER = "x-should-retry"
 
 
 class ServiceError(Exception):
-    """A failure with a known status; subclasses fix the status, type and default code."""
+    """A failure with a known status; subclasses fix the status, type and default code.
+
+    ``retryable``: whether the same request may succeed if sent again (sent as
+    ``x-should-retry``); None leaves it to the client's status rules.
+    """
 
     status_code = 500
     type = "server_error"
     code = "internal_error"
+    retryable: bool | None = None
 
     def __init__(
         self,
@@ -95,6 +109,7 @@ class QueueFullError(ServiceError):
     status_code = 429
     type = "rate_limit_error"
     code = "queue_full"
+    retryable = True
 
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
@@ -106,28 +121,30 @@ class NotReadyError(ServiceError):
     status_code = 503
     type = "unavailable_error"
     code = "not_ready"
+    retryable = True
 
     def __init__(self, message: str = "the model is not loaded yet; retry shortly") -> None:
         super().__init__(message, headers={"Retry-After": "5"})
 
 
 class OutOfMemoryError(ServiceError):
-    """The accelerator ran out of memory on this request; caches were freed (503)."""
+    """The accelerator ran out of memory on this request; caches were freed (503). The
+    same request would redo the same work and likely fail again: not to be retried."""
 
     status_code = 503
     type = "unavailable_error"
     code = "out_of_memory"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "1"})
+    retryable = False
 
 
 class RequestTimeoutError(ServiceError):
-    """The request waited and ran past ``DEPASS_REQUEST_TIMEOUT_S`` (504)."""
+    """The request waited and ran past ``DEPASS_REQUEST_TIMEOUT_S`` (504); sent again it
+    would take as long: not to be retried."""
 
     status_code = 504
     type = "timeout_error"
     code = "timeout"
+    retryable = False
 
 
 class ClientDisconnectedError(ServiceError):
@@ -136,6 +153,37 @@ class ClientDisconnectedError(ServiceError):
     status_code = 499
     type = "invalid_request_error"
     code = "client_disconnected"
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    """The one error envelope of every failure, with its status and headers."""
+    detail = ErrorDetail(message=error.message, type=error.type, param=error.param, code=error.code)
+    headers = dict(error.headers)
+    if error.retryable is not None:
+        headers[SHOULD_RETRY_HEADER] = "true" if error.retryable else "false"
+    body = ErrorResponse(error=detail).model_dump()
+    return JSONResponse(body, status_code=error.status_code, headers=headers)
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def from_http_exception(exc: HTTPException, message: str | None = None) -> ServiceError:
+    """The service error of a starlette/FastAPI :class:`HTTPException` (404, 405, ...)."""
+    error = ServiceError(
+        message or str(exc.detail),
+        code=getattr(exc, "code", None)
+        or _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}"),
+        headers=dict(exc.headers or {}),
+    )
+    error.status_code = exc.status_code
+    error.type = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    return error
 
 
 class BodyTooLargeError(HTTPException):

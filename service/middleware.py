@@ -16,26 +16,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLargeError
+from service.errors import (
+    AuthenticationError,
+    BodyTooLargeError,
+    error_response,
+    from_http_exception,
+)
 from service.metrics import Metrics
-from service.protocol import ErrorDetail, ErrorResponse
-
-
-def error_response(
-    status: int,
-    message: str,
-    type_: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    """The one error envelope."""
-    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -91,14 +80,7 @@ class ApiKeyMiddleware:
             if token is not None
             else "this service requires an API key: send the header 'Authorization: Bearer <key>'"
         )
-        response = error_response(
-            401,
-            message,
-            "authentication_error",
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-        await response(scope, receive, send)
+        await error_response(AuthenticationError(message))(scope, receive, send)
 
 
 # ---------------------------------------------------------------------------- body limit
@@ -122,8 +104,7 @@ class BodyLimitMiddleware:
         limit = self.max_body_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            detail = str(BodyTooLargeError(limit).detail)
-            response = error_response(413, detail, "invalid_request_error", code="body_too_large")
+            response = error_response(from_http_exception(BodyTooLargeError(limit)))
             await response(scope, receive, send)
             return
         seen = 0

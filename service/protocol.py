@@ -10,12 +10,22 @@ is not ``true``, ``"1"`` is not ``1``, ``1.0`` is not an integer).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from engine.request import FIELD_DOCS, Granularity, Output
+from engine.info import ModelInfo
+from engine.request import (
+    FIELD_DOCS,
+    MIN_TEMPERATURE,
+    Granularity,
+    Output,
+    RequestError,
+    Role,
+    check_one_input,
+)
 from engine.splits import SplitRule
 from service.arrays import RequestedEncoding, WireDtype
 
@@ -26,9 +36,24 @@ SAFETENSORS_METADATA_KEY = "depass"
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
-#: The smallest MLP-split temperature served. The engine's float32 softmax split overflows
-#: near 1e-38 (NaN, or an error); long before that it is the 'max' split.
-MIN_SPLIT_TEMPERATURE = 1e-6
+
+class ChatMessage(BaseModel):
+    """One turn of a chat."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Role = Field(description="Who speaks: system, user or assistant.")
+    content: str = Field(description="What they say.")
+
+
+def _one_input(body: Any) -> None:
+    """The engine's rule: exactly one of prompt, input_ids and messages (a 422 naming it)."""
+    given = getattr(body, "messages", None)  # bodies without chat input have no field
+    messages = None if given is None else list(given)
+    try:
+        check_one_input(body.prompt, body.input_ids, messages)
+    except RequestError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class EncodedArray(BaseModel):
@@ -90,6 +115,7 @@ class AttributionBody(ArrayOptions):
 
     prompt: str | None = Field(None, description=_doc("prompt"))
     input_ids: list[NonNegativeInt] | None = Field(None, description=_doc("input_ids"))
+    messages: list[ChatMessage] | None = Field(None, description=_doc("messages"))
     granularity: Granularity = Field("token", description=_doc("granularity"))
     start_layer: NonNegativeInt | list[NonNegativeInt] = Field(0, description=_doc("start_layer"))
     end_layer: NonNegativeInt | None = Field(None, description=_doc("end_layer"))
@@ -100,11 +126,7 @@ class AttributionBody(ArrayOptions):
         None, description=f"granularity='subspace': {_doc('subspace')} An encoded array."
     )
     mlp_split: SplitRule = Field("softmax", description=_doc("mlp_split"))
-    temperature: float = Field(
-        0.1,
-        ge=MIN_SPLIT_TEMPERATURE,
-        description=f"{_doc('temperature')} Below 1e-6 use mlp_split='max'.",
-    )
+    temperature: float = Field(0.1, ge=MIN_TEMPERATURE, description=_doc("temperature"))
     ignore_bos: bool | None = Field(None, description=_doc("ignore_bos"))
     all_layers: bool = Field(False, description=_doc("all_layers"))
     targets: list[int | str] | None = Field(None, description=_doc("targets"))
@@ -129,10 +151,27 @@ class AttributionResponse(BaseModel):
     model: str = Field(description="The model that answered.")
     tokens: list[str] = Field(description="(N,) text of each input token.")
     input_ids: list[int] = Field(description="(N,) input token ids.")
-    components: list[str] = Field(description="(M,) component labels, e.g. 'tok[3]:\"Paris\"'.")
+    components: list[str] = Field(
+        description="(M,) component labels, e.g. 'tok[3]:\"Paris\"'; for a list of head "
+        "layers without the layer ('H0'), which layer_components adds."
+    )
+    layer_components: list[list[str]] | None = Field(
+        None,
+        description="([layers,] M) each layer's component labels ('L3.H0') when they differ "
+        "by layer (a list of head layers); null otherwise.",
+    )
+    first_positions: list[int] = Field(
+        description="(M,) the first position where each component exists (a later token "
+        "is exactly 0 before it); 0 for all but token components."
+    )
     positions: list[int] = Field(description="(P,) non-negative positions returned.")
-    targets: list[int] = Field(description="(T,) scored token ids.")
+    targets: list[int] = Field(description="(T,) token ids scored at the last position returned.")
     target_tokens: list[str] = Field(description="(T,) text of each target.")
+    position_targets: list[list[int]] = Field(
+        description="(P, T) the token ids scored at each position: the asked targets, or "
+        "by default each position's own top-1 next token (T = 1)."
+    )
+    position_target_tokens: list[list[str]] = Field(description="(P, T) their texts.")
     granularity: str = Field(description="What the components are.")
     mlp_split: str = Field(description="MLP split rule used.")
     end: str = Field(description="'output' (after the final norm) or 'layer e'.")
@@ -163,16 +202,6 @@ class AttributionResponse(BaseModel):
     )
 
 
-def check_one_input(prompt: str | None, input_ids: list[int] | None) -> None:
-    """Exactly one of ``prompt`` and ``input_ids``, and not empty (a ValueError if not)."""
-    if (prompt is None) == (input_ids is None):
-        raise ValueError("give exactly one of 'prompt' and 'input_ids'")
-    if input_ids is not None and not input_ids:
-        raise ValueError("input_ids: must not be empty")
-    if prompt is not None and not prompt:
-        raise ValueError("prompt: must not be empty")
-
-
 class GenerateBody(ArrayOptions):
     """``POST /v1/generate``: continue a prompt and attribute every generated token."""
 
@@ -184,9 +213,16 @@ class GenerateBody(ArrayOptions):
         },
     )
 
-    prompt: str | None = Field(None, description="Text to continue (or give input_ids).")
+    prompt: str | None = Field(
+        None, description="Text to continue (or give input_ids or messages)."
+    )
     input_ids: list[NonNegativeInt] | None = Field(
-        None, description="Token ids to continue (or give prompt)."
+        None, description="Token ids to continue (or give prompt or messages)."
+    )
+    messages: list[ChatMessage] | None = Field(
+        None,
+        description="A chat to answer, in the model's chat template with the generation "
+        "prompt appended (or give prompt or input_ids).",
     )
     max_new_tokens: int = Field(16, ge=1, description="Most tokens to generate.")
     temperature: float = Field(
@@ -200,8 +236,9 @@ class GenerateBody(ArrayOptions):
     mlp_split: SplitRule = Field("softmax", description="MLP split rule of the attribution.")
     split_temperature: float = Field(
         0.1,
-        ge=MIN_SPLIT_TEMPERATURE,
-        description="Softmax temperature of the MLP split (not of sampling).",
+        ge=MIN_TEMPERATURE,
+        description=f"Softmax temperature of the MLP split (not of sampling); at least "
+        f"{MIN_TEMPERATURE:g}.",
     )
     ignore_bos: bool | None = Field(None, description="First-token rule; None: on.")
 
@@ -214,7 +251,7 @@ class GenerateBody(ArrayOptions):
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateBody:
-        check_one_input(self.prompt, self.input_ids)
+        _one_input(self)
         return self
 
 
@@ -290,7 +327,7 @@ class NextTokensBody(BaseModel):
 
     @model_validator(mode="after")
     def _one_input(self) -> NextTokensBody:
-        check_one_input(self.prompt, self.input_ids)
+        _one_input(self)
         return self
 
 
@@ -328,23 +365,26 @@ class Limits(BaseModel):
     trace_cache_bytes: int | None
 
 
-class ModelResponse(BaseModel):
-    """``GET /v1/model``: what is loaded and the limits in force."""
+def _model_facts() -> type[BaseModel]:
+    """A pydantic model of the engine's :class:`engine.ModelInfo`, field for field."""
+    types = get_type_hints(ModelInfo)
+    fields: dict[str, Any] = {
+        f.name: (types[f.name], Field(description=f.metadata.get("description")))
+        for f in dataclasses.fields(ModelInfo)
+    }
+    return create_model("ModelFacts", **fields)
+
+
+#: The model facts of ``GET /v1/model``: the fields of :class:`engine.ModelInfo`.
+ModelFacts = _model_facts()
+
+
+class ModelResponse(ModelFacts):  # type: ignore[misc,valid-type]
+    """``GET /v1/model``: what is loaded (the engine's model facts) and the limits in force."""
 
     object: Literal["model"] = "model"
     id: str = Field(description="Model name (hub id, or the folder name of a local model).")
-    architecture: str
-    family: str
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    intermediate_size: int = Field(description="MLP width.")
-    vocab_size: int
-    dtype: str = Field(description="Weight dtype.")
     compute_dtype: str = Field(description="Dtype of the propagated components.")
-    device: str
     granularities: list[str]
     mlp_splits: list[str]
     array_encodings: list[str]

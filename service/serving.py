@@ -10,6 +10,7 @@ allocator's cache and answers 503; the service keeps serving.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -35,6 +36,7 @@ from engine import (
     RequestError,
 )
 from engine.loading import resolve_dtype
+from engine.request import GRANULARITIES
 from service.arrays import ENCODINGS, ArrayDecodeError, decode_array, encode_array
 from service.errors import (
     InvalidFieldError,
@@ -71,8 +73,9 @@ T = TypeVar("T")
 FaultInjector = Callable[[str], None]
 Disconnected = Callable[[], Awaitable[bool]]
 
-GRANULARITIES = ("token", "module", "head", "neuron", "subspace")
 ELEMENT_BYTES = {"float32": 4, "float16": 2}
+#: The array fields of an attribution result (absent ones are left out of a response).
+RESULT_ARRAYS = ("scores", "remainder_scores", "states", "remainder", "logits")
 #: A prompt longer than ``max_input_tokens`` times this many characters is refused (413)
 #: before it is tokenized: no tokenizer has tokens this long, and tokenizing megabytes of
 #: text would cost seconds of CPU for a request that is refused anyway.
@@ -176,11 +179,10 @@ class Serving:
     ) -> Response | BaseModel:
         """``POST /v1/attributions``."""
         clock = time.perf_counter()
-        self._check_prompt_chars(body.prompt)
         request = self._engine_request(body)
+        # The input limit first: a request over it gets that answer, whatever else it asks.
+        await self._input_ids(body)
         plan = await self._call(self.engine.plan, request)
-        field = "input_ids" if body.input_ids is not None else "prompt"
-        self._check_input_length(plan.num_tokens, field)
         estimate = plan.result_bytes(ELEMENT_BYTES[body.array_dtype])
         if estimate > self.settings.max_response_bytes:
             raise PayloadTooLargeError(
@@ -215,8 +217,7 @@ class Serving:
                 f"max_new_tokens: {body.max_new_tokens} is over this service's limit of {limit}",
                 param="max_new_tokens",
             )
-        field, prompt_ids = await self._prompt_ids(body.prompt, body.input_ids)
-        self._check_input_length(len(prompt_ids) + body.max_new_tokens - 1, field)
+        prompt_ids = await self._input_ids(body, extra_tokens=body.max_new_tokens - 1)
         self.metrics.input_tokens.labels("generate").observe(len(prompt_ids))
         done = await self.worker.submit(
             lambda stop: self._guarded(
@@ -234,15 +235,14 @@ class Serving:
 
     async def tokenize(self, body: TokenizeBody) -> TokenizeResponse:
         """``POST /v1/tokenize``."""
-        self._check_prompt_chars(body.prompt)
+        self._check_input_chars(body)
         ids = await self._call(self.engine.tokenize, body.prompt)
         tokens = await self._call(self.engine.token_texts, ids)
         return TokenizeResponse(input_ids=ids, tokens=tokens, num_tokens=len(ids))
 
     async def next_tokens(self, body: NextTokensBody) -> NextTokensResponse:
         """``POST /v1/next_tokens``: one forward pass, the ``top_k`` logits at each position."""
-        field, ids = await self._prompt_ids(body.prompt, body.input_ids)
-        self._check_input_length(len(ids), field)
+        ids = await self._input_ids(body)
         positions = []
         for position in body.positions:
             if not -len(ids) <= position < len(ids):
@@ -279,22 +279,11 @@ class Serving:
 
     def model_card(self) -> ModelResponse:
         """``GET /v1/model``."""
-        info = self.engine.info
         s = self.settings
         return ModelResponse(
+            **dataclasses.asdict(self.engine.info),
             id=self.model_name,
-            architecture=info.architecture,
-            family=info.family,
-            num_layers=info.num_layers,
-            num_heads=info.num_heads,
-            num_kv_heads=info.num_kv_heads,
-            head_dim=info.head_dim,
-            hidden_size=info.hidden_size,
-            intermediate_size=info.intermediate_size,
-            vocab_size=info.vocab_size,
-            dtype=info.dtype,
             compute_dtype=str(self.engine.compute_dtype).removeprefix("torch."),
-            device=info.device,
             granularities=list(GRANULARITIES),
             mlp_splits=list(SPLIT_RULES),
             array_encodings=["auto", *ENCODINGS],
@@ -314,10 +303,22 @@ class Serving:
 
     # ------------------------------------------------------------------ requests
 
+    async def _input_ids(
+        self, body: AttributionBody | GenerateBody | NextTokensBody, extra_tokens: int = 0
+    ) -> list[int]:
+        """The token ids of a body's input, held to the input limit (with ``extra_tokens``
+        more to come) before anything else is checked or sized."""
+        self._check_input_chars(body)
+        if body.input_ids is not None:  # the limit before the vocabulary
+            self._check_input_length(len(body.input_ids) + extra_tokens, "input_ids")
+        given = getattr(body, "messages", None)  # bodies without chat input have no field
+        messages = None if given is None else [m.model_dump() for m in given]
+        ids, field = await self._call(self.engine.input_ids, body.prompt, body.input_ids, messages)
+        self._check_input_length(len(ids) + extra_tokens, field)
+        return ids
+
     def _engine_request(self, body: AttributionBody) -> AttributionRequest:
         """The engine's request: ``subspace`` decoded (never unpickled), fields re-checked."""
-        if body.input_ids is not None:
-            self._check_input_length(len(body.input_ids), "input_ids")
         fields = body.model_dump(exclude={"array_encoding", "array_dtype", "subspace"})
         if body.subspace is not None:
             try:
@@ -335,37 +336,23 @@ class Serving:
         except RequestError as exc:
             raise field_error(exc) from None
 
-    async def _prompt_ids(
-        self, prompt: str | None, input_ids: list[int] | None
-    ) -> tuple[str, list[int]]:
-        """The field the input came in and its token ids (ids checked against the vocabulary,
-        a prompt tokenized after its length check); 422 for an input of no tokens."""
-        if input_ids is not None:
-            field, ids = "input_ids", list(input_ids)
-            bad = [i for i in ids if i >= self.engine.info.vocab_size]
-            if bad:
-                raise InvalidFieldError(
-                    f"input_ids: token ids {bad[:5]} are outside the vocabulary "
-                    f"[0, {self.engine.info.vocab_size})",
-                    param="input_ids",
-                )
-        else:
-            self._check_prompt_chars(prompt)
-            field, ids = "prompt", await self._call(self.engine.tokenize, prompt or "")
-        if not ids:
-            raise InvalidFieldError(f"{field}: tokenizes to no tokens", param=field)
-        return field, ids
-
-    def _check_prompt_chars(self, prompt: str | None) -> None:
-        """413 for a prompt too long to fit the token limit, before tokenizing it."""
+    def _check_input_chars(
+        self, body: AttributionBody | GenerateBody | TokenizeBody | NextTokensBody
+    ) -> None:
+        """413 for a prompt (or chat) too long to fit the token limit, before tokenizing it."""
         limit = self.settings.max_input_tokens * MAX_CHARS_PER_TOKEN
-        if prompt is not None and len(prompt) > limit:
-            raise PayloadTooLargeError(
-                f"prompt: {len(prompt)} characters cannot fit this service's limit of "
-                f"{self.settings.max_input_tokens} tokens (at most {limit} characters)",
-                param="prompt",
-                code="input_too_long",
-            )
+        messages = getattr(body, "messages", None) or []
+        for field, size in (
+            ("prompt", len(body.prompt or "")),
+            ("messages", sum(len(m.content) for m in messages)),
+        ):
+            if size > limit:
+                raise PayloadTooLargeError(
+                    f"{field}: {size} characters cannot fit this service's limit of "
+                    f"{self.settings.max_input_tokens} tokens (at most {limit} characters)",
+                    param=field,
+                    code="input_too_long",
+                )
 
     def _check_input_length(self, tokens: int, field: str) -> None:
         limit = self.settings.max_input_tokens
@@ -415,8 +402,8 @@ class Serving:
         self.metrics.out_of_memory.inc()
         logger.warning("out of memory during %s; caches freed", operation)
         raise OutOfMemoryError(
-            "the model ran out of memory on this request; caches were freed. Retry, or ask "
-            "for less: fewer positions, outputs=['scores'], a shorter input"
+            "the model ran out of memory on this request; caches were freed. Ask for less: "
+            "fewer positions, outputs=['scores'], a shorter input"
         )
 
     def _free_memory(self) -> None:
@@ -459,30 +446,17 @@ class Serving:
     # ------------------------------------------------------------------ responses
 
     def _attribution_payload(self, result: AttributionResult, timings: dict[str, float]) -> Payload:
-        fields = {
-            "model": self.model_name,
-            "tokens": result.tokens,
-            "input_ids": result.input_ids,
-            "components": result.components,
-            "positions": result.positions,
-            "targets": result.targets,
-            "target_tokens": result.target_tokens,
-            "granularity": result.granularity,
-            "mlp_split": result.mlp_split,
-            "end": result.end,
-            "layers": result.layers,
-            "conservation_error": result.conservation_error,
-            "relative_conservation_error": result.relative_conservation_error,
-            "timings": timings,
-        }
-        named = {
-            "scores": result.scores,
-            "remainder_scores": result.remainder_scores,
-            "states": result.states,
-            "remainder": result.remainder,
-            "logits": result.logits,
-        }
-        arrays = {k: _numpy(v) for k, v in named.items() if v is not None}
+        """The response of a result: every field of the engine's result (tensors as
+        arrays), the model's name, and the service's timings."""
+        fields: dict[str, Any] = {"model": self.model_name}
+        arrays: dict[str, np.ndarray] = {}
+        for f in dataclasses.fields(result):
+            value = getattr(result, f.name)
+            if isinstance(value, torch.Tensor):
+                arrays[f.name] = _numpy(value)
+            elif value is not None or f.name not in RESULT_ARRAYS:
+                fields[f.name] = value
+        fields["timings"] = timings
         return Payload(fields, arrays)
 
     def _generation_payload(

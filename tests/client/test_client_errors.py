@@ -98,7 +98,7 @@ def test_client_errors_are_not_retried(status: int) -> None:
         (429, dc.RateLimitError),
         (500, dc.InternalServerError),
         (503, dc.InternalServerError),
-        (504, dc.InternalServerError),
+        (504, dc.ServiceTimeoutError),
         (418, dc.APIStatusError),
     ],
 )
@@ -170,10 +170,105 @@ async def test_async_retries_and_errors() -> None:
     with pytest.raises(dc.UnprocessableEntityError) as caught:
         await client.attribute("a", positions=[9])
     assert caught.value.param == "positions" and len(unprocessable.requests) == 1
-    failing = Script(envelope(500))
+    failing = Script(envelope(502))
     client = RecordingAsyncClient(failing, max_retries=2)
     with pytest.raises(dc.InternalServerError):
         await client.model()
     assert len(failing.requests) == 3
+    deadline = Script(envelope(504, **{"x-should-retry": "false"}))
+    with pytest.raises(dc.ServiceTimeoutError):
+        await RecordingAsyncClient(deadline).attribute("a")
+    assert len(deadline.requests) == 1
     with pytest.raises(dc.APITimeoutError):
         await RecordingAsyncClient(Script(httpx.ConnectTimeout("slow")), max_retries=0).health()
+
+
+#: The retry table: each failed first attempt, and whether the SDK sends the request again.
+RETRY_TABLE = [
+    (httpx.ConnectError("refused"), True),
+    (httpx.ConnectTimeout("slow to connect"), True),
+    (httpx.PoolTimeout("no free connection"), True),
+    (httpx.RemoteProtocolError("server disconnected"), True),
+    (httpx.ReadTimeout("slow answer"), False),  # the service may still be working on it
+    (envelope(429, **{"Retry-After": "1"}), True),
+    (envelope(502), True),
+    (envelope(503, **{"x-should-retry": "true"}), True),  # not ready
+    (envelope(503), True),
+    (envelope(503, **{"x-should-retry": "false"}), False),  # out of memory
+    (envelope(504, **{"x-should-retry": "false"}), False),  # the service's own deadline
+    (envelope(504), False),
+    (envelope(500), False),
+    (envelope(408), False),
+    (envelope(422, **{"x-should-retry": "true"}), True),  # the service's word wins
+    (envelope(400), False),
+]
+
+
+@pytest.mark.parametrize(("reply", "retried"), RETRY_TABLE, ids=lambda v: repr(v)[:40])
+def test_the_retry_table(reply: httpx.Response | Exception, retried: bool) -> None:
+    script = Script(reply, OK)
+    client = RecordingClient(script)
+    if retried:
+        assert client.attribute("a").targets == [7]
+        assert len(script.requests) == 2 and len(client.sleeps) == 1
+    else:
+        with pytest.raises(dc.APIError):
+            client.attribute("a")
+        assert len(script.requests) == 1 and client.sleeps == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("reply", "retried"), RETRY_TABLE, ids=lambda v: repr(v)[:40])
+async def test_the_async_client_follows_the_same_table(
+    reply: httpx.Response | Exception, retried: bool
+) -> None:
+    script = Script(reply, OK)
+    client = RecordingAsyncClient(script)
+    if retried:
+        assert (await client.attribute("a")).targets == [7]
+    else:
+        with pytest.raises(dc.APIError):
+            await client.attribute("a")
+    assert len(script.requests) == 1 + retried
+
+
+def test_timeouts_raise_timeout_errors_naming_the_url() -> None:
+    server = RecordingClient(Script(envelope(504, "the request took longer than 2 s")))
+    with pytest.raises(dc.ServiceTimeoutError) as caught:
+        server.attribute("a")
+    assert caught.value.status_code == 504 and "longer than 2 s" in str(caught.value)
+    local = RecordingClient(Script(httpx.ReadTimeout("timed out")))
+    with pytest.raises(dc.APITimeoutError) as timed_out:
+        local.attribute("a")
+    assert "http://depass.test/v1/attributions" in str(timed_out.value)
+    refused = RecordingClient(Script(httpx.ConnectError("refused")), max_retries=0)
+    with pytest.raises(dc.APIConnectionError) as unreachable:
+        refused.model()
+    assert "http://depass.test/v1/model" in str(unreachable.value)
+    assert "refused" in str(unreachable.value)
+
+
+def test_the_policy_is_one_object_without_io() -> None:
+    policy = dc.RetryPolicy(max_retries=1)
+    assert policy.delay(0, envelope(429, **{"Retry-After": "2"})) == 2.0
+    assert policy.delay(1, envelope(429)) is None  # out of retries
+    assert policy.delay(0, error=httpx.ReadTimeout("slow")) is None
+    assert 0.375 <= policy.delay(0, error=httpx.ConnectError("x")) <= 0.5
+    assert RecordingClient(Script(OK)).retry_policy == dc.RetryPolicy()
+    with pytest.raises(ValueError):
+        dc.RetryPolicy(max_retries=-1)
+
+
+def test_attribute_many_suggests_one_multi_layer_head_request() -> None:
+    script = Script(OK)
+    client = RecordingClient(script)
+    same = [{"prompt": "a", "granularity": "head", "start_layer": n} for n in (2, 0, 1)]
+    with pytest.warns(UserWarning, match=r"start_layer=\[0, 1, 2\]"):
+        client.attribute_many(same, progress=False)
+    assert len(script.requests) == 3
+    other = [{"prompt": p, "granularity": "head", "start_layer": 1} for p in ("a", "b")]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        client.attribute_many(other, progress=False)  # different prompts: no hint

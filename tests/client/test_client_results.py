@@ -146,3 +146,95 @@ async def test_async_attribute_many_in_order() -> None:
         [{"prompt": "a", "positions": [i]} for i in range(6)], concurrency=2, progress=False
     )
     assert [r.positions for r in results] == [[i] for i in range(6)]
+
+
+def _heads_over_layers() -> dict:
+    """A head attribution over layers 1 and 2 as the service sends it: layer-free
+    components, each layer's labels apart."""
+    scores = [[[[0.1], [0.9], [-0.2]]], [[[0.3], [-0.5], [0.7]]]]  # (2, 1, 3, 1)
+    return {
+        **ATTRIBUTION,
+        "granularity": "head",
+        "components": ["rest", "H0", "H1"],
+        "layer_components": [["rest", "L1.H0", "L1.H1"], ["rest", "L2.H0", "L2.H1"]],
+        "first_positions": [0, 0, 0],
+        "layers": [1, 2],
+        "scores": {"dtype": "float32", "shape": [2, 1, 3, 1], "encoding": "list", "data": scores},
+        "remainder_scores": {
+            "dtype": "float32",
+            "shape": [2, 1, 1],
+            "encoding": "list",
+            "data": [[[0.0]], [[0.0]]],
+        },
+        "logits": {
+            "dtype": "float32",
+            "shape": [2, 1, 1],
+            "encoding": "list",
+            "data": [[[0.8]], [[0.5]]],
+        },
+    }
+
+
+def test_each_layer_is_named_by_its_own_labels() -> None:
+    result = dc.Attribution.from_json(_heads_over_layers())
+    assert result.top_k(1, layer=0) == [("L1.H0", pytest.approx(0.9))]
+    assert result.top_k(1, layer=1) == [("L2.H1", pytest.approx(0.7))]
+    assert result.labels(0)[1] == "L1.H0" and result.labels(-1)[2] == "L2.H1"
+    table = result.table(k=2, layer=0)
+    assert "layer 1" in table.splitlines()[0] and "L1.H0" in table and "L2." not in table
+    plain = dc.Attribution.from_json(ATTRIBUTION)
+    assert plain.labels() == plain.components  # one set of labels
+
+
+def test_tables_rank_only_components_present_at_the_position() -> None:
+    body = {
+        **ATTRIBUTION,
+        "tokens": ["<s>", "a", "b"],
+        "input_ids": [1, 5, 6],
+        "components": ['tok[0]:"<s>"', 'tok[1]:"a"', 'tok[2]:"b"'],
+        "first_positions": [0, 1, 2],
+        "positions": [1, 2],
+        "targets": [8],
+        "target_tokens": ["d"],
+        "position_targets": [[7], [8]],
+        "position_target_tokens": [["c"], ["d"]],
+        "scores": {
+            "dtype": "float32",
+            "shape": [2, 3, 1],
+            "encoding": "list",
+            "data": [[[-0.5], [-0.25], [0.0]], [[0.5], [0.25], [0.125]]],
+        },
+        "remainder_scores": {
+            "dtype": "float32",
+            "shape": [2, 1],
+            "encoding": "list",
+            "data": [[0], [0]],
+        },
+        "logits": {
+            "dtype": "float32",
+            "shape": [2, 1],
+            "encoding": "list",
+            "data": [[-0.75], [0.875]],
+        },
+    }
+    result = dc.Attribution.from_json(body)
+    # at position 1 the later token (exactly 0) is absent, not ranked above the negatives
+    assert result.top_k(3, position=0) == [('tok[1]:"a"', -0.25), ('tok[0]:"<s>"', -0.5)]
+    assert len(result.top_k(3, position=1)) == 3
+    assert result.target(0) == (7, "c") and result.target(1) == (8, "d")
+    assert result.table(position=0).startswith("target 'c' (id 7) at position 1 'a'")
+
+
+def test_sdk_facts_equal_the_services() -> None:
+    """The SDK imports neither torch nor the service: these tests hold its copies equal."""
+    import dataclasses
+
+    from depass_client._types import GRANULARITIES, ModelCard
+    from engine.request import GRANULARITIES as ENGINE_GRANULARITIES
+    from service.protocol import AttributionResponse, ModelResponse
+
+    assert GRANULARITIES == ENGINE_GRANULARITIES
+    card = {f.name for f in dataclasses.fields(ModelCard)}
+    assert card == set(ModelResponse.model_fields) - {"object"}
+    attribution = {f.name for f in dataclasses.fields(dc.Attribution)}
+    assert attribution == set(AttributionResponse.model_fields) - {"object"}

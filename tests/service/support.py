@@ -51,10 +51,14 @@ def attribution_scope(headers: list[tuple[bytes, bytes]]) -> dict:
 
 def load_test_module() -> ModuleType:
     """``scripts/load_test.py``, the driver ``make load`` runs, as a module."""
-    name = "depass_load_test"
+    return load_script("load_test.py", "depass_load_test")
+
+
+def load_script(filename: str, name: str) -> ModuleType:
+    """``scripts/<filename>`` as the module ``name`` (loaded once)."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "load_test.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / filename)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up

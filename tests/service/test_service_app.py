@@ -338,7 +338,10 @@ async def test_out_of_memory_gets_503_then_the_service_keeps_serving(
         response = await client.post("/v1/attributions", json=body)
         error = assert_envelope(response, 503)
         assert error["code"] == "out_of_memory" and "Tried to allocate" not in error["message"]
-        assert response.headers["retry-after"] == "1"
+        # the same request would redo the same work: clients are told not to retry it
+        assert (
+            response.headers["x-should-retry"] == "false" and "retry-after" not in response.headers
+        )
         assert len(llama_engine.traces) == 0  # the trace cache was freed
         assert app.state.metrics.registry.get_sample_value("depass_out_of_memory_total") == 1
         again = await client.post("/v1/attributions", json=body)

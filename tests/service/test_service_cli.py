@@ -84,3 +84,33 @@ def test_attribute_writes_a_self_contained_html_page(server: str, tmp_path: Path
     assert html.startswith("<!doctype html>") and "<script" not in html
     assert html.count('class="depass-token"') == 6  # <s> the capital of France is
     assert "conservation error" in html
+
+
+def test_a_list_of_head_layers_prints_a_table_per_layer(server: str) -> None:
+    text = run(server, "attribute", PROMPT, "--granularity", "head", "--layer", "0,1")
+    heads = text.split("target ")[1:]
+    assert len(heads) == 2 and "layer 0" in heads[0] and "layer 1" in heads[1]
+    for layer, table in enumerate(heads):
+        names = [line.split()[1] for line in table.splitlines()[2:] if line.split()[0].isdigit()]
+        assert names and all(n == "rest" or n.startswith(f"L{layer}.H") for n in names), table
+
+
+def test_version_and_help_name_the_environment(capsys: pytest.CaptureFixture[str]) -> None:
+    from depass_client import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"depass {__version__}"
+    with pytest.raises(SystemExit):
+        main(["attribute", "--help"])
+    help_text = capsys.readouterr().out
+    assert (
+        "DEPASS_BASE_URL" in help_text and "DEPASS_API_KEY" in help_text and "--chat" in help_text
+    )
+
+
+def test_chat_on_a_model_without_a_template(
+    server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["attribute", "the capital", "--chat", "--base-url", server]) == 1
+    assert "no chat template" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import anyio
 import pytest
 import torch
 
+from depass_client import AsyncClient, ServiceTimeoutError
 from engine import AttributionRequest, AttributionResult, Cancelled, DePassEngine
 from engine.testing import tiny_model, word_tokenizer
 from service.generation import continue_ids
@@ -101,6 +102,30 @@ async def test_a_request_past_its_timeout_is_stopped_and_frees_the_worker(
             f"the follow-up waited {done:.2f} s (full job {full_s:.1f} s)"
         )
         assert stopped(app.state.metrics.registry, "expired") == 1
+
+
+async def test_the_sdk_does_not_repeat_a_request_past_the_deadline(paced: PacedEngine) -> None:
+    """The service marks its 504 ``x-should-retry: false``; the SDK raises at once instead
+    of running the same slow request three times."""
+    async with running(paced, request_timeout_s=2 * UNIT_S) as (app, client):
+        paced.paced.set()
+        sdk = AsyncClient(base_url="http://test", http_client=client, max_retries=2)
+        with pytest.raises(ServiceTimeoutError) as caught:
+            await sdk.attribute(**BODY)
+        assert caught.value.response.headers["x-should-retry"] == "false"
+        assert caught.value.code == "timeout"
+        await wait_for(lambda: len(paced.cancelled) == 1, timeout_s=60)
+        paced.paced.clear()
+        requests = app.state.metrics.registry.get_sample_value(
+            "depass_requests_total",
+            {
+                "route": "/v1/attributions",
+                "method": "POST",
+                "granularity": "token",
+                "status": "504",
+            },
+        )
+        assert requests == 1  # one 504, not three: the service did the slow work once
 
 
 async def test_a_client_that_leaves_mid_run_stops_its_job(paced: PacedEngine) -> None:

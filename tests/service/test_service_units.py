@@ -186,3 +186,30 @@ def test_http_body_has_the_engine_requests_fields() -> None:
             assert info.default == engine_field.default, name
         else:
             assert info.default_factory() == engine_field.default_factory(), name
+
+
+def test_http_response_has_the_engine_results_fields() -> None:
+    """AttributionResponse carries every field of engine.AttributionResult (the serving
+    layer copies them all), plus the model's name; ModelResponse every ModelInfo fact."""
+    import dataclasses
+
+    from engine import AttributionResult, ModelInfo
+    from service.protocol import AttributionResponse, ModelResponse
+
+    result = {f.name for f in dataclasses.fields(AttributionResult)}
+    assert set(AttributionResponse.model_fields) == result | {"object", "model"}
+    facts = {f.name for f in dataclasses.fields(ModelInfo)}
+    assert facts <= set(ModelResponse.model_fields)
+    for name in facts:  # the engine's descriptions reach the schema
+        assert ModelResponse.model_fields[name].description, name
+
+
+def test_one_temperature_floor_and_granularity_list() -> None:
+    from engine.request import GRANULARITIES, MIN_TEMPERATURE
+    from service.protocol import AttributionBody, GenerateBody
+
+    for model, name in ((AttributionBody, "temperature"), (GenerateBody, "split_temperature")):
+        bounds = [m.ge for m in model.model_fields[name].metadata if hasattr(m, "ge")]
+        assert bounds == [MIN_TEMPERATURE], (model, bounds)
+    schema = AttributionBody.model_json_schema()
+    assert tuple(schema["properties"]["granularity"]["enum"]) == GRANULARITIES

@@ -5,6 +5,7 @@
 >>> client.attribute(prompt="The capital of France is").top_k(3)  # doctest: +SKIP
 """
 
+from depass_client._base import __version__
 from depass_client._client import AsyncClient, Client
 from depass_client._errors import (
     APIConnectionError,
@@ -18,11 +19,11 @@ from depass_client._errors import (
     NotFoundError,
     PayloadTooLargeError,
     RateLimitError,
+    ServiceTimeoutError,
     UnprocessableEntityError,
 )
+from depass_client._retry import RetryPolicy
 from depass_client._types import Attribution, Generation, ModelCard, Tokenization
-
-__version__ = "0.1.0"
 
 __all__ = [
     "APIConnectionError",
@@ -41,6 +42,8 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "RateLimitError",
+    "RetryPolicy",
+    "ServiceTimeoutError",
     "Tokenization",
     "UnprocessableEntityError",
     "__version__",

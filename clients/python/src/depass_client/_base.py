@@ -1,30 +1,33 @@
 """What :class:`Client` and :class:`AsyncClient` share: configuration, request bodies,
-the retry policy and response parsing. The two I/O classes only send and sleep.
+the retry policy, errors and response parsing. The two I/O classes only send and sleep.
 """
 
 from __future__ import annotations
 
-import email.utils
+import importlib.metadata
+import json
 import os
-import random
-import time
-from collections.abc import Mapping
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
 import numpy as np
 
 from depass_client import _arrays
-from depass_client._errors import APIConnectionError, APITimeoutError
+from depass_client._errors import APIConnectionError, APITimeoutError, status_error
+from depass_client._retry import RetryPolicy
 from depass_client._types import Attribution, Generation
+
+try:  # the one version, from clients/python/pyproject.toml
+    __version__ = importlib.metadata.version("depass-client")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+    __version__ = "0+unknown"
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 DEFAULT_MAX_RETRIES = 2
-INITIAL_RETRY_DELAY_S = 0.5
-MAX_RETRY_DELAY_S = 8.0
-MAX_RETRY_AFTER_S = 60.0
-RETRY_STATUSES = frozenset({408, 429})
 #: The media type of a binary (safetensors) response.
 SAFETENSORS_MEDIA_TYPE = "application/vnd.safetensors"
 
@@ -37,7 +40,7 @@ class BaseClient:
             ``http://127.0.0.1:8000``.
         api_key: sent as ``Authorization: Bearer <key>``; falls back to ``DEPASS_API_KEY``.
         timeout: seconds (or an :class:`httpx.Timeout`) per attempt.
-        max_retries: retries of connection errors, timeouts, 408, 429 and 5xx answers.
+        max_retries: retries of what a retry can fix (see :mod:`depass_client._retry`).
     """
 
     def __init__(
@@ -48,21 +51,24 @@ class BaseClient:
         max_retries: int = DEFAULT_MAX_RETRIES,
         default_headers: Mapping[str, str] | None = None,
     ) -> None:
-        if max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
+        self.retry_policy = RetryPolicy(max_retries=max_retries)
         self.base_url = (base_url or os.environ.get("DEPASS_BASE_URL") or DEFAULT_BASE_URL).rstrip(
             "/"
         )
         self.api_key = api_key if api_key is not None else os.environ.get("DEPASS_API_KEY") or None
         self.timeout = timeout
-        self.max_retries = max_retries
         self.default_headers = dict(default_headers or {})
+
+    @property
+    def max_retries(self) -> int:
+        """Retries after the first attempt."""
+        return self.retry_policy.max_retries
 
     # ------------------------------------------------------------------ requests
 
     def _headers(self, binary: bool = False) -> dict[str, str]:
         headers = {"Accept": SAFETENSORS_MEDIA_TYPE if binary else "application/json"}
-        headers["User-Agent"] = "depass-client/0.1.0"
+        headers["User-Agent"] = f"depass-client/{__version__}"
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         headers.update(self.default_headers)
@@ -85,45 +91,69 @@ class BaseClient:
         )
 
     @staticmethod
-    def _attribution_body(fields: dict[str, Any]) -> dict[str, Any]:
-        """The JSON body of an attribution: numpy ``subspace`` encoded, arrays decodable."""
+    def _body(prompt: str | None, fields: dict[str, Any]) -> dict[str, Any]:
+        """The JSON body of an attribution or generation: the prompt (or ``input_ids`` /
+        ``messages`` among the fields), a numpy ``subspace`` encoded, arrays decodable."""
         body = dict(fields)
+        if prompt is not None:
+            body["prompt"] = prompt
         body.setdefault("array_encoding", _arrays.default_encoding())
         subspace = body.get("subspace")
         if subspace is not None and not isinstance(subspace, dict):
             body["subspace"] = _arrays.encode(np.asarray(subspace))
         return body
 
-    @staticmethod
-    def _generate_body(fields: dict[str, Any]) -> dict[str, Any]:
-        body = dict(fields)
-        body.setdefault("array_encoding", _arrays.default_encoding())
-        return body
+    # ------------------------------------------------------------------ failures
 
-    # ------------------------------------------------------------------ retries
-
-    def _retry_delay(self, attempt: int, response: httpx.Response | None) -> float | None:
-        """Seconds to wait before retry ``attempt + 1``, or None to give up.
-
-        ``Retry-After`` (seconds or an HTTP date, or ``retry-after-ms``) is honoured up to
-        a minute; otherwise capped exponential backoff with jitter.
-        """
-        if attempt >= self.max_retries:
-            return None
+    def _retry_delay(
+        self,
+        attempt: int,
+        request: httpx.Request,
+        response: httpx.Response | None = None,
+        error: Exception | None = None,
+    ) -> float:
+        """Seconds to wait before retrying a failed attempt; raises the SDK's error when
+        the policy gives up (the response is read for its message)."""
+        delay = self.retry_policy.delay(attempt, response, error)
+        if delay is not None:
+            return delay
         if response is not None:
-            if not (response.status_code in RETRY_STATUSES or response.status_code >= 500):
-                return None
-            hinted = _retry_after_s(response.headers)
-            if hinted is not None and 0 <= hinted <= MAX_RETRY_AFTER_S:
-                return hinted
-        delay = min(INITIAL_RETRY_DELAY_S * 2.0**attempt, MAX_RETRY_DELAY_S)
-        return delay * (1 - 0.25 * random.random())
+            raise status_error(response)
+        assert error is not None
+        raise self._connection_error(request, error) from error
 
     @staticmethod
     def _connection_error(request: httpx.Request, exc: Exception) -> APIConnectionError:
         if isinstance(exc, httpx.TimeoutException):
-            return APITimeoutError(request)
-        return APIConnectionError(request, f"connection error: {exc}")
+            return APITimeoutError(request, f"{exc.__class__.__name__}: {exc}")
+        return APIConnectionError(request, f"could not reach {request.url}: {exc}")
+
+    # ------------------------------------------------------------------ many requests
+
+    @staticmethod
+    def _many(requests: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The requests of ``attribute_many``, after a hint when several head requests on
+        one prompt differ only in their layer: one request with a list of layers shares
+        the work (one forward pass held for all, one planning, one response)."""
+        items = [dict(r) for r in requests]
+        layers: dict[str, list[int]] = defaultdict(list)
+        for item in items:
+            layer = item.get("start_layer", 0)
+            if item.get("granularity") == "head" and isinstance(layer, int):
+                rest = {k: v for k, v in item.items() if k != "start_layer"}
+                layers[json.dumps(rest, sort_keys=True, default=str)].append(layer)
+        shared = max(layers.values(), key=len, default=[])
+        if len(shared) > 1:
+            warnings.warn(
+                f"{len(shared)} head requests on one prompt differ only in start_layer, so "
+                "they cannot share a batch (each layer starts at another stage); send one "
+                f"request with start_layer={sorted(set(shared))} instead: one engine call on "
+                "one forward pass, one response with a layer axis and each layer's labels "
+                "(Attribution.labels(layer))",
+                UserWarning,
+                stacklevel=3,
+            )
+        return items
 
     # ------------------------------------------------------------------ responses
 
@@ -142,21 +172,3 @@ class BaseClient:
 
 def _is_binary(response: httpx.Response) -> bool:
     return response.headers.get("content-type", "").startswith(SAFETENSORS_MEDIA_TYPE)
-
-
-def _retry_after_s(headers: httpx.Headers) -> float | None:
-    """The server's ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
-    try:
-        if "retry-after-ms" in headers:
-            return float(headers["retry-after-ms"]) / 1000
-    except ValueError:
-        pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    parsed = email.utils.parsedate_to_datetime(value) if value else None
-    return None if parsed is None else max(0.0, parsed.timestamp() - time.time())

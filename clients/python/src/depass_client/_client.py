@@ -1,7 +1,7 @@
 """The synchronous :class:`Client` and the asynchronous :class:`AsyncClient`.
 
-Both have the same methods; everything but sending and sleeping lives in
-:class:`depass_client._base.BaseClient`.
+Both have the same methods; everything but sending and sleeping (bodies, the retry
+policy, errors, parsing) lives in :class:`depass_client._base.BaseClient`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from depass_client._base import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, BaseClient
-from depass_client._errors import DePassError, status_error
+from depass_client._errors import DePassError
 from depass_client._progress import ProgressBar
 from depass_client._types import Attribution, Generation, ModelCard, Tokenization
 
@@ -28,8 +28,9 @@ class Client(BaseClient):
             ``http://127.0.0.1:8000``.
         api_key: falls back to ``DEPASS_API_KEY``.
         timeout: seconds (or an :class:`httpx.Timeout`) per attempt.
-        max_retries: retries of connection errors, timeouts, 408, 429 and 5xx answers,
-            with capped exponential backoff that honours ``Retry-After``.
+        max_retries: retries of what a retry can fix (connection failures, 429, 502,
+            503 not ready), with capped exponential backoff that honours ``Retry-After``;
+            a 504 or an out-of-memory 503 is never retried.
         http_client: an :class:`httpx.Client` to send with (custom transports, proxies).
 
     Example:
@@ -59,24 +60,22 @@ class Client(BaseClient):
         """``POST /v1/attributions``: decompose a prompt and score its components.
 
         Args:
-            prompt: the text (or pass ``input_ids=[...]``).
+            prompt: the text (or pass ``input_ids=[...]``, or ``messages=[{"role": "user",
+                "content": ...}]`` for a chat in the model's template).
             binary: receive the arrays as a safetensors body rather than JSON.
             **fields: the request's other fields (``granularity``, ``start_layer``,
                 ``positions``, ``targets``, ``outputs``, ``subspace`` as a numpy array,
                 ``array_dtype``, ...); see docs/api.md.
         """
-        if prompt is not None:
-            fields["prompt"] = prompt
-        body = self._attribution_body(fields)
+        body = self._body(prompt, fields)
         return self._parse_attribution(self._request("POST", "/v1/attributions", body, binary))
 
     def generate(
         self, prompt: str | None = None, *, binary: bool = False, **fields: Any
     ) -> Generation:
-        """``POST /v1/generate``: continue a prompt and attribute each generated token."""
-        if prompt is not None:
-            fields["prompt"] = prompt
-        body = self._generate_body(fields)
+        """``POST /v1/generate``: continue a prompt (or ``messages``) and attribute each
+        generated token."""
+        body = self._body(prompt, fields)
         return self._parse_generation(self._request("POST", "/v1/generate", body, binary))
 
     def tokenize(self, prompt: str) -> Tokenization:
@@ -122,13 +121,16 @@ class Client(BaseClient):
     ) -> list[Any]:
         """Run many attributions, ``concurrency`` at a time, in input order.
 
+        Head requests on one prompt that differ only in ``start_layer`` get a warning:
+        one request with a list of layers does the same in one call.
+
         Args:
             requests: one dict of :meth:`attribute` fields each.
             progress: draw a progress bar on stderr.
             return_exceptions: put a failed request's :class:`DePassError` in its slot
                 instead of raising the first one.
         """
-        items = [dict(r) for r in requests]
+        items = self._many(requests)
         results: list[Any] = [None] * len(items)
         bar = ProgressBar(len(items), enabled=progress)
         try:
@@ -154,22 +156,18 @@ class Client(BaseClient):
     def _request(
         self, method: str, path: str, body: Any = None, binary: bool = False
     ) -> httpx.Response:
-        """Send with retries; return a successful response or raise the matching error."""
+        """Send, retrying as the policy says; a successful response or the SDK's error."""
         attempt = 0
         while True:
             request = self._build_request(self._http, method, path, body, binary)
             try:
                 response = self._http.send(request)
             except httpx.TransportError as exc:
-                delay = self._retry_delay(attempt, None)
-                if delay is None:
-                    raise self._connection_error(request, exc) from exc
+                delay = self._retry_delay(attempt, request, error=exc)
             else:
                 if response.is_success:
                     return response
-                delay = self._retry_delay(attempt, response)
-                if delay is None:
-                    raise status_error(response)
+                delay = self._retry_delay(attempt, request, response=response)
                 response.close()
             self._sleep(delay)
             attempt += 1
@@ -209,9 +207,7 @@ class AsyncClient(BaseClient):
         self, prompt: str | None = None, *, binary: bool = False, **fields: Any
     ) -> Attribution:
         """See :meth:`Client.attribute`."""
-        if prompt is not None:
-            fields["prompt"] = prompt
-        body = self._attribution_body(fields)
+        body = self._body(prompt, fields)
         response = await self._request("POST", "/v1/attributions", body, binary)
         return self._parse_attribution(response)
 
@@ -219,9 +215,7 @@ class AsyncClient(BaseClient):
         self, prompt: str | None = None, *, binary: bool = False, **fields: Any
     ) -> Generation:
         """See :meth:`Client.generate`."""
-        if prompt is not None:
-            fields["prompt"] = prompt
-        body = self._generate_body(fields)
+        body = self._body(prompt, fields)
         return self._parse_generation(await self._request("POST", "/v1/generate", body, binary))
 
     async def tokenize(self, prompt: str) -> Tokenization:
@@ -254,7 +248,7 @@ class AsyncClient(BaseClient):
         return_exceptions: bool = False,
     ) -> list[Any]:
         """See :meth:`Client.attribute_many`."""
-        items = [dict(r) for r in requests]
+        items = self._many(requests)
         gate = asyncio.Semaphore(max(1, concurrency))
         bar = ProgressBar(len(items), enabled=progress)
 
@@ -284,15 +278,11 @@ class AsyncClient(BaseClient):
             try:
                 response = await self._http.send(request)
             except httpx.TransportError as exc:
-                delay = self._retry_delay(attempt, None)
-                if delay is None:
-                    raise self._connection_error(request, exc) from exc
+                delay = self._retry_delay(attempt, request, error=exc)
             else:
                 if response.is_success:
                     return response
-                delay = self._retry_delay(attempt, response)
-                if delay is None:
-                    raise status_error(response)
+                delay = self._retry_delay(attempt, request, response=response)
                 await response.aclose()
             await self._sleep(delay)
             attempt += 1
@@ -305,8 +295,8 @@ class AsyncClient(BaseClient):
         if self._owns_http:
             await self._http.aclose()
 
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self

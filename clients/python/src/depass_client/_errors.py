@@ -1,7 +1,8 @@
 """The SDK's error tree.
 
-``DePassError`` > ``APIError`` > ``APIStatusError`` (one class per status) and
-``APIConnectionError`` > ``APITimeoutError``. A status error carries the service's envelope
+``DePassError`` > ``APIError`` > ``APIStatusError`` (one class per status;
+``InternalServerError`` > ``ServiceTimeoutError`` for 504) and ``APIConnectionError`` >
+``APITimeoutError``. A status error carries the service's envelope
 fields: ``message``, ``type``, ``param`` and ``code``.
 """
 
@@ -83,21 +84,30 @@ class RateLimitError(APIStatusError):
 
 
 class InternalServerError(APIStatusError):
-    """5xx: the service failed, is not ready, ran out of memory, or timed out."""
+    """5xx: the service failed, is not ready (``code == "not_ready"``), or ran out of
+    memory (``"out_of_memory"``)."""
+
+
+class ServiceTimeoutError(InternalServerError):
+    """504: the request ran past the service's own deadline (``DEPASS_REQUEST_TIMEOUT_S``);
+    not retried, since it would take as long again. Ask for less, or raise the deadline."""
 
 
 class APIConnectionError(APIError):
-    """The service could not be reached, or the connection broke."""
+    """The service could not be reached, or the connection broke; names the URL."""
 
     def __init__(self, request: httpx.Request, message: str = "connection error") -> None:
         super().__init__(message, request)
 
 
 class APITimeoutError(APIConnectionError):
-    """The request timed out on the client's side."""
+    """The request timed out on the client's side (the ``timeout`` of the client); a read
+    timeout is not retried, since the service may still be working on the request."""
 
-    def __init__(self, request: httpx.Request) -> None:
-        super().__init__(request, "request timed out")
+    def __init__(self, request: httpx.Request, detail: str = "") -> None:
+        super().__init__(
+            request, f"request to {request.url} timed out" + (f" ({detail})" if detail else "")
+        )
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {
@@ -107,6 +117,7 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
     413: PayloadTooLargeError,
     422: UnprocessableEntityError,
     429: RateLimitError,
+    504: ServiceTimeoutError,
 }
 
 

@@ -19,6 +19,9 @@ import numpy as np
 from depass_client import _arrays, _safetensors
 
 METADATA_KEY = "depass"
+#: What the components of an attribution can be (the engine's ``GRANULARITIES``; a test
+#: holds the two equal, as the SDK does not import the engine).
+GRANULARITIES = ("token", "module", "head", "neuron", "subspace")
 ResultT = TypeVar("ResultT", bound="_Result")
 
 
@@ -80,6 +83,14 @@ class Attribution(_Result):
     * ``scores``: ([layers,] P, M, T) logit contribution of each component;
     * ``remainder_scores``: ([layers,] P, T); ``logits``: ([layers,] P, T);
     * ``states``: ([layers,] P, M, D) and ``remainder``: ([layers,] P, D), when asked.
+
+    Labels: ``components`` (M,) names the component axis; when the labels differ by
+    layer (a list of head layers) they leave the layer out (``"H0"``) and
+    ``layer_components[i]`` names layer ``layers[i]``'s (``"L3.H0"``); :meth:`labels`
+    gives either. ``first_positions`` (M,) is where each component starts to exist (a
+    later token is exactly 0 before it). Targets: ``position_targets`` (P, T) is what each
+    position is scored on (by default its own top-1 next token); ``targets`` (T,) is the
+    last returned position's.
     """
 
     ARRAYS = ("scores", "remainder_scores", "states", "remainder", "logits")
@@ -90,6 +101,10 @@ class Attribution(_Result):
     positions: list[int]
     targets: list[int]
     target_tokens: list[str]
+    layer_components: list[list[str]] | None = None
+    first_positions: list[int] | None = None
+    position_targets: list[list[int]] | None = None
+    position_target_tokens: list[list[str]] | None = None
     granularity: str = "token"
     mlp_split: str = "softmax"
     end: str = "output"
@@ -110,19 +125,43 @@ class Attribution(_Result):
         scores = self.scores if self.layers is None else self.scores[layer]
         return np.asarray(scores[position, :, target], dtype=np.float64)  # (M,)
 
+    def labels(self, layer: int = -1) -> list[str]:
+        """The component labels at index ``layer`` of the layer axis (``components`` when
+        they are the same at every layer)."""
+        return self.components if self.layer_components is None else self.layer_components[layer]
+
+    def present(self, position: int = -1) -> np.ndarray:
+        """Indices of the components that exist at index ``position`` of ``positions``
+        (every one when the service does not say)."""
+        if self.first_positions is None:
+            return np.arange(len(self.components))
+        first = np.asarray(self.first_positions)
+        return np.flatnonzero(first <= self.positions[position])
+
+    def target(self, position: int = -1, target: int = 0) -> tuple[int, str]:
+        """The token id and text scored at index ``position`` of ``positions``."""
+        if self.position_targets is None or self.position_target_tokens is None:
+            return self.targets[target], self.target_tokens[target]
+        return self.position_targets[position][target], self.position_target_tokens[position][
+            target
+        ]
+
     def top_k(
         self, k: int = 10, position: int = -1, target: int = 0, layer: int = -1
     ) -> list[tuple[str, float]]:
-        """The ``k`` components with the largest score.
+        """The ``k`` components with the largest score; components that do not exist yet
+        at that position (later tokens) are not ranked.
 
         Args:
             position: index into ``positions`` (-1: the last position returned).
-            target: index into ``targets``.
+            target: index into the target axis.
             layer: index into ``layers`` when the result has a layer axis.
         """
         row = self._score_row(position, target, layer)
-        order = np.argsort(-row, kind="stable")[:k]
-        return [(self.components[i], float(row[i])) for i in order]
+        present = self.present(position)
+        order = present[np.argsort(-row[present], kind="stable")[:k]]
+        names = self.labels(layer)
+        return [(names[i], float(row[i])) for i in order]
 
     def to_html(self, position: int = -1, target: int = 0, layer: int = -1) -> str:
         """A self-contained HTML page of the result (no scripts): the token heat map, the
@@ -141,10 +180,10 @@ class Attribution(_Result):
         """A plain-text table of the top ``k`` components, with bars."""
         top = self.top_k(k, position, target, layer)
         pos = self.positions[position]
-        head = (
-            f"target {self.target_tokens[target]!r} (id {self.targets[target]}) "
-            f"at position {pos} {self.tokens[pos]!r}"
-        )
+        target_id, target_text = self.target(position, target)
+        head = f"target {target_text!r} (id {target_id}) at position {pos} {self.tokens[pos]!r}"
+        if self.layers is not None:
+            head += f", layer {self.layers[layer]}"
         if self.logits is not None:
             logits = self.logits if self.layers is None else self.logits[layer]
             head += f", logit {float(logits[position, target]):.4f}"

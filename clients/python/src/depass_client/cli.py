@@ -1,9 +1,10 @@
 """The ``depass`` command line: attribute, generate, tokenize, model, health.
 
 ``depass attribute "The capital of France is" --granularity head --layer 1`` prints the top
-components with their scores (the tokens coloured by score on a terminal); ``--json``
-prints the whole result for scripts. ``--base-url`` and ``--api-key`` fall back to
-``DEPASS_BASE_URL`` and ``DEPASS_API_KEY``.
+components with their scores (the tokens coloured by score on a terminal; one table per
+layer for ``--layer 1,2,3``); ``--chat`` sends the prompt as a user message in the
+model's chat template; ``--json`` prints the whole result for scripts. ``--base-url``
+and ``--api-key`` fall back to ``DEPASS_BASE_URL`` and ``DEPASS_API_KEY``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from depass_client._base import __version__
 from depass_client._client import Client
 from depass_client._errors import APIStatusError, DePassError
-from depass_client._types import Attribution
+from depass_client._types import GRANULARITIES, Attribution
 
 #: 256-colour shades, faint to strong: green raises the target's logit, red lowers it.
 _GREENS = (151, 114, 77, 40, 46)
@@ -47,20 +49,38 @@ def _target(text: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (connection options work before or after the command)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--base-url", default=argparse.SUPPRESS, help="service URL")
-    common.add_argument("--api-key", default=argparse.SUPPRESS, help="bearer key")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds")
+    common.add_argument(
+        "--base-url",
+        default=argparse.SUPPRESS,
+        help="service URL (default: $DEPASS_BASE_URL, else http://127.0.0.1:8000)",
+    )
+    common.add_argument(
+        "--api-key", default=argparse.SUPPRESS, help="bearer key (default: $DEPASS_API_KEY)"
+    )
+    common.add_argument(
+        "--timeout", type=float, default=argparse.SUPPRESS, help="seconds per attempt"
+    )
+    chat = argparse.ArgumentParser(add_help=False)
+    chat.add_argument(
+        "--chat",
+        action="store_true",
+        help="send PROMPT as a user message, in the model's chat template",
+    )
+    chat.add_argument("--system", default=None, help="a system message before it (with --chat)")
     parser = argparse.ArgumentParser(
         prog="depass", description="Command line of DePass Serve.", parents=[common]
     )
+    parser.add_argument("--version", action="version", version=f"depass {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     attribute = commands.add_parser(
-        "attribute", parents=[common], help="attribute the next token of a prompt"
+        "attribute", parents=[common, chat], help="attribute the next token of a prompt"
     )
     attribute.add_argument("prompt")
     attribute.add_argument(
-        "--granularity", default="token", choices=["token", "module", "head", "neuron"]
+        "--granularity",
+        default="token",
+        choices=[g for g in GRANULARITIES if g != "subspace"],  # subspaces need an array
     )
     attribute.add_argument(
         "--layer", type=_layer, default=None, help="start layer (heads: also 1,2,3)"
@@ -80,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     generate = commands.add_parser(
-        "generate", parents=[common], help="generate and attribute each new token"
+        "generate", parents=[common, chat], help="generate and attribute each new token"
     )
     generate.add_argument("prompt")
     generate.add_argument("--max-new-tokens", type=int, default=8)
@@ -122,8 +142,19 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
         return 1
 
 
+def _input(args: argparse.Namespace) -> dict[str, Any]:
+    """The request's input: the prompt, or with ``--chat`` a chat of it."""
+    if not args.chat:
+        if args.system is not None:
+            raise DePassError("--system needs --chat")
+        return {"prompt": args.prompt}
+    system = [] if args.system is None else [{"role": "system", "content": args.system}]
+    return {"messages": [*system, {"role": "user", "content": args.prompt}]}
+
+
 def _attribute(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     fields: dict[str, Any] = {
+        **_input(args),
         "granularity": args.granularity,
         "positions": [args.position],
         "outputs": ["scores"],
@@ -142,7 +173,7 @@ def _attribute(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         fields["targets"] = [args.target]
     if args.json:
         fields["array_encoding"] = "list"
-    result = client.attribute(args.prompt, **fields)
+    result = client.attribute(**fields)
     if args.html:
         with open(args.html, "w", encoding="utf-8") as page:
             page.write(result.to_html())
@@ -153,12 +184,18 @@ def _attribute(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     layer = "" if args.layer is None else f", layer {args.layer}"
     print(f"model {result.model}, granularity {result.granularity}{layer}", file=out)
     print("tokens: " + _tokens_line(result, colour), file=out)
-    print(result.table(k=args.top, position=-1, target=0), file=out)
+    # one table per layer of a list of head layers, each with that layer's labels
+    tables = [-1] if result.layers is None else list(range(len(result.layers)))
+    print(
+        "\n".join(result.table(k=args.top, position=-1, target=0, layer=i) for i in tables),
+        file=out,
+    )
     return 0
 
 
 def _generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     fields: dict[str, Any] = {
+        **_input(args),
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -167,7 +204,7 @@ def _generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         fields["seed"] = args.seed
     if args.json:
         fields["array_encoding"] = "list"
-    result = client.generate(args.prompt, **fields)
+    result = client.generate(**fields)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2), file=out)
     else:
@@ -224,7 +261,8 @@ def _tokens_line(result: Attribution, colour: bool) -> str:
     if not colour or not is_tokens or result.scores is None:
         return " ".join(texts)
     row = result.scores if result.layers is None else result.scores[-1]
-    scores = [float(s) for s in row[-1, :, 0]]
+    present = set(result.present(-1).tolist())  # later tokens stay uncoloured
+    scores = [float(s) if m in present else 0.0 for m, s in enumerate(row[-1, :, 0])]
     largest = max(abs(s) for s in scores) or 1.0
     painted = []
     for text, score in zip(texts, scores, strict=True):
