@@ -340,11 +340,15 @@ class DePassEngine:
     def _string_to_id(self, text: str) -> int | None:
         if self.tokenizer is None:
             return None
+        unknown = self.tokenizer.unk_token_id
+        if unknown is not None and text == self.tokenizer.unk_token:
+            return unknown
         vocab_id = self.tokenizer.convert_tokens_to_ids(text)
-        if isinstance(vocab_id, int) and vocab_id != self.tokenizer.unk_token_id:
+        if isinstance(vocab_id, int) and vocab_id != unknown:
             return vocab_id
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids[0] if len(ids) == 1 else None
+        # a string the tokenizer only knows as its unknown token is no token of it
+        return ids[0] if len(ids) == 1 and ids[0] != unknown else None
 
     # ------------------------------------------------------------------ forward pass
 

@@ -74,6 +74,7 @@ def test_unknown_field_is_named() -> None:
         ({"positions": [-7]}, "positions"),
         ({"targets": [96]}, "targets"),
         ({"targets": ["zebra-crossing"]}, "targets"),
+        ({"targets": ["qqqzzz"]}, "targets"),  # one word, known only as <unk>
         ({"granularity": "subspace", "subspace": np.zeros((1, 5, 32))}, "subspace"),
         ({"granularity": "subspace", "subspace": np.zeros((1, 6, 31))}, "subspace"),
     ],
@@ -99,6 +100,11 @@ def test_out_of_vocabulary_ids(llama_engine: DePassEngine) -> None:
     with pytest.raises(RequestError) as caught:
         llama_engine.attribute(AttributionRequest(input_ids=[1, 500]))
     assert caught.value.field == "input_ids"
+
+
+def test_the_unknown_token_itself_is_a_target(llama_engine: DePassEngine) -> None:
+    result = llama_engine.attribute(AttributionRequest(prompt=PROMPT, targets=["<unk>"]))
+    assert result.targets == [0]
 
 
 def test_string_targets_resolve_to_single_tokens(llama_engine: DePassEngine) -> None:
