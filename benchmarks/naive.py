@@ -141,6 +141,7 @@ def attention_step(layer: nn.Module, comps: torch.Tensor, frozen: FrozenLayer) -
 def mlp_coefficients(
     gates: torch.Tensor,
     true_gate: torch.Tensor,
+    present: torch.Tensor,
     mlp_split: str,
     temperature: float,
     ignore_bos: bool,
@@ -148,8 +149,10 @@ def mlp_coefficients(
     """Coefficients (M, N, I) splitting each (position, neuron) among the components.
 
     ``gates`` (M, N, I) are the components' own gate pre-activations, last = remainder;
-    ``true_gate`` (N, I) is the gate of the true forward pass.  The coefficients sum to 1
-    over components wherever the neuron's share is defined (taylor: where ``true_gate != 0``).
+    ``true_gate`` (N, I) is the gate of the true forward pass; ``present`` (M, N) says
+    where each component's vector is non-zero (eligibility comes from it, never from a
+    gate that happens to be 0.0).  The coefficients sum to 1 over components wherever the
+    neuron's share is defined (taylor: where ``true_gate != 0``).
     """
     if mlp_split == "taylor":
         # share g_m / g: sums to 1 over m because sum_m g_m = g; no eligibility rules.
@@ -157,9 +160,10 @@ def mlp_coefficients(
         return torch.where(true_gate == 0, torch.zeros_like(gates), gates / safe)
 
     g = gates.clone()
+    eligible = present[:, :, None].expand_as(g).clone()
     g[0, 0, :] = 1.0  # position-0 rule: component 0 takes its own first position
-    eligible = g != 0
-    eligible[-1] = g[-1].abs() >= REMAINDER_GATE_EPS
+    eligible[0, 0, :] = True
+    eligible[-1] &= g[-1].abs() >= REMAINDER_GATE_EPS
     if ignore_bos:
         eligible[0, 1:, :] = False  # first-token rule: no MLP share after position 0
 
@@ -205,7 +209,8 @@ def mlp_step(
     gates = c_hat @ mlp.gate_proj.weight.float().T  # (M, N, I)
     if mlp.gate_proj.bias is not None:
         gates[-1] += mlp.gate_proj.bias.float()  # a gate bias belongs to the remainder
-    alpha = mlp_coefficients(gates, frozen.gate, mlp_split, temperature, ignore_bos)
+    present = comps.ne(0).any(-1)  # (M, N)
+    alpha = mlp_coefficients(gates, frozen.gate, present, mlp_split, temperature, ignore_bos)
     out = (alpha * frozen.act) @ mlp.down_proj.weight.float().T
     if mlp.down_proj.bias is not None:
         out[-1] += mlp.down_proj.bias.float()

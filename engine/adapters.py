@@ -89,12 +89,22 @@ def adapter_for(model: nn.Module) -> ArchitectureAdapter:
         UnsupportedArchitectureError: no adapter; the message lists the supported ones.
     """
     config = getattr(model, "config", None)
-    names = [*list(getattr(config, "architectures", None) or []), type(model).__name__]
+    declared = list(getattr(config, "architectures", None) or [])
+    return adapter_named([*declared, type(model).__name__])
+
+
+def adapter_named(names: list[str]) -> ArchitectureAdapter:
+    """The adapter of the first of ``names`` (HF architecture names) that has one.
+
+    Raises:
+        UnsupportedArchitectureError: none has; the message lists the supported ones.
+    """
     for name in names:
         if name in ADAPTERS:
             return ADAPTERS[name]
     raise UnsupportedArchitectureError(
-        f"unsupported architecture {names[0]!r}; supported: {', '.join(supported_architectures())}"
+        f"unsupported architecture {names[0] if names else None!r}; "
+        f"supported: {', '.join(supported_architectures())}"
     )
 
 

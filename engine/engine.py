@@ -6,13 +6,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.adapters import ArchitectureAdapter, adapter_for
+from engine.adapters import ArchitectureAdapter, adapter_for, adapter_named
 from engine.capture import ForwardTrace
 from engine.granularity import (
     head_start,
@@ -22,6 +23,14 @@ from engine.granularity import (
     token_start,
 )
 from engine.info import ModelInfo
+from engine.loading import (
+    causal_lm_class_name,
+    dequantised_folder,
+    gguf_location,
+    load_tokenizer,
+    require_resident,
+    resolve_dtype,
+)
 from engine.memory import (
     MemoryBudgetError,
     MemoryEstimate,
@@ -42,12 +51,6 @@ from engine.readout import Readout, View, assemble
 from engine.request import AttributionRequest, RequestError
 from engine.result import AttributionResult
 from engine.trace_cache import TraceCache
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 @dataclass(frozen=True)
@@ -100,17 +103,6 @@ class Plan:
         trace, components, one layer's frozen values, snapshots and chunked work): at
         most the engine's budget, or :meth:`DePassEngine.plan` refuses the request."""
         return self.memory.total
-
-
-def resolve_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
-    """A torch dtype from its name; ``auto`` is bfloat16 on CUDA, float32 elsewhere."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
 
 
 class DePassEngine:
@@ -192,11 +184,16 @@ class DePassEngine:
         device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        gguf_file: str | None = None,
+        gguf_cache_dir: str | Path | None = None,
         **engine_kwargs: Any,
     ) -> DePassEngine:
-        """Load a model and its tokenizer (hub id or local path) with eager attention.
+        """Load a model and its tokenizer (hub id, model folder or GGUF file) with eager
+        attention.
 
         Args:
+            path_or_id: a hub id, a folder saved with ``save_pretrained``, or a ``.gguf``
+                file (quantised weights, dequantised to float once and cached).
             device: where the whole model goes (ignored with ``device_map``).
             dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
             device_map: spread the layers over several GPUs with accelerate (``"auto"``
@@ -204,13 +201,22 @@ class DePassEngine:
                 weights are. Offloading to the CPU or disk is refused.
             model_kwargs: more keyword arguments for ``AutoModelForCausalLM.from_pretrained``
                 (``revision``, ``max_memory``...).
+            gguf_file: the GGUF file's name inside the folder ``path_or_id`` (the
+                transformers convention; or give the file's path as ``path_or_id``).
+            gguf_cache_dir: where dequantised GGUF weights are cached as safetensors
+                (default ``~/.cache/depass/gguf``; 4 bytes per parameter).
             engine_kwargs: passed to the constructor (``memory_budget_bytes``...).
         """
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        gguf = gguf_location(path_or_id, gguf_file)
+        if gguf is not None:
+            metadata = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            adapter_named([causal_lm_class_name(metadata) or metadata.model_type])
+            path_or_id = str(dequantised_folder(gguf, gguf_cache_dir))
         config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
-        probe = type("Probe", (), {"config": config})()
-        adapter_for(probe)  # fail fast, before loading weights, on unsupported families
+        # fail fast, before loading weights, on unsupported families
+        adapter_named([causal_lm_class_name(config) or str(config.model_type)])
         if device_map is not None and torch.cuda.is_available():
             device = "cuda"
         load = {
@@ -223,7 +229,7 @@ class DePassEngine:
             model = AutoModelForCausalLM.from_pretrained(path_or_id, **load).to(device)
         else:
             model = AutoModelForCausalLM.from_pretrained(path_or_id, device_map=device_map, **load)
-            _require_resident(model)
+            require_resident(model)
         tokenizer = load_tokenizer(path_or_id, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, **engine_kwargs)
 
@@ -720,33 +726,6 @@ def _normalise_positions(values: Sequence[int] | None, length: int, field: str) 
     if not out:
         raise RequestError(field, "must name at least one position")
     return out
-
-
-def load_tokenizer(path_or_id: str, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of a model folder or hub id.
-
-    ``AutoTokenizer`` in transformers 5 picks the tokenizer class from the model type
-    (Qwen2Tokenizer for any qwen2 model), which re-tokenizes a plain ``tokenizer.json``
-    of another kind (a word-level one, say) wrongly. When the folder's
-    ``tokenizer_config.json`` names the generic fast tokenizer, load exactly that.
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    from transformers.models.auto.tokenization_auto import get_tokenizer_config
-
-    declared = get_tokenizer_config(path_or_id).get("tokenizer_class")
-    if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
-        return PreTrainedTokenizerFast.from_pretrained(path_or_id)
-    return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
-
-
-def _require_resident(model: nn.Module) -> None:
-    """Refuse device maps that offload weights (parameters left on the meta device)."""
-    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
-    if offloaded:
-        raise ValueError(
-            f"the device map offloads {len(offloaded)} tensors (e.g. {offloaded[0]}) to the CPU "
-            "or disk; DePass reads every layer's weights, so they must be resident on a device"
-        )
 
 
 def _require_eager(model: nn.Module) -> None:

@@ -92,11 +92,14 @@ def _group_label(group: list[int], token_texts: Sequence[str]) -> str:
     return f"tok[{span}]:{_quote(text)}"
 
 
-def _from_position_zero(
-    values: torch.Tensor, stage: int, labels: list[str], floored: tuple[int, ...] = ()
-) -> Start:
+def _from_position_zero(values: torch.Tensor, stage: int, labels: list[str]) -> Start:
     """A start whose components all may be non-zero from position 0, in the caller's order
-    (row ``1 + j`` is component ``j``; row 1 holds the first token)."""
+    (row ``1 + j`` is component ``j``; row 1 holds the first token).
+
+    The last component's gates are floored like the remainder's: the reference takes the
+    last component of its layout for its remainder in every granularity (the module
+    output, the last head, the last neuron, the last subspace part).
+    """
     count = values.shape[0] - 1
     return Start(
         values=values,
@@ -105,7 +108,7 @@ def _from_position_zero(
         anchor=1,
         stage=stage,
         labels=labels,
-        floored=floored,
+        floored=(count,),
     )
 
 
@@ -123,10 +126,8 @@ def subspace_start(resid: torch.Tensor, layer: int, parts: torch.Tensor) -> Star
     remainder = torch.sub(resid, parts.sum(0), out=values[0])  # (N, D)
     rounding = SUBSPACE_ROUNDING * resid.abs().amax(-1, keepdim=True)
     remainder.masked_fill_(remainder.abs() <= rounding, 0.0)
-    # The last part's gates are floored like the remainder's, as the reference does (it
-    # has no remainder there).
     labels = [f"subspace[{k}]" for k in range(count)]
-    return _from_position_zero(values, attention_stage(layer), labels, floored=(count,))
+    return _from_position_zero(values, attention_stage(layer), labels)
 
 
 def module_start(

@@ -487,6 +487,7 @@ class Propagator:
             self.check()
             live = 1 + bisect.bisect_left(first, p1)  # the remainder and the rows alive
             block = values[:live, :, where]  # (live, R, P, D): a view, or a copy with queries
+            present = block.ne(0).any(-1)  # (live, R, P): eligibility, from the vectors
             gates = project(block * scale[:, where], w.w_gate, SPLIT_DTYPE)  # (live, R, P, I)
             chunk_spec = replace(
                 spec,
@@ -495,7 +496,7 @@ class Propagator:
                 floored=tuple(i for i in facts.floored if i < live),
             )
             shares = neuron_shares(
-                gates, w.act[:, where], w.gate[:, where], chunk_spec, self.fused_split
+                gates, w.act[:, where], w.gate[:, where], present, chunk_spec, self.fused_split
             )
             output = project(shares, w.w_down, self.dtype)  # (live, R, P, D)
             if isinstance(where, slice):

@@ -16,10 +16,13 @@ uses the conserving definition:
   gates are equal (the reference shifts by the float minimum and loses the neuron).
 - ``taylor``: ``g_m / g`` (first-order share of the true gate), not a convex split.
 
-Eligibility (softmax, relu, max, linear): a component whose gate is exactly zero is
-causally absent; the remainder's gate counts as zero below ``REMAINDER_GATE_EPS`` (and so
-does the last part of a subspace run, which the reference treats as its remainder); a
-neuron with no eligible component goes wholly to the remainder.
+Eligibility (softmax, relu, max, linear): a component takes part in a position's split
+only where its vector is non-zero (it is *present*); its gate value never decides that, as
+a present component's gate can cancel to exactly 0.0. The gates of the *floored* rows (the
+remainder, and the last component of every layout, which the reference treats as its
+remainder) count as absent below ``REMAINDER_GATE_EPS``; a neuron with no eligible
+component goes wholly to the remainder. Ineligible gates are marked ``-inf`` in place, so
+no rule needs a mask of the gate tensor's size.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class SplitSpec:
         ignore_anchor: the first-token rule: the anchor takes no share after position 0.
         starts_at_zero: the chunk's first position is position 0 of the prompt.
         floored: indices of the components whose gates below ``REMAINDER_GATE_EPS``
-            count as absent (the remainder, and the last part of a subspace run).
+            count as absent (the remainder, and the last component of the layout).
         gate_scale: the factor the gates were multiplied by before the split (``1 / T``
             for softmax, folded into the normalisation so that no pass divides by ``T``).
     """
@@ -71,6 +74,7 @@ def neuron_shares(
     gates: torch.Tensor,
     act: torch.Tensor,
     true_gate: torch.Tensor,
+    present: torch.Tensor,
     spec: SplitSpec,
     fused: bool = False,
 ) -> torch.Tensor:
@@ -81,6 +85,8 @@ def neuron_shares(
             (``...``: batch axes, e.g. the prompts of a batch); the FIRST component is the
             remainder. Modified in place.
         act: (..., P, I) true neuron activations ``a``.
+        present: (M, ..., P) bool, whether each component's vector is non-zero at each
+            position (what eligibility is decided from; unused by ``taylor``).
         true_gate: (..., P, I) true gate pre-activations ``g``.
         spec: the rule and the first-token settings.
         fused: compute the softmax split with one compiled kernel (``torch.compile``)
@@ -93,16 +99,18 @@ def neuron_shares(
         ratio = torch.where(true_gate != 0, act / true_gate, torch.zeros_like(act))
         return gates.mul_(ratio)
 
-    # Row rules first, so that afterwards "eligible" is simply "gate != 0" everywhere:
-    # an ineligible gate is set to zero (its value is never used again).
+    # Eligibility first, so that afterwards "eligible" is simply "gate > -inf" everywhere:
+    # an ineligible gate is set to -inf (its value is never used again).
     scale = spec.gate_scale
+    absent = float("-inf")
+    gates.masked_fill_(present.logical_not()[..., None], absent)
     if spec.anchor is not None and spec.starts_at_zero:
         gates[spec.anchor, ..., 0, :] = scale  # a gate of 1.0
     for index in spec.floored:
         row = gates[index]
-        row.masked_fill_(row.abs() < REMAINDER_GATE_EPS * scale, 0.0)
+        row.masked_fill_(row.abs() < REMAINDER_GATE_EPS * scale, absent)
     if spec.anchor is not None and spec.ignore_anchor:
-        gates[spec.anchor, ..., 1 if spec.starts_at_zero else 0 :, :] = 0.0
+        gates[spec.anchor, ..., 1 if spec.starts_at_zero else 0 :, :] = absent
 
     if fused and spec.rule == "softmax":
         shares, unassigned = _compiled_softmax()(gates, act)
@@ -116,7 +124,7 @@ def neuron_shares(
 
 
 def _softmax(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = gates.masked_fill_(gates == 0, float("-inf"))  # gates are g / T
+    logits = gates  # g / T, -inf for the ineligible
     peak = logits.amax(0, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     weights = logits.sub_(peak).exp_()  # exp(-inf) = 0 for the ineligible
@@ -126,10 +134,9 @@ def _softmax(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _softmax_shares(gates: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The softmax split as one function of tensors (what :func:`torch.compile` fuses):
     shares, and the activation no component may take."""
-    logits = gates.masked_fill(gates == 0, float("-inf"))
-    peak = logits.amax(0, keepdim=True)
+    peak = gates.amax(0, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    weights = (logits - peak).exp()
+    weights = (gates - peak).exp()
     total = weights.sum(0)
     assigned = total > 0
     ratio = torch.where(assigned, act / torch.where(assigned, total, 1.0), 0.0)
@@ -143,20 +150,19 @@ def _compiled_softmax() -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Te
 
 
 def _relu(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    weights = gates.clamp_(min=0)  # ineligible gates are 0 already
+    weights = gates.clamp_(min=0)  # ineligible (-inf) gates become 0
     return weights, weights.sum(0)
 
 
 def _max(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    eligible = gates != 0
-    any_eligible = eligible.any(0)
-    winner = gates.masked_fill_(eligible.logical_not_(), float("-inf")).argmax(0, keepdim=True)
+    any_eligible = gates.amax(0) > float("-inf")
+    winner = gates.argmax(0, keepdim=True)  # ineligible gates are -inf
     weights = torch.zeros_like(gates).scatter_(0, winner, 1.0).mul_(any_eligible)
     return weights, any_eligible.to(gates.dtype)
 
 
 def _linear(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    eligible = gates != 0
+    eligible = gates > float("-inf")
     floor = gates.masked_fill(~eligible, float("inf")).amin(0, keepdim=True)
     floor = torch.where(torch.isfinite(floor), floor, torch.zeros_like(floor))
     weights = gates.sub_(floor).clamp_(min=0).mul_(eligible)

@@ -284,7 +284,7 @@ def eager_matches(out: Path) -> bool:
     """Whether SDPA and eager attention give the same top-1 on every evaluation prompt."""
     from transformers import AutoModelForCausalLM
 
-    from engine.engine import load_tokenizer
+    from engine.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(out))
     facts = tasks.load_facts()

@@ -34,7 +34,7 @@ from engine import (
     MemoryBudgetError,
     RequestError,
 )
-from engine.engine import resolve_dtype
+from engine.loading import resolve_dtype
 from service.arrays import ENCODINGS, ArrayDecodeError, decode_array, encode_array
 from service.errors import (
     InvalidFieldError,
