@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,27 +23,13 @@ BATCH_ROWS = 64
 
 
 def load_model(spec: str, threads: int | None = None) -> tuple[nn.Module, Any]:
-    """Model and tokenizer from a model folder, a hub id or a ``.gguf`` file, in float32
-    with eager attention (what the engine reads)."""
+    """Model and tokenizer from a model folder, a hub id or a ``.gguf`` file (dequantised
+    once and cached as safetensors by the engine's loader), in float32 with eager
+    attention (what the engine reads)."""
     if threads:
         torch.set_num_threads(threads)
-    path = Path(spec)
-    if path.suffix == ".gguf":
-        return _load_gguf(path)
     engine = DePassEngine.from_pretrained(spec)
     return engine.model, engine.tokenizer
-
-
-def _load_gguf(path: Path) -> tuple[nn.Module, Any]:
-    """A GGUF checkpoint, de-quantised to float32 by transformers (needs ``gguf``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(path.parent), path.name
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, attn_implementation="eager", dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model.eval(), tokenizer
 
 
 @dataclass

@@ -170,6 +170,7 @@ def write_run_info(out_dir: Path, argv: list[str], extra: dict[str, Any]) -> Non
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "git_commit": _git_commit(),
     }
     info.update(extra)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +184,22 @@ def finish_run_info(out_dir: Path, rows: int) -> None:
     info["reported"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     info["rows"] = rows
     path.write_text(json.dumps(info, indent=1), encoding="utf-8")
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (the engine version that made the numbers), if in git."""
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 class Timer:
