@@ -38,6 +38,15 @@ class Probe:
         s = self.scores(x)
         return (s[:, 0] > 0).astype(int) if classes == 2 else s.argmax(-1)
 
+    @staticmethod
+    def describe(summary: dict[str, Any], name: str) -> str:
+        """One Markdown sentence on a probe's :meth:`summary`: its layer and accuracies."""
+        return (
+            f"{name} probe at layer {summary['layer']}:"
+            f" train accuracy {summary['train_accuracy']:.3f} ({summary['train_size']} texts),"
+            f" **test accuracy {summary['test_accuracy']:.3f}** ({summary['test_size']} texts)."
+        )
+
     def summary(self) -> dict[str, Any]:
         return {
             "layer": self.layer,

@@ -162,9 +162,7 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     text = [
         f"## {title}",
         "",
-        f"Language probe at layer {probe['layer']}: train accuracy {probe['train_accuracy']:.3f}"
-        f" ({probe['train_size']} texts), **test accuracy {probe['test_accuracy']:.3f}**"
-        f" ({probe['test_size']} texts); chance 1/6.",
+        Probe.describe(probe, "Language") + " Chance: 1/6.",
     ]
     if not summary.get("prompts"):
         return "\n".join([*text, "", "No cases."])

@@ -163,10 +163,7 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     text = [
         f"## {title}",
         "",
-        f"Truthfulness probe at layer {probe['layer']}:"
-        f" train accuracy {probe['train_accuracy']:.3f}"
-        f" ({probe['train_size']} texts), **test accuracy {probe['test_accuracy']:.3f}**"
-        f" ({probe['test_size']} texts).",
+        Probe.describe(probe, "Truthfulness"),
     ]
     if not summary.get("prompts"):
         return "\n".join([*text, "", "No prompts."])
