@@ -65,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
         default="-2,-1",
         help="layers whose neurons are ranked (negative: from the top)",
     )
+    g.add_argument(
+        "--component-split",
+        default=None,
+        help="components: the DePass split rule of the head and neuron runs (default: the"
+        " engine's, softmax; the first of --temperatures)",
+    )
     g.add_argument("--probe-layer", type=int, default=None, help="probe layer (default: L/2)")
     g.add_argument("--split-layer", type=int, default=None, help="language split layer")
     g.add_argument("--probe-size", type=int, default=None, help="probe texts per split")
@@ -96,6 +102,7 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
         "head_ks": _ints(args.head_ks),
         "neuron_ks": _ints(args.neuron_ks),
         "neuron_layers": _ints(args.neuron_layers),
+        "component_split": args.component_split,
         "probe_layer": args.probe_layer,
         "split_layer": args.split_layer,
         "probe_size": args.probe_size,

@@ -47,11 +47,16 @@ class DePassSource(Protocol):
         last position."""
         ...
 
-    def head_scores(self, ids: list[int], target: int, layers: list[int]) -> np.ndarray:
-        """(len(layers), H) each head's contribution to ``target``'s logit."""
+    def head_scores(
+        self, ids: list[int], target: int, layers: list[int], split: Split | None = None
+    ) -> np.ndarray:
+        """(len(layers), H) each head's contribution to ``target``'s logit (``split``:
+        the DePass settings; None: the engine's defaults for head runs)."""
         ...
 
-    def neuron_scores(self, ids: list[int], target: int, layer: int) -> np.ndarray:
+    def neuron_scores(
+        self, ids: list[int], target: int, layer: int, split: Split | None = None
+    ) -> np.ndarray:
         """(I,) each MLP neuron's (of ``layer``) contribution to ``target``'s logit."""
         ...
 
@@ -100,15 +105,25 @@ class _DePassCalls:
         )
         return np.asarray(result.states)[0]
 
-    def head_scores(self, ids: list[int], target: int, layers: list[int]) -> np.ndarray:
+    def head_scores(
+        self, ids: list[int], target: int, layers: list[int], split: Split | None = None
+    ) -> np.ndarray:
         result = self._ask(
-            **_request_fields(ids, targets=[target]), granularity="head", start_layer=layers
+            **_request_fields(ids, targets=[target]),
+            granularity="head",
+            start_layer=layers,
+            **(_split_fields(split) if split else {}),
         )
         return np.asarray(result.scores)[:, 0, 1:, 0]  # component 0 is the rest
 
-    def neuron_scores(self, ids: list[int], target: int, layer: int) -> np.ndarray:
+    def neuron_scores(
+        self, ids: list[int], target: int, layer: int, split: Split | None = None
+    ) -> np.ndarray:
         result = self._ask(
-            **_request_fields(ids, targets=[target]), granularity="neuron", start_layer=layer
+            **_request_fields(ids, targets=[target]),
+            granularity="neuron",
+            start_layer=layer,
+            **(_split_fields(split) if split else {}),
         )
         return np.asarray(result.scores)[0, 1:, 0]  # component 0 is the rest
 

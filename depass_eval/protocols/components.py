@@ -20,6 +20,7 @@ from depass_eval.data import load_cases
 from depass_eval.hooks import gradient_x_activation, masked_logits
 from depass_eval.report import line_plot, mean, table
 from depass_eval.runner import Context, Timer, run_rows, select_correct
+from depass_eval.source import Split
 
 NAME = "components"
 METHODS = ("depass", "gradient-x-activation", "random")
@@ -33,7 +34,13 @@ def neuron_layers(ctx: Context) -> list[int]:
 
 
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
-    selection = select_correct(ctx, load_cases(dataset), size)
+    selection = select_correct(
+        ctx,
+        load_cases(dataset),
+        size,
+        reverse=ctx.options.get("tuning_slice", False),
+        exclude=ctx.options.get("exclude", set()),
+    )
     cases = selection["cases"]
     return run_rows(
         cases, len(cases), lambda c: c["id"], lambda c: evaluate(ctx, c), ctx.out_dir, progress
@@ -53,12 +60,14 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
     layers = neuron_layers(ctx)
     width = model.intermediate_size
     seconds: dict[str, float] = {}
+    rule = ctx.options.get("component_split")
+    split = Split(rule, ctx.options.get("temperatures", [0.1])[0], False) if rule else None
     with Timer() as clock:
-        head_scores = ctx.depass.head_scores(ids, answer, list(range(model.num_layers)))
+        head_scores = ctx.depass.head_scores(ids, answer, list(range(model.num_layers)), split)
     seconds["depass_heads"] = clock.seconds
     with Timer() as clock:
         neuron_scores = np.concatenate(
-            [ctx.depass.neuron_scores(ids, answer, layer) for layer in layers]
+            [ctx.depass.neuron_scores(ids, answer, layer, split) for layer in layers]
         )
     seconds["depass_neurons"] = clock.seconds
     with Timer() as clock:
