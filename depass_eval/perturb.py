@@ -57,7 +57,9 @@ def curves(
     scores: Mapping[str, np.ndarray],
     percents: Sequence[int] = PERCENTS,
 ) -> dict[str, dict[str, list[float]]]:
-    """``{method: {"patch": [...], "recover": [...]}}``: the relative change at each k.
+    """``{method: {"patch": [...], "recover": [...], "patch_p": [...], "recover_p": [...]}}``:
+    the relative change at each k, and the answer's probability after each edit (whether
+    it fell or rose, which the capped relative change does not tell).
 
     Every distinct edited prompt of all methods runs once, in length-batched forwards.
     """
@@ -72,10 +74,10 @@ def curves(
     unique = [seq for seq in unique if seq != tuple(ids)]
     probs = dict(zip(unique, model.answer_probs(unique, answer).tolist(), strict=True))
     probs[tuple(ids)] = base_prob
-    return {
-        method: {
-            mode: [relative_change(base_prob, probs[seq]) for seq in seqs]
-            for mode, seqs in plan.items()
-        }
-        for method, plan in plans.items()
-    }
+    out: dict[str, dict[str, list[float]]] = {}
+    for method, plan in plans.items():
+        out[method] = {}
+        for mode, seqs in plan.items():
+            out[method][mode] = [relative_change(base_prob, probs[seq]) for seq in seqs]
+            out[method][f"{mode}_p"] = [probs[seq] for seq in seqs]
+    return out

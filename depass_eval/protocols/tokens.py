@@ -104,6 +104,14 @@ def summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "auc_sem": sem(aucs),
             }
         entry["seconds_per_prompt"] = mean([row["seconds"][method] for row in rows])
+        if all(f"{perturb.MODES[0]}_p" in row["curves"][method] for row in rows):
+            for mode in perturb.MODES:  # how often the edit raised p(answer), k < 100%
+                rises = [
+                    float(q > row["answer_prob"])
+                    for row in rows
+                    for q in row["curves"][method][f"{mode}_p"][:-1]
+                ]
+                entry[mode]["share_raised"] = mean(rises)
         per_method[method] = entry
     return {
         "protocol": NAME,
