@@ -23,7 +23,7 @@ def headline(runs: list[Path]) -> str:
     for result in results:
         name = f"{result['dataset']} (n={result['prompts']})"
         headers += [f"{name} patch AUC ↑", f"{name} recover AUC ↓"]
-    headers.append("s / prompt")
+    headers.append(f"s / prompt ({results[0]['dataset']})")
     rows = []
     for method in methods:
         row: list[Any] = [method]

@@ -63,11 +63,12 @@ def line_plot(
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, (panel, ylabel, series) in zip(axes[0], panels, strict=True):
-        for method, (x, y) in series.items():
+        for index, (method, (x, y)) in enumerate(series.items()):
             ours = method.startswith(highlight)
             ax.plot(
                 x,
                 y,
+                color=plt.cm.tab20((2 * index + index // 10) % 20),  # 10 hues, then light
                 marker="o",
                 markersize=3,
                 linewidth=2.2 if ours else 1.2,
