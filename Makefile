@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that this machine keeps on disk; override for CUDA hosts.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint format bench clean run
+.PHONY: install test lint format bench clean run screenshots
 
-# The service (.[dev]) and the SDK with its `depass` command (clients/python), editable.
+# The service (.[dev]) and the SDK with its `depass` command and plots (clients/python), editable.
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]" -e clients/python
+	$(PY) -m pip install -q -e ".[dev]" -e "clients/python[plot]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -63,3 +63,11 @@ LOAD_ARGS ?= --clients 32 --duration 60
 .PHONY: load
 load: install
 	$(PY) scripts/load_test.py $(LOAD_ARGS)
+
+# The README's viewer images (docs/images/viewer-*.png), from the browser tests' screenshots.
+SHOTS := build/ui-artifacts
+screenshots: install
+	DEPASS_UI_ARTIFACTS=$(SHOTS) $(PY) -m pytest -q tests/ui
+	cp $(SHOTS)/tokens.png docs/images/viewer-page.png
+	for view in heads neurons generation; do \
+	  cp $(SHOTS)/view-$$view.png docs/images/viewer-$$view.png; done

@@ -25,6 +25,8 @@ from service.protocol import (
     GenerateResponse,
     HealthResponse,
     ModelResponse,
+    NextTokensBody,
+    NextTokensResponse,
     ReadyResponse,
     TokenizeBody,
     TokenizeResponse,
@@ -102,6 +104,16 @@ async def create_generation(
 )
 async def tokenize(body: TokenizeBody, serving: ServingDep) -> TokenizeResponse:
     return await serving.tokenize(body)
+
+
+@v1.post(
+    "/next_tokens",
+    response_model=NextTokensResponse,
+    responses=_errors(*_BODY_ERRORS, 429, 504),
+    summary="The model's most likely next tokens at some positions",
+)
+async def next_tokens(body: NextTokensBody, serving: ServingDep) -> NextTokensResponse:
+    return await serving.next_tokens(body)
 
 
 @v1.get("/model", response_model=ModelResponse, summary="The loaded model and the limits")

@@ -34,6 +34,7 @@ from service.middleware import (
 )
 from service.serving import FaultInjector, Serving, load_engine
 from service.settings import Settings
+from service.ui import mount_ui
 from service.worker import Worker
 
 logger = logging.getLogger("service")
@@ -79,6 +80,8 @@ def create_app(
     app.state.serving = None
     app.state.fault_injector = fault_injector
     app.include_router(router)
+    if settings.ui_enabled:
+        mount_ui(app)
     register_error_handlers(app)
     # add_middleware wraps: the last one added runs first.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

@@ -111,3 +111,18 @@ def _pick(
         choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def top_next_tokens(
+    model: nn.Module, input_ids: Sequence[int], positions: Sequence[int], k: int
+) -> tuple[list[list[float]], list[list[float]], list[list[int]]]:
+    """The ``k`` largest logits after each of ``positions`` (non-negative, in range) of one
+    forward pass: their logits, softmax probabilities and token ids, largest first."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)  # (1, N)
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, list(positions)].float()  # (P, V)
+        probs = torch.softmax(logits, dim=-1)  # (P, V)
+        top = logits.topk(min(k, logits.shape[-1]), dim=-1)  # (P, k)
+        chosen = probs.gather(-1, top.indices)  # (P, k)
+    return top.values.tolist(), chosen.tolist(), top.indices.tolist()

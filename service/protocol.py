@@ -163,6 +163,16 @@ class AttributionResponse(BaseModel):
     )
 
 
+def check_one_input(prompt: str | None, input_ids: list[int] | None) -> None:
+    """Exactly one of ``prompt`` and ``input_ids``, and not empty (a ValueError if not)."""
+    if (prompt is None) == (input_ids is None):
+        raise ValueError("give exactly one of 'prompt' and 'input_ids'")
+    if input_ids is not None and not input_ids:
+        raise ValueError("input_ids: must not be empty")
+    if prompt is not None and not prompt:
+        raise ValueError("prompt: must not be empty")
+
+
 class GenerateBody(ArrayOptions):
     """``POST /v1/generate``: continue a prompt and attribute every generated token."""
 
@@ -204,12 +214,7 @@ class GenerateBody(ArrayOptions):
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateBody:
-        if (self.prompt is None) == (self.input_ids is None):
-            raise ValueError("give exactly one of 'prompt' and 'input_ids'")
-        if self.input_ids is not None and not self.input_ids:
-            raise ValueError("input_ids: must not be empty")
-        if self.prompt is not None and not self.prompt:
-            raise ValueError("prompt: must not be empty")
+        check_one_input(self.prompt, self.input_ids)
         return self
 
 
@@ -261,6 +266,52 @@ class TokenizeResponse(BaseModel):
     input_ids: list[int] = Field(description="(N,) token ids.")
     tokens: list[str] = Field(description="(N,) text of each token.")
     num_tokens: int = Field(description="N.")
+
+
+class NextTokensBody(BaseModel):
+    """``POST /v1/next_tokens``: the model's most likely next tokens at some positions."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"prompt": "The capital of France is", "top_k": 5}]},
+    )
+
+    prompt: str | None = Field(None, description="Text to read (or give input_ids).")
+    input_ids: list[NonNegativeInt] | None = Field(
+        None, description="Token ids to read (or give prompt)."
+    )
+    positions: list[int] = Field(
+        default_factory=lambda: [-1],
+        min_length=1,
+        description="Positions whose next token to predict (negative counts from the end).",
+    )
+    top_k: int = Field(5, ge=1, le=100, description="How many tokens per position.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> NextTokensBody:
+        check_one_input(self.prompt, self.input_ids)
+        return self
+
+
+class NextToken(BaseModel):
+    """One candidate next token."""
+
+    id: int = Field(description="Token id (send it as an attribution target).")
+    token: str = Field(description="Text of the token.")
+    logit: float = Field(description="Its logit.")
+    probability: float = Field(description="softmax of the logits over the vocabulary.")
+
+
+class NextTokensResponse(BaseModel):
+    """The ``top_k`` most likely next tokens after each asked position, most likely first."""
+
+    object: Literal["next_tokens"] = "next_tokens"
+    model: str = Field(description="The model that answered.")
+    tokens: list[str] = Field(description="(N,) text of each input token.")
+    input_ids: list[int] = Field(description="(N,) input token ids.")
+    positions: list[int] = Field(description="(P,) non-negative positions, as asked.")
+    predictions: list[list[NextToken]] = Field(description="(P, top_k) candidates.")
 
 
 class Limits(BaseModel):

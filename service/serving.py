@@ -42,7 +42,7 @@ from service.errors import (
     OutOfMemoryError,
     PayloadTooLargeError,
 )
-from service.generation import Continuation, continue_ids, eos_token_ids
+from service.generation import Continuation, continue_ids, eos_token_ids, top_next_tokens
 from service.metrics import Metrics
 from service.protocol import (
     SAFETENSORS_MEDIA_TYPE,
@@ -54,6 +54,9 @@ from service.protocol import (
     GenerateResponse,
     Limits,
     ModelResponse,
+    NextToken,
+    NextTokensBody,
+    NextTokensResponse,
     TokenizeBody,
     TokenizeResponse,
 )
@@ -94,6 +97,7 @@ def load_engine(settings: Settings) -> DePassEngine:
         dtype=weights,
         device_map=settings.device_map,
         trust_remote_code=settings.trust_remote_code,
+        gguf_cache_dir=settings.gguf_cache_dir,
         compute_dtype=getattr(torch, settings.compute_dtype),
         matmul_dtype=None if matmul is None else getattr(torch, matmul),
         memory_budget_bytes=settings.memory_budget_bytes,
@@ -211,20 +215,7 @@ class Serving:
                 f"max_new_tokens: {body.max_new_tokens} is over this service's limit of {limit}",
                 param="max_new_tokens",
             )
-        if body.input_ids is not None:
-            field, prompt_ids = "input_ids", list(body.input_ids)
-            bad = [i for i in prompt_ids if i >= self.engine.info.vocab_size]
-            if bad:
-                raise InvalidFieldError(
-                    f"input_ids: token ids {bad[:5]} are outside the vocabulary "
-                    f"[0, {self.engine.info.vocab_size})",
-                    param="input_ids",
-                )
-        else:
-            self._check_prompt_chars(body.prompt)
-            field, prompt_ids = "prompt", await self._call(self.engine.tokenize, body.prompt or "")
-        if not prompt_ids:
-            raise InvalidFieldError(f"{field}: tokenizes to no tokens", param=field)
+        field, prompt_ids = await self._prompt_ids(body.prompt, body.input_ids)
         self._check_input_length(len(prompt_ids) + body.max_new_tokens - 1, field)
         self.metrics.input_tokens.labels("generate").observe(len(prompt_ids))
         done = await self.worker.submit(
@@ -247,6 +238,44 @@ class Serving:
         ids = await self._call(self.engine.tokenize, body.prompt)
         tokens = await self._call(self.engine.token_texts, ids)
         return TokenizeResponse(input_ids=ids, tokens=tokens, num_tokens=len(ids))
+
+    async def next_tokens(self, body: NextTokensBody) -> NextTokensResponse:
+        """``POST /v1/next_tokens``: one forward pass, the ``top_k`` logits at each position."""
+        field, ids = await self._prompt_ids(body.prompt, body.input_ids)
+        self._check_input_length(len(ids), field)
+        positions = []
+        for position in body.positions:
+            if not -len(ids) <= position < len(ids):
+                raise InvalidFieldError(
+                    f"positions: {position} is outside the input's {len(ids)} tokens",
+                    param="positions",
+                )
+            positions.append(position % len(ids))
+        model, k = self.engine.model, body.top_k
+        done = await self.worker.submit(
+            lambda stop: self._guarded(
+                "next_tokens", lambda: top_next_tokens(model, ids, positions, k)
+            ),
+            timeout_s=self.settings.request_timeout_s,
+        )
+        logits, probs, top_ids = done.value
+        texts = self.engine.token_texts(ids)
+        predictions = [
+            [
+                NextToken(id=i, token=t, logit=float(logit), probability=float(p))
+                for i, t, logit, p in zip(
+                    row, self.engine.token_texts(row), logits[r], probs[r], strict=True
+                )
+            ]
+            for r, row in enumerate(top_ids)
+        ]
+        return NextTokensResponse(
+            model=self.model_name,
+            tokens=texts,
+            input_ids=ids,
+            positions=positions,
+            predictions=predictions,
+        )
 
     def model_card(self) -> ModelResponse:
         """``GET /v1/model``."""
@@ -305,6 +334,27 @@ class Serving:
             return AttributionRequest(**fields)
         except RequestError as exc:
             raise field_error(exc) from None
+
+    async def _prompt_ids(
+        self, prompt: str | None, input_ids: list[int] | None
+    ) -> tuple[str, list[int]]:
+        """The field the input came in and its token ids (ids checked against the vocabulary,
+        a prompt tokenized after its length check); 422 for an input of no tokens."""
+        if input_ids is not None:
+            field, ids = "input_ids", list(input_ids)
+            bad = [i for i in ids if i >= self.engine.info.vocab_size]
+            if bad:
+                raise InvalidFieldError(
+                    f"input_ids: token ids {bad[:5]} are outside the vocabulary "
+                    f"[0, {self.engine.info.vocab_size})",
+                    param="input_ids",
+                )
+        else:
+            self._check_prompt_chars(prompt)
+            field, ids = "prompt", await self._call(self.engine.tokenize, prompt or "")
+        if not ids:
+            raise InvalidFieldError(f"{field}: tokenizes to no tokens", param=field)
+        return field, ids
 
     def _check_prompt_chars(self, prompt: str | None) -> None:
         """413 for a prompt too long to fit the token limit, before tokenizing it."""

@@ -29,7 +29,14 @@ class Settings(BaseSettings):
 
     model: str = Field(
         str(DEFAULT_MODEL_DIR),
-        description="Hugging Face hub id or local model folder; default: the embedded model.",
+        description="Hugging Face hub id, local model folder or .gguf file; default: the "
+        "embedded model.",
+    )
+    gguf_cache_dir: Path | None = Field(
+        None,
+        description="Where a .gguf model's dequantised weights are cached as safetensors "
+        "(4 bytes per parameter; the first start converts, later ones read the cache); "
+        "unset: ~/.cache/depass/gguf.",
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
     device_map: str | None = Field(
@@ -101,6 +108,7 @@ class Settings(BaseSettings):
         "bytes (the newest one is always kept); unset: no byte limit.",
     )
     docs_enabled: bool = Field(True, description="Serve /docs, /redoc and /openapi.json.")
+    ui_enabled: bool = Field(True, description="Serve the web viewer at /ui.")
     protect_metrics: bool = Field(
         False, description="With DEPASS_API_KEY set, /metrics also needs the key."
     )
@@ -133,6 +141,11 @@ class Settings(BaseSettings):
             return None
         return value.strip()
 
+    @field_validator("gguf_cache_dir", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("trace_cache_bytes", "memory_budget_bytes", mode="before")
     @classmethod
     def _empty_bytes_is_none(cls, value: object) -> object:
@@ -149,8 +162,11 @@ class Settings(BaseSettings):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def model_name(self) -> str:
-        """A short public name: the folder name for local models, else the hub id."""
+        """A short public name: the folder name of a local model, the file name (less
+        ``.gguf``) of a GGUF file, else the hub id."""
         path = Path(self.model).expanduser()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return path.stem
         return path.name if path.is_dir() else self.model
 
     def check_model_source(self) -> None:
@@ -170,6 +186,6 @@ class Settings(BaseSettings):
             )
         if self.model.startswith(("/", ".", "~")):
             raise ModelNotFoundError(
-                f"DEPASS_MODEL={self.model!r} is not an existing folder; give a model folder "
-                "saved with save_pretrained, or a hub id"
+                f"DEPASS_MODEL={self.model!r} does not exist; give a model folder saved with "
+                "save_pretrained, a .gguf file, or a hub id"
             )

@@ -74,3 +74,13 @@ def test_console_script_is_installed(server: str) -> None:
         timeout=60,
     )
     assert done.returncode == 0 and "ok" in done.stdout
+
+
+def test_attribute_writes_a_self_contained_html_page(server: str, tmp_path: Path) -> None:
+    page = tmp_path / "out.html"
+    text = run(server, "attribute", PROMPT, "--html", str(page))
+    assert text.startswith("model tiny-llama0")  # the table is still printed
+    html = page.read_text()
+    assert html.startswith("<!doctype html>") and "<script" not in html
+    assert html.count('class="depass-token"') == 6  # <s> the capital of France is
+    assert "conservation error" in html

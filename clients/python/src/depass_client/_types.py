@@ -124,6 +124,19 @@ class Attribution(_Result):
         order = np.argsort(-row, kind="stable")[:k]
         return [(self.components[i], float(row[i])) for i in order]
 
+    def to_html(self, position: int = -1, target: int = 0, layer: int = -1) -> str:
+        """A self-contained HTML page of the result (no scripts): the token heat map, the
+        layer x head grid, or a ranked table (see :mod:`depass_client.views`)."""
+        from depass_client.views import attribution_page
+
+        return attribution_page(self, position, target, layer)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: :meth:`to_html`'s content, as a fragment."""
+        from depass_client.views import attribution_html
+
+        return attribution_html(self)
+
     def table(self, k: int = 10, position: int = -1, target: int = 0, layer: int = -1) -> str:
         """A plain-text table of the top ``k`` components, with bars."""
         top = self.top_k(k, position, target, layer)

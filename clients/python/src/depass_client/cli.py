@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--position", type=int, default=-1, help="token position")
     attribute.add_argument("--top", type=int, default=10, help="components to show")
     attribute.add_argument("--json", action="store_true", help="print the full result")
+    attribute.add_argument(
+        "--html", metavar="PATH", default=None, help="also write a self-contained HTML view"
+    )
 
     generate = commands.add_parser(
         "generate", parents=[common], help="generate and attribute each new token"
@@ -140,6 +143,9 @@ def _attribute(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         fields["array_encoding"] = "list"
     result = client.attribute(args.prompt, **fields)
+    if args.html:
+        with open(args.html, "w", encoding="utf-8") as page:
+            page.write(result.to_html())
     if args.json:
         print(json.dumps(result.to_dict(), indent=2), file=out)
         return 0
