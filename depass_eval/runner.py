@@ -221,3 +221,37 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def run_correct(
+    ctx: Context,
+    cases: list[Case],
+    size: int,
+    work: Callable[[dict[str, Any]], dict[str, Any] | None],
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Screen ``cases`` for ``size`` correct ones (the tuning slice and ``--exclude``
+    from the options) and run ``work`` on each; the rows."""
+    selection = select_correct(
+        ctx,
+        cases,
+        size,
+        reverse=ctx.options.get("tuning_slice", False),
+        exclude=ctx.options.get("exclude", set()),
+    )
+    chosen = selection["cases"]
+    return run_rows(chosen, len(chosen), lambda c: c["id"], work, ctx.out_dir, progress)
+
+
+def run_records(
+    ctx: Context,
+    records: list[dict[str, Any]],
+    size: int,
+    work: Callable[[dict[str, Any]], dict[str, Any] | None],
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run ``work`` on the first ``size`` records (keyed by ``case_id``) in the seeded
+    order; the rows."""
+    chosen = list(shuffled(records, ctx.seed))[:size]
+    key: Callable[[dict[str, Any]], str] = lambda r: str(r["case_id"])  # noqa: E731
+    return run_rows(chosen, len(chosen), key, work, ctx.out_dir, progress)

@@ -19,7 +19,7 @@ import torch
 from depass_eval.data import load_cases
 from depass_eval.hooks import gradient_x_activation, masked_logits
 from depass_eval.report import line_plot, mean, table
-from depass_eval.runner import Context, Timer, run_rows, select_correct
+from depass_eval.runner import Context, Timer, run_correct
 from depass_eval.source import Split
 
 NAME = "components"
@@ -34,17 +34,7 @@ def neuron_layers(ctx: Context) -> list[int]:
 
 
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
-    selection = select_correct(
-        ctx,
-        load_cases(dataset),
-        size,
-        reverse=ctx.options.get("tuning_slice", False),
-        exclude=ctx.options.get("exclude", set()),
-    )
-    cases = selection["cases"]
-    return run_rows(
-        cases, len(cases), lambda c: c["id"], lambda c: evaluate(ctx, c), ctx.out_dir, progress
-    )
+    return run_correct(ctx, load_cases(dataset), size, lambda c: evaluate(ctx, c), progress)
 
 
 def _random_order(ctx: Context, case_id: str, size: int) -> np.ndarray:

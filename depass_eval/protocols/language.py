@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from depass_eval.data import read_json, shuffled
+from depass_eval.data import read_json
 from depass_eval.probes import Probe, cached_probe, fit_probe, texts_and_labels
 from depass_eval.report import mean, table
-from depass_eval.runner import Context, Timer, run_rows
+from depass_eval.runner import Context, Timer, run_records
 
 NAME = "language"
 #: The record keys of each language, in the probe's label order (0 English .. 5 Spanish).
@@ -61,15 +61,8 @@ def load_probe(ctx: Context) -> Probe:
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
     probe = load_probe(ctx)
     name = "counterfact_multilingual.json" if dataset == "multilingual" else dataset
-    chosen = list(shuffled(read_json(name), ctx.seed))[:size]
-    return run_rows(
-        chosen,
-        len(chosen),
-        lambda r: str(r["case_id"]),
-        lambda r: evaluate(ctx, probe, r),
-        ctx.out_dir,
-        progress,
-    )
+    work = lambda r: evaluate(ctx, probe, r)  # noqa: E731
+    return run_records(ctx, read_json(name), size, work, progress)
 
 
 def evaluate(ctx: Context, probe: Probe, record: dict[str, Any]) -> dict[str, Any]:

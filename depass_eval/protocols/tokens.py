@@ -17,7 +17,7 @@ import numpy as np
 from depass_eval import baselines, perturb
 from depass_eval.data import load_cases
 from depass_eval.report import line_plot, mean, sem, table
-from depass_eval.runner import Context, Timer, run_rows, select_correct
+from depass_eval.runner import Context, Timer, run_correct
 from depass_eval.source import Split
 
 NAME = "tokens"
@@ -39,17 +39,7 @@ def splits_of(options: dict[str, Any]) -> list[Split]:
 
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
     """Screen for ``size`` correct prompts of ``dataset`` and evaluate each; the rows."""
-    selection = select_correct(
-        ctx,
-        load_cases(dataset),
-        size,
-        reverse=ctx.options.get("tuning_slice", False),
-        exclude=ctx.options.get("exclude", set()),
-    )
-    cases = selection["cases"]
-    return run_rows(
-        cases, len(cases), lambda c: c["id"], lambda c: evaluate(ctx, c), ctx.out_dir, progress
-    )
+    return run_correct(ctx, load_cases(dataset), size, lambda c: evaluate(ctx, c), progress)
 
 
 def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:

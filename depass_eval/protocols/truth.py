@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from depass_eval import perturb
-from depass_eval.data import read_json, shuffled
+from depass_eval.data import read_json
 from depass_eval.probes import Probe, cached_probe, fit_probe, texts_and_labels
 from depass_eval.report import line_plot, mean, table
-from depass_eval.runner import Context, Timer, run_rows
+from depass_eval.runner import Context, Timer, run_records
 from depass_eval.source import Split
 
 NAME = "truth"
@@ -56,15 +56,8 @@ def load_probe(ctx: Context) -> Probe:
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
     probe = load_probe(ctx)
     records = read_json(dataset if dataset != "truthfulqa" else "truthfulqa.json")
-    chosen = list(shuffled(records, ctx.seed))[:size]
-    return run_rows(
-        chosen,
-        len(chosen),
-        lambda r: str(r["case_id"]),
-        lambda r: evaluate(ctx, probe, r),
-        ctx.out_dir,
-        progress,
-    )
+    work = lambda r: evaluate(ctx, probe, r)  # noqa: E731
+    return run_records(ctx, records, size, work, progress)
 
 
 def _readings(ctx: Context, probe: Probe, prompts: list[tuple[int, ...]]) -> dict[str, np.ndarray]:
