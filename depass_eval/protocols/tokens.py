@@ -1,0 +1,207 @@
+"""Protocol 1, token-level output attribution (paper 4.1.1).
+
+On prompts the model answers correctly, every method ranks the input tokens by their
+importance for the answer's first token; patch-top and recover-top (``perturb.py``) then
+delete or keep the top k% and measure the relative change of the answer's probability.
+The summary gives each method's mean curves and their means over k (AUC): DePass is
+better where its patch AUC is larger and its recover AUC smaller than a baseline's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from depass_eval import baselines, perturb
+from depass_eval.data import load_cases
+from depass_eval.report import line_plot, mean, sem, table
+from depass_eval.runner import Context, Timer, run_correct
+from depass_eval.source import Split
+
+NAME = "tokens"
+
+
+def splits_of(options: dict[str, Any]) -> list[Split]:
+    """The DePass variants of a run: each split rule, each softmax temperature, the
+    first-token rule on and/or off."""
+    rules = options.get("splits", ["softmax", "relu", "max", "linear", "taylor"])
+    temperatures = options.get("temperatures", [0.1])
+    first = options.get("first_token_rule", "on")
+    bos = {"on": [True], "off": [False], "both": [True, False]}[first]
+    variants = []
+    for rule in rules:
+        for temperature in temperatures if rule == "softmax" else [0.1]:
+            variants += [Split(rule, temperature, ignore) for ignore in bos]
+    return variants
+
+
+def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
+    """Screen for ``size`` correct prompts of ``dataset`` and evaluate each; the rows."""
+    return run_correct(ctx, load_cases(dataset), size, lambda c: evaluate(ctx, c), progress)
+
+
+def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
+    """Scores of every method and their patch/recover curves on one prompt."""
+    model = ctx.model
+    ids = model.encode(case["prompt"])
+    answer = model.answer_id(case["answer"])
+    prob = float(model.answer_probs([ids], answer)[0])
+    scores: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    for split in splits_of(ctx.options):
+        with Timer() as clock:
+            scores[split.label] = ctx.depass.token_scores(ids, answer, split)
+        seconds[split.label] = clock.seconds
+    wanted = ctx.options.get("baselines", list(baselines.BASELINES))
+    ig_delta = None
+    if wanted:
+        found, took, ig_delta = baselines.baseline_scores(
+            model, ids, answer, ctx.options.get("ig_steps", baselines.DEFAULT_IG_STEPS)
+        )
+        scores.update({m: found[m] for m in wanted})
+        seconds.update({m: took[m] for m in wanted})
+    with Timer() as clock:
+        results = perturb.curves(model, ids, answer, prob, scores)
+    return {
+        "id": case["id"],
+        "prompt": case["prompt"],
+        "answer": case["answer"],
+        "tokens": model.token_texts(ids),
+        "answer_prob": prob,
+        "curves": results,
+        "scores": {m: np.round(v.astype(np.float64), 5).tolist() for m, v in scores.items()},
+        "seconds": seconds,
+        "perturb_seconds": clock.seconds,
+        "ig_convergence_delta": ig_delta,
+    }
+
+
+def summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean curves, AUCs (mean over k) with standard errors, seconds per prompt."""
+    percents = perturb.PERCENTS
+    methods = list(rows[0]["curves"]) if rows else []
+    per_method: dict[str, Any] = {}
+    for method in methods:
+        entry: dict[str, Any] = {}
+        for mode in perturb.MODES:
+            curves = np.array([row["curves"][method][mode] for row in rows])
+            aucs = curves.mean(axis=1)
+            entry[mode] = {
+                "curve": curves.mean(axis=0).tolist(),
+                "auc": mean(aucs),
+                "auc_sem": sem(aucs),
+            }
+        entry["seconds_per_prompt"] = mean([row["seconds"][method] for row in rows])
+        if all(f"{perturb.MODES[0]}_p" in row["curves"][method] for row in rows):
+            for mode in perturb.MODES:  # how often the edit raised p(answer), k < 100%
+                rises = [
+                    float(q > row["answer_prob"])
+                    for row in rows
+                    for q in row["curves"][method][f"{mode}_p"][:-1]
+                ]
+                entry[mode]["share_raised"] = mean(rises)
+        per_method[method] = entry
+    return {
+        "protocol": NAME,
+        "prompts": len(rows),
+        "percents": list(percents),
+        "mean_tokens": mean([len(row["tokens"]) for row in rows]),
+        "mean_answer_prob": mean([row["answer_prob"] for row in rows]),
+        "methods": per_method,
+        "comparison": _comparison(rows, per_method),
+    }
+
+
+def _comparison(rows: list[dict[str, Any]], per_method: dict[str, Any]) -> dict[str, Any]:
+    """The best DePass variant and the best baseline on each measure, with the margin
+    and the share of prompts on which DePass's default (softmax) beats each baseline."""
+    depass = [m for m in per_method if m.startswith("depass")]
+    others = [m for m in per_method if not m.startswith("depass")]
+    if not depass or not others:
+        return {}
+    out: dict[str, Any] = {}
+    for mode, better in (("patch", max), ("recover", min)):
+        best_ours = better(depass, key=lambda m: per_method[m][mode]["auc"])
+        best_theirs = better(others, key=lambda m: per_method[m][mode]["auc"])
+        ours, theirs = per_method[best_ours][mode]["auc"], per_method[best_theirs][mode]["auc"]
+        out[mode] = {
+            "best_depass": best_ours,
+            "best_depass_auc": ours,
+            "best_baseline": best_theirs,
+            "best_baseline_auc": theirs,
+            "depass_wins": bool(ours > theirs) if mode == "patch" else bool(ours < theirs),
+            "margin": ours - theirs,
+        }
+    default = "depass-softmax" if "depass-softmax" in per_method else depass[0]
+    wins: dict[str, dict[str, float]] = {}
+    for other in others:
+        wins[other] = {}
+        for mode in perturb.MODES:
+            a = np.array([np.mean(r["curves"][default][mode]) for r in rows])
+            b = np.array([np.mean(r["curves"][other][mode]) for r in rows])
+            wins[other][mode] = float(np.mean(a > b) if mode == "patch" else np.mean(a < b))
+    out["default"] = default
+    out["default_beats_per_prompt"] = wins
+    return out
+
+
+def markdown(summary: dict[str, Any], title: str) -> str:
+    """The summary table: AUCs, seconds per prompt, and the comparison."""
+    rows = []
+    for method, entry in sorted(summary["methods"].items(), key=lambda kv: -kv[1]["patch"]["auc"]):
+        rows.append(
+            [
+                method,
+                entry["patch"]["auc"],
+                entry["patch"]["auc_sem"],
+                entry["recover"]["auc"],
+                entry["recover"]["auc_sem"],
+                entry["seconds_per_prompt"],
+            ]
+        )
+    text = [
+        f"## {title}",
+        "",
+        f"{summary['prompts']} prompts the model answers correctly"
+        f" (mean {summary['mean_tokens']:.1f} tokens, mean answer probability"
+        f" {summary['mean_answer_prob']:.3f}). AUC = mean relative change of the answer's"
+        " probability over k = 10..100%: patch-top higher is better, recover-top lower is"
+        " better; sem = standard error over prompts.",
+        "",
+        table(
+            ["method", "patch AUC", "sem", "recover AUC", "sem", "s / prompt"],
+            rows,
+        ),
+    ]
+    comparison = summary.get("comparison") or {}
+    if comparison:
+        text.append("")
+    for mode in perturb.MODES:
+        if mode not in comparison:
+            continue
+        c = comparison[mode]
+        verdict = "wins" if c["depass_wins"] else "loses"
+        text.append(
+            f"- {mode}-top: best DePass `{c['best_depass']}` {c['best_depass_auc']:.3f} vs best"
+            f" baseline `{c['best_baseline']}` {c['best_baseline_auc']:.3f}: DePass {verdict}"
+            f" by {abs(c['margin']):.3f}."
+        )
+    return "\n".join(text)
+
+
+def plot(summary: dict[str, Any], out_dir: Path, title: str) -> None:
+    """``curves.png``: patch-top and recover-top curves, one line per method."""
+    x = summary["percents"]
+    panels = [
+        (
+            f"{mode}-top (higher is better)"
+            if mode == "patch"
+            else f"{mode}-top (lower is better)",
+            "relative change of p(answer)",
+            {m: (x, e[mode]["curve"]) for m, e in summary["methods"].items()},
+        )
+        for mode in perturb.MODES
+    ]
+    line_plot(out_dir / "curves.png", panels, "k (% of tokens)", title)

@@ -1,0 +1,114 @@
+"""One evaluation run: load the model, pick the DePass source, run a protocol, report."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from depass_eval import report
+from depass_eval.model import EvalModel, load_model
+from depass_eval.runner import Context, finish_run_info, read_rows, write_run_info
+from depass_eval.source import DePassSource, LocalDePass, RemoteDePass
+
+#: protocol name -> its module in ``depass_eval.protocols`` (``run``, ``summarize``,
+#: ``markdown``, ``plot``), imported when used.
+PROTOCOLS: dict[str, str] = {
+    "tokens": "tokens",
+    "truth": "truth",
+    "components": "components",
+    "language": "language",
+}
+#: The data set a protocol uses when none is named.
+DEFAULT_DATASETS = {
+    "tokens": "known",
+    "components": "counterfact",
+    "truth": "truthfulqa",
+    "language": "multilingual",
+}
+
+
+def run_protocol(
+    model: str,
+    protocol: str,
+    out_dir: Path,
+    dataset: str | None = None,
+    size: int = 200,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+    url: str | None = None,
+    api_key: str | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    report_only: bool = False,
+    argv: list[str] | None = None,
+    loaded: EvalModel | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) ``protocol`` and write its report; returns the summary.
+
+    ``loaded`` reuses a model already in memory (the tests load the embedded one once).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    module: ModuleType = importlib.import_module(f"depass_eval.protocols.{PROTOCOLS[protocol]}")
+    dataset = dataset or DEFAULT_DATASETS[protocol]
+    options = dict(options or {})
+    options["exclude"] = _excluded(options.get("exclude_runs", []))
+    out_dir = Path(out_dir)
+    evaluated = loaded or EvalModel(*load_model(model, threads), name=Path(model).name)
+    ctx = Context(
+        model=evaluated,
+        depass=_source(evaluated, url, api_key),
+        out_dir=out_dir,
+        seed=seed,
+        options=options,
+    )
+    if not report_only:
+        write_run_info(
+            out_dir,
+            argv or [],
+            {
+                "model": model,
+                "protocol": protocol,
+                "dataset": dataset,
+                "size": size,
+                "seed": seed,
+                "depass": "service " + url if url else "in-process engine",
+                "options": {k: v for k, v in options.items() if k != "exclude"},
+            },
+        )
+        module.run(ctx, dataset, size, progress)
+    rows = read_rows(out_dir)
+    summary = module.summarize(ctx, rows)
+    summary.update({"model": evaluated.name, "dataset": dataset, "seed": seed})
+    title = f"{protocol} on {Path(dataset).stem} ({evaluated.name})"
+    report.write_results(out_dir, summary, module.markdown(summary, title))
+    if rows:
+        module.plot(summary, out_dir, title)
+    finish_run_info(out_dir, len(rows))
+    return summary
+
+
+def _source(model: EvalModel, url: str | None, api_key: str | None) -> DePassSource:
+    """The in-process engine on the loaded model, or the service at ``url``."""
+    if url is None:
+        from engine import DePassEngine
+
+        return LocalDePass(engine=DePassEngine(model.model, model.tokenizer))
+    from depass_client import Client
+
+    remote = RemoteDePass(client=Client(base_url=url, api_key=api_key))
+    probe = model.encode("The capital of France is")
+    remote.check_same_model(probe, model.last_logits([probe])[0].numpy())
+    return remote
+
+
+def _excluded(runs: list[str]) -> set[str]:
+    """Prompt ids of the runs named by ``--exclude`` (their selection.json)."""
+    ids: set[str] = set()
+    for run in runs:
+        selection = json.loads((Path(run) / "selection.json").read_text(encoding="utf-8"))
+        ids |= {case["id"] for case in selection["cases"]}
+    return ids

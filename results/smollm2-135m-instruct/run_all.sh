@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The SmolLM2-135M-Instruct runs of results/smollm2-135m-instruct/ (CPU, one torch thread
+# each, niced: the machine is shared). Resumable: re-run to carry on.
+# Usage: bash results/smollm2-135m-instruct/run_all.sh /path/to/SmolLM2-135M-Instruct.Q4_1.gguf <group>
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+MODEL=${1:?path to SmolLM2-135M-Instruct.Q4_1.gguf}
+GROUP=${2:-all}
+OUT=results/smollm2-135m-instruct
+export GOMP_SPINCOUNT=20000
+EVAL="nice -n 10 .venv/bin/depass-eval --model $MODEL --threads 1 --seed 0 --no-progress"
+case $GROUP in
+  tokens-known) $EVAL --protocol tokens --dataset known --size 200 --out $OUT/tokens-known ;;
+  tokens-ioi) $EVAL --protocol tokens --dataset ioi --size 200 --out $OUT/tokens-ioi ;;
+  components) $EVAL --protocol components --dataset counterfact --size 100 --out $OUT/components-counterfact
+              $EVAL --protocol components --dataset ioi-component --size 100 --out $OUT/components-ioi ;;
+  truth) $EVAL --protocol truth --size 20 --out $OUT/truth ;;
+  language) $EVAL --protocol language --size 20 --probe-size 600 --out $OUT/language ;;
+  # The tuning slice (prompts from the other end of the seeded order, the test prompts
+  # excluded): DePass variants only, to choose a split rule, temperature and first-token rule.
+  tune-known) $EVAL --protocol tokens --dataset known --size 30 --tuning-slice \
+                --exclude $OUT/tokens-known --baselines none --splits softmax,relu,max,linear,taylor \
+                --temperatures 0.1,1.0 --first-token-rule both --out $OUT/tuning-known ;;
+  tune-ioi) $EVAL --protocol tokens --dataset ioi --size 20 --tuning-slice \
+                --exclude $OUT/tokens-ioi --baselines none --splits softmax,relu,max,linear,taylor \
+                --temperatures 0.1,1.0 --first-token-rule both --out $OUT/tuning-ioi ;;
+  rest) for g in truth language tune-known tune-ioi; do bash "$0" "$MODEL" $g; done ;;
+  # Rewrite every report from the rows there (e.g. after stopping the runs), and the
+  # headline table of README.md.
+  report)
+    for run in $OUT/*/; do
+      [ -f "$run/run.json" ] || continue
+      read -r protocol dataset < <(.venv/bin/python -c \
+        "import json,sys; i=json.load(open(sys.argv[1])); print(i['protocol'], i['dataset'])" "$run/run.json")
+      $EVAL --protocol "$protocol" --dataset "$dataset" --out "$run" --report-only
+    done
+    .venv/bin/python -m depass_eval.headline $OUT/tokens-known $OUT/tokens-ioi > $OUT/headline.md ;;
+  *) echo "unknown group $GROUP"; exit 2 ;;
+esac
