@@ -20,3 +20,4 @@ class ModelInfo:
     vocab_size: int
     dtype: str
     device: str
+    logit_softcap: float | None = None  # the final soft-cap c of c tanh(z / c), if any
