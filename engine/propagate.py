@@ -364,9 +364,14 @@ class Propagator:
         should_stop: Callable[[], bool] | None = None,
         matmul_dtype: torch.dtype | None = None,
         fused_split: bool = False,
+        on_mlp: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> None:
         self.model = model
         self.fused_split = fused_split
+        # Called with (layer, the components' pre-activations summed (R, P, I), the true
+        # ones (R, P, I)) for each MLP chunk: a check that the split reads what the MLP
+        # reads (tests; None in service).
+        self.on_mlp = on_mlp
         self.should_stop = should_stop
         self.family = family
         self.traces = list(traces)
@@ -432,7 +437,7 @@ class Propagator:
             elif stage % 2 == 0:
                 self._attention(weights, values, first, queries)
             else:
-                self._mlp(weights, values, first, facts, split, queries)
+                self._mlp(weights, values, first, facts, split, queries, layer)
                 if every_layer:
                     snap(layer + 1)
         if not members[0].snapshots or members[0].snapshots[-1].layer != end_layer:
@@ -550,6 +555,7 @@ class Propagator:
         facts: StartFacts,
         split: SplitSettings,
         queries: list[int] | None = None,
+        layer: int = -1,
     ) -> None:
         """Add each component's share of the MLP output, in chunks of positions (in place);
         with ``queries``, at those positions only."""
@@ -589,6 +595,8 @@ class Propagator:
             gates = project(normed, w.w_gate, SPLIT_DTYPE)  # (live, R, P, I)
             if gate_bias is not None:
                 gates[0] += gate_bias
+            if self.on_mlp is not None:
+                self.on_mlp(layer, gates.sum(0) / spec.gate_scale, w.gate[:, where])
             chunk_spec = replace(
                 spec,
                 anchor=spec.anchor if spec.anchor is not None and spec.anchor < live else None,
