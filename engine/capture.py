@@ -3,7 +3,8 @@
 One ordinary forward pass runs with removable forward hooks (inside a context manager,
 so nothing outlives the call): per layer the residual entering it (``h^l``, a pre-hook on
 the layer), the residual after attention (``u^l``, the input of the MLP sub-block's first
-module, whatever the family calls it), and what each of the family's parts freezes: the
+module, whatever the family calls it; in a parallel layer ``h^l`` plus the attention
+output), and what each of the family's parts freezes: the
 attention probabilities ``A`` (eager attention returns them), the MLP's true
 pre-activations ``g`` and activations ``a``, and each norm's per-position inverse scale
 (from its true input: for a post-norm, the mixer's output). Then the pre-norm final
@@ -142,7 +143,9 @@ def install_hooks(
 
     for index, layer in enumerate(family.decoder_layers(model)):
         on_input(layer, (index, "pre"))
-        if not family.parallel:
+        if family.parallel:  # u^l := h^l + the attention output (no residual holds it)
+            on_output(layer.get_submodule(family.attention.module), (index, "attn"), "output")
+        else:
             on_input(layer.get_submodule(family.mlp_entry), (index, "mid"))
         for hook in [*family.attention.hooks(), *family.mlp.hooks()]:
             part_hook(layer, index, hook)
@@ -191,13 +194,19 @@ def trace_forward_many(
     for r, (ids, n) in enumerate(zip(prompts, lengths, strict=True)):
         own = slice(length - n, length)
         pre = [store[(i, "pre")][r, own] for i in range(num_layers)]
+        mid = [
+            store[(i, "mid")][r, own]
+            if (i, "mid") in store
+            else pre[i] + store[(i, "attn")][r, own]
+            for i in range(num_layers)
+        ]
         traces.append(
             ForwardTrace(
                 input_ids=ids.detach().cpu(),
                 layers=[
                     LayerTrace(
                         resid_pre=pre[i],
-                        resid_mid=store[(i, "mid")][r, own] if (i, "mid") in store else pre[i],
+                        resid_mid=mid[i],
                         probs=store[(i, "probs")][r, :, own, own],
                         gate=store[(i, "gate")][r, own],
                         act=store[(i, "act")][r, own],

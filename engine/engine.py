@@ -152,7 +152,8 @@ class DePassEngine:
         compile: bool = False,
         family: Family | None = None,
     ) -> None:
-        self.family: Family = family_for(model) if family is None else family
+        declared = family_for(model) if family is None else family
+        self.family: Family = declared.for_config(model.config)
         _require_eager(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -277,6 +278,7 @@ class DePassEngine:
             post_norms=self.family.post_norms,
             attention_temporaries=self.family.attention_temporaries,
             mlp_temporaries=self.family.mlp_temporaries,
+            parallel=self.family.parallel,
         )
 
     # ------------------------------------------------------------------ tokens

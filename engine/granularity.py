@@ -92,7 +92,9 @@ def _group_label(group: list[int], token_texts: Sequence[str]) -> str:
     return f"tok[{span}]:{_quote(text)}"
 
 
-def _from_position_zero(values: torch.Tensor, stage: int, labels: list[str]) -> Start:
+def _from_position_zero(
+    values: torch.Tensor, stage: int, labels: list[str], entering_rows: tuple[int, ...] = ()
+) -> Start:
     """A start whose components all may be non-zero from position 0, in the caller's order
     (row ``1 + j`` is component ``j``; row 1 holds the first token).
 
@@ -109,6 +111,7 @@ def _from_position_zero(values: torch.Tensor, stage: int, labels: list[str]) -> 
         stage=stage,
         labels=labels,
         floored=(count,),
+        entering_rows=entering_rows,
     )
 
 
@@ -143,7 +146,7 @@ def module_start(
     else:
         parts, stage = [resid_mid, resid_post - resid_mid], attention_stage(layer + 1)
     values = torch.stack([torch.zeros_like(resid_pre), *parts])
-    return _from_position_zero(values, stage, ["rest", f"L{layer}.{module}"])
+    return _from_position_zero(values, stage, ["rest", f"L{layer}.{module}"], (1,))
 
 
 def head_start(
@@ -157,7 +160,7 @@ def head_start(
     bias = weights.bias_of(weights.attn_bias, member, resid_pre)
     values = torch.cat([bias[None], resid_pre[None], heads])
     labels = ["rest"] + [f"L{layer}.H{h}" for h in range(heads.shape[0])]
-    return _from_position_zero(values, mlp_stage(layer), labels)
+    return _from_position_zero(values, mlp_stage(layer), labels, (1,))
 
 
 def neuron_start(

@@ -70,6 +70,7 @@ class Shape:
     post_norms: int = 0
     attention_temporaries: int = 0
     mlp_temporaries: int = 0
+    parallel: bool = False  # parallel layers keep a copy of the components entering them
 
     @property
     def layer_weight_elements(self) -> int:
@@ -200,7 +201,8 @@ def estimate(
     c, n, d = shape.compute_bytes, length, shape.model.hidden_size
     trace = members * (trace_bytes(shape, n) + forward_transient_bytes(shape, n))
     values = rows * members * n * d * c
-    components = (2 * values if members > 1 else values) + members * start_extra
+    copies = 1 + (members > 1) + shape.parallel  # a batch's gathered start, a layer's input
+    components = copies * values + members * start_extra
     probs = members * shape.model.num_heads * n * n * shape.matmul_bytes
     # scales in the compute dtype, activations and gates in float32 (the split's dtype)
     norms = (shape.frozen_norms + shape.post_norms) * members * n * d * c  # scales, bias terms

@@ -90,6 +90,9 @@ class Start:
     # in every prompt of a batch (token components): the first attention stage then
     # projects each component once instead of at every position.
     single_position: bool = False
+    # Starts at an MLP stage: the rows that entered the layer (the others are attention
+    # outputs), which a parallel layer's MLP reads alone.
+    entering_rows: tuple[int, ...] = ()
 
     def facts(self, split: SplitSettings) -> StartFacts:
         """What the MLP split needs to know of this start (equal facts can share a batch)."""
@@ -426,18 +429,25 @@ class Propagator:
         last_queries = kept if len(kept) < values.shape[2] else None
         if every_layer and stage0 % 2 == 0:
             snap(stage0 // 2)
+        # Parallel layers: the MLP reads what entered the layer, not what attention left.
+        parallel = self.family.parallel
+        entering = _entering(values, starts[0]) if parallel and stage0 % 2 else None
         for stage in range(stage0, 2 * end_layer):
             self.check()
             layer = stage // 2
             weights = self.weights(layer)
             values = values.to(weights.device)
             queries = last_queries if layer == end_layer - 1 else None
+            if parallel and stage % 2 == 0:
+                entering = values.clone()
             if stage == stage0 and stage % 2 == 0 and single and queries is None:
                 self._attention_from_single_positions(weights, values, first)
             elif stage % 2 == 0:
                 self._attention(weights, values, first, queries)
             else:
-                self._mlp(weights, values, first, facts, split, queries, layer)
+                source = None if entering is None else entering.to(weights.device)
+                self._mlp(weights, values, first, facts, split, queries, layer, source)
+                entering = None
                 if every_layer:
                     snap(layer + 1)
         if not members[0].snapshots or members[0].snapshots[-1].layer != end_layer:
@@ -556,9 +566,12 @@ class Propagator:
         split: SplitSettings,
         queries: list[int] | None = None,
         layer: int = -1,
+        source: torch.Tensor | None = None,
     ) -> None:
         """Add each component's share of the MLP output, in chunks of positions (in place);
-        with ``queries``, at those positions only."""
+        with ``queries``, at those positions only. ``source``: the components the MLP reads
+        (a parallel layer's input; default ``values``)."""
+        source = values if source is None else source
         rows, members, length, hidden = values.shape
         mixed = w.w_gate.dtype != values.dtype
         per_position = mlp_position_bytes(
@@ -586,7 +599,7 @@ class Propagator:
         for where, p0, p1 in _position_chunks(length, chunk, queries, values.device):
             self.check()
             live = 1 + bisect.bisect_left(first, p1)  # the remainder and the rows alive
-            block = values[:live, :, where]  # (live, R, P, D): a view, or a copy with queries
+            block = source[:live, :, where]  # (live, R, P, D): a view, or a copy with queries
             normed = w.mlp_norm(block, None if scale is None else scale[:, where])
             if no_scale:  # no pre-norm to fold 1 / T into
                 normed = normed * spec.gate_scale
@@ -609,7 +622,7 @@ class Propagator:
             output = project(shares, w.w_down, self.dtype)  # (live, R, P, D)
             if not w.mlp_post.identity:
                 output = w.mlp_post(output, w.mlp_post.at(slice(None), where))
-            if isinstance(where, slice):
+            if isinstance(where, slice) and source is values:
                 block += output
             else:
                 values[:live, :, where] += output
@@ -629,6 +642,15 @@ def _position_chunks(
     for i in range(0, len(queries), chunk):
         part = queries[i : i + chunk]
         yield torch.tensor(part, device=device), part[0], part[-1] + 1
+
+
+def _entering(values: torch.Tensor, start: Start) -> torch.Tensor:
+    """What entered the layer of a start at its MLP stage: the rows ``start.entering_rows``
+    (a parallel layer's MLP reads them alone; the attention parts did not enter it)."""
+    entering = torch.zeros_like(values)
+    rows = list(start.entering_rows)
+    entering[rows] = values[rows]
+    return entering
 
 
 def _batch_values(starts: Sequence[Start]) -> tuple[torch.Tensor, list[int]]:

@@ -23,6 +23,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
     "phi3": ("Phi3Config", "Phi3ForCausalLM"),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
 }
 
 #: Config names that differ from Llama's (GPT-2's), and settings a family needs to build
@@ -38,6 +39,7 @@ _FAMILY_CONFIG: dict[str, dict[str, Any]] = {
         "bos_token_id": 1,
         "eos_token_id": 2,
     },
+    "gpt_neox": {"layer_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "rotary_pct": 0.5},
     "phi3": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
     "olmo2": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
     "gemma": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
@@ -119,6 +121,9 @@ def tiny_model(
     }
     if family == "gpt2":  # its own names; no GQA
         settings = {k: v for k, v in settings.items() if k not in _LLAMA_NAMES}
+    if family == "gpt_neox":  # no GQA, LayerNorm
+        for name in ("num_key_value_heads", "head_dim", "rms_norm_eps"):
+            settings.pop(name)
     settings.update(_FAMILY_CONFIG.get(family, {}))
     settings.update(overrides)
     config = getattr(transformers, config_name)(**settings)

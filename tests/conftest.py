@@ -35,6 +35,7 @@ FAMILY_SETTINGS: dict[str, dict] = {
     "olmo2": {},
     "phi3": {},
     "gpt2": {"bias_std": 0.2},
+    "gpt_neox": {"bias_std": 0.2},
 }
 
 

@@ -117,6 +117,12 @@ def _wrong(family: Family) -> dict[str, Family]:
         wrong["keys read as values"] = replace(
             family, attention=_KeysAsValues(**vars(family.attention))
         )
+    if isinstance(family.attention, FusedAttention) and family.attention.layout == "per_head":
+        wrong["q/k/v read as blocks"] = replace(
+            family, attention=replace(family.attention, layout="blocks")
+        )
+    if family.parallel or family.parallel_attr:  # conservation holds; pre-activations do not
+        wrong["run as sequential"] = replace(family, parallel=False, parallel_attr=None)
     if family.mlp.fused:
         wrong["up half read as the gate"] = replace(family, mlp=_UpAsGate(**vars(family.mlp)))
     return wrong
@@ -161,6 +167,19 @@ def test_a_wrong_part_breaks_the_checks(name: str, mistake: str) -> None:
     result = engine.attribute(AttributionRequest(input_ids=ids))
     preactivation = max(_preactivation_errors(engine, ids))
     assert result.relative_conservation_error > 1e-3 or preactivation > 1e-3
+
+
+def test_gpt_neox_without_parallel_residual_is_sequential() -> None:
+    from engine.testing import tiny_model, word_tokenizer
+
+    model = tiny_model("gpt_neox", seed=7, bias_std=0.2, use_parallel_residual=False)
+    engine = DePassEngine(model, word_tokenizer())
+    assert not engine.family.parallel
+    ids = engine.tokenize(PROMPT)
+    for fields in ({}, {"granularity": "head", "start_layer": 0}):
+        result = engine.attribute(AttributionRequest(input_ids=ids, **fields))
+        assert result.relative_conservation_error <= 1e-4
+    assert max(_preactivation_errors(engine, ids)) <= 1e-5
 
 
 def test_every_tiny_family_has_teeth_or_is_llama_shaped() -> None:

@@ -9,7 +9,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.families import gemma, gemma2, gemma3, gpt2, llama, mistral, olmo2, phi3, qwen2, qwen3
+from engine.families import (
+    gemma,
+    gemma2,
+    gemma3,
+    gpt2,
+    gpt_neox,
+    llama,
+    mistral,
+    olmo2,
+    phi3,
+    qwen2,
+    qwen3,
+)
 from engine.families.base import Family
 
 
@@ -35,7 +47,7 @@ def register(family: Family, replace: bool = False) -> Family:
     return family
 
 
-for _module in (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, olmo2, phi3, gpt2):
+for _module in (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, olmo2, phi3, gpt2, gpt_neox):
     register(_module.FAMILY)
 
 

@@ -8,7 +8,7 @@ to both sub-blocks. The read-out is the final norm and the unembedding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -30,7 +30,9 @@ class Family:
         attn_norm, attn_post_norm, mlp_norm, mlp_post_norm: the layer's norms (paths
             inside one layer), ``None`` where the family has none.
         attention, mlp: the mixers (paths inside one layer).
-        parallel: attention and MLP read the same input (``h^l``) and are added together.
+        parallel: attention and MLP read the same input (``h^l``) and are added together
+            (``parallel_attr``: the config attribute that says so, for families that
+            have both layouts; :meth:`for_config` reads it).
         final_norm: the norm before the unembedding (path from the model root).
         readout: the unembedding and its soft-cap.
     """
@@ -46,8 +48,16 @@ class Family:
     mlp: GatedMLP = field(default_factory=GatedMLP)
     mlp_post_norm: NormPart | None = None
     parallel: bool = False
+    parallel_attr: str | None = None  # config attribute that decides ``parallel`` (NeoX)
     final_norm: NormPart = field(default_factory=lambda: RMSNorm("model.norm"))
     readout: Readout = field(default_factory=Readout)
+
+    def for_config(self, config: object) -> Family:
+        """This family as it applies to a model of ``config`` (its layout decided)."""
+        if self.parallel_attr is None:
+            return self
+        parallel = bool(getattr(config, self.parallel_attr))
+        return replace(self, parallel=parallel, parallel_attr=None)
 
     # ------------------------------------------------------------------ modules
 
