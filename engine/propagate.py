@@ -10,6 +10,10 @@ layer ``l``); a run goes from a start stage up to, not including, an end stage.
   :mod:`engine.splits`, computed over chunks of positions so that the
   (components x positions x neurons) gate tensor stays under the memory budget.
 
+Each sub-block runs its family's parts in order (engine/parts.py): the frozen pre-norm
+(identity when the family has none), the mixer, the frozen post-norm; a parallel layer's
+MLP reads the components that entered the layer. No family is named here.
+
 Layout: components are held as one ``(M + 1, R, N, D)`` tensor: row 0 is the remainder,
 rows ``1..M`` the components sorted by the first position where they may be non-zero,
 ``R`` the prompts of a batch (padded to the longest with zero positions and zero

@@ -106,7 +106,9 @@ def gguf_path(name: str) -> Path:
     if model.assembled:
         path = assembled_dir() / model.file
     else:
-        path = Path(str(importlib.metadata.distribution(model.distribution).locate_file(model.file)))
+        path = Path(
+            str(importlib.metadata.distribution(model.distribution).locate_file(model.file))
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `make real-models`")
     return path

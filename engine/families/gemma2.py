@@ -7,16 +7,17 @@ the frozen probabilities; the final soft-cap ``c tanh(z / c)`` is not linear, so
 up to the logit ``z`` before the cap (the result reports both).
 """
 
-from engine.families.base import Family
+from dataclasses import replace
+
+from engine.families.gemma import FAMILY as GEMMA
 from engine.parts import Readout, RMSNorm
 
-FAMILY = Family(
+FAMILY = replace(
+    GEMMA,
     name="gemma2",
     architectures=("Gemma2ForCausalLM",),
-    attn_norm=RMSNorm("input_layernorm", offset=1.0),
     attn_post_norm=RMSNorm("post_attention_layernorm", offset=1.0),
     mlp_norm=RMSNorm("pre_feedforward_layernorm", offset=1.0),
     mlp_post_norm=RMSNorm("post_feedforward_layernorm", offset=1.0),
-    final_norm=RMSNorm("model.norm", offset=1.0),
     readout=Readout(softcap_attr="final_logit_softcapping"),
 )
