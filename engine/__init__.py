@@ -7,6 +7,7 @@ from engine.adapters import (
     supported_architectures,
 )
 from engine.engine import DePassEngine, ModelInfo, Plan
+from engine.families import Family, register
 from engine.memory import MemoryBudgetError, MemoryEstimate
 from engine.propagate import Cancelled
 from engine.request import AttributionRequest, RequestError
@@ -21,11 +22,13 @@ __all__ = [
     "AttributionResult",
     "Cancelled",
     "DePassEngine",
+    "Family",
     "MemoryBudgetError",
     "MemoryEstimate",
     "ModelInfo",
     "Plan",
     "RequestError",
     "UnsupportedArchitectureError",
+    "register",
     "supported_architectures",
 ]

@@ -1,23 +1,29 @@
 """Capture what DePass freezes from the model's own forward pass.
 
 One ordinary forward pass runs with removable forward hooks (inside a context manager,
-so nothing outlives the call): per layer the residual entering it (``h^l``), the residual
-after attention (``u^l``), the attention probabilities ``A`` (eager attention returns them),
-the true gate pre-activations ``g`` and the MLP activations ``a = act(g) * up``; then the
-pre-norm final residual ``h^L``, its normalised value and the logits. Nothing is
-re-derived: rotary embeddings, masks, sliding windows and q/k norms all stay the model's.
+so nothing outlives the call): per layer the residual entering it (``h^l``, a pre-hook on
+the layer), the residual after attention (``u^l``, the input of the MLP sub-block's first
+module, whatever the family calls it; in a parallel layer ``h^l`` plus the attention
+output), and what each of the family's parts freezes: the
+attention probabilities ``A`` (eager attention returns them), the MLP's true
+pre-activations ``g`` and activations ``a``, and each norm's per-position inverse scale
+(from its true input: for a post-norm, the mixer's output). Then the pre-norm final
+residual ``h^L``, its normalised value, and the last position's logits before and after
+any final soft-cap. Nothing is re-derived: rotary embeddings, masks, sliding windows,
+soft-capped attention and q/k norms all stay the model's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from engine.adapters import ArchitectureAdapter
+from engine.families import Family
+from engine.parts import Hook
 
 
 @dataclass
@@ -27,8 +33,27 @@ class LayerTrace:
     resid_pre: torch.Tensor  # (N, D) h^l, entering the layer
     resid_mid: torch.Tensor  # (N, D) u^l, after the attention block
     probs: torch.Tensor  # (H, N, N) attention probabilities
-    gate: torch.Tensor  # (N, I) true gate pre-activations g
-    act: torch.Tensor  # (N, I) true neuron activations a = act(g) * up
+    gate: torch.Tensor  # (N, I) true pre-activations g of the split projection
+    act: torch.Tensor  # (N, I) true neuron activations a (the output projection's input)
+    # norm role -> (N, 1) float32 inverse scale of that norm's true input
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [
+            self.resid_pre,
+            self.resid_mid,
+            self.probs,
+            self.gate,
+            self.act,
+            *self.scales.values(),
+        ]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LayerTrace:
+        """The trace with ``fn`` applied to every tensor."""
+        return LayerTrace(
+            *(fn(getattr(self, f)) for f in ("resid_pre", "resid_mid", "probs", "gate", "act")),
+            scales={role: fn(t) for role, t in self.scales.items()},
+        )
 
 
 @dataclass
@@ -39,7 +64,8 @@ class ForwardTrace:
     layers: list[LayerTrace]
     resid_final: torch.Tensor  # (N, D) h^L, before the final norm
     normed_final: torch.Tensor  # (N, D) output of the final norm
-    last_logits: torch.Tensor  # (V,) logits at the last position
+    last_logits: torch.Tensor  # (V,) the unembedding's logits at the last position (pre-cap)
+    last_output_logits: torch.Tensor | None = None  # (V,) the model's, after a soft-cap
 
     @property
     def num_tokens(self) -> int:
@@ -52,8 +78,10 @@ class ForwardTrace:
     def nbytes(self) -> int:
         """Memory held by the trace, for cache accounting."""
         tensors = [self.input_ids, self.resid_final, self.normed_final, self.last_logits]
+        if self.last_output_logits is not None:
+            tensors.append(self.last_output_logits)
         for layer in self.layers:
-            tensors += [layer.resid_pre, layer.resid_mid, layer.probs, layer.gate, layer.act]
+            tensors += layer.tensors()
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -66,8 +94,72 @@ def _hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
             handle.remove()
 
 
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _kept(kind: str, output: object) -> torch.Tensor:
+    """What a :class:`engine.parts.Hook` of ``kind`` keeps of a module's output."""
+    if kind == "output[1]":
+        value = output[1]  # type: ignore[index]
+        if value is None:
+            raise RuntimeError(
+                "the attention module returned no probabilities: load the model with "
+                "attn_implementation='eager'"
+            )
+        return value
+    value = output[0] if isinstance(output, tuple) else output
+    if kind == "first_half":
+        return value[..., : value.shape[-1] // 2]
+    return value  # type: ignore[return-value]
+
+
+def install_hooks(
+    model: nn.Module, family: Family, store: dict[tuple[int, str], torch.Tensor]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that fill ``store`` with what every part of every layer freezes; key
+    ``(layer, name)``, layer ``-1`` for the model root."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def on_input(module: nn.Module, key: tuple[int, str], transform=None) -> None:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _first_input(args, kwargs).detach()
+            store[key] = x if transform is None else transform(mod, x)
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def on_output(module: nn.Module, key: tuple[int, str], kind: str) -> None:
+        def hook(_mod: nn.Module, _args: tuple, output: object) -> None:
+            store[key] = _kept(kind, output).detach()
+
+        handles.append(module.register_forward_hook(hook))
+
+    def part_hook(layer: nn.Module, index: int, hook: Hook) -> None:
+        module = layer.get_submodule(hook.path)
+        if hook.kind == "input":
+            on_input(module, (index, hook.key))
+        else:
+            on_output(module, (index, hook.key), hook.kind)
+
+    for index, layer in enumerate(family.decoder_layers(model)):
+        on_input(layer, (index, "pre"))
+        if family.parallel:  # u^l := h^l + the attention output (no residual holds it)
+            on_output(layer.get_submodule(family.attention.module), (index, "attn"), "output")
+        else:
+            on_input(layer.get_submodule(family.mlp_entry), (index, "mid"))
+        for hook in [*family.attention.hooks(), *family.mlp.hooks()]:
+            part_hook(layer, index, hook)
+        for role, part in family.norms():
+            on_input(layer.get_submodule(part.path), (index, role), part.inverse_scale)
+    final_norm = family.final_norm_module(model)
+    on_input(final_norm, (-1, "final"))
+    on_output(final_norm, (-1, "normed"), "output")
+    on_output(family.unembed(model), (-1, "logits"), "output")
+    return handles
+
+
 def trace_forward_many(
-    model: nn.Module, adapter: ArchitectureAdapter, prompts: Sequence[torch.Tensor]
+    model: nn.Module, family: Family, prompts: Sequence[torch.Tensor]
 ) -> list[ForwardTrace]:
     """Traces of several prompts from one batched forward pass.
 
@@ -78,41 +170,10 @@ def trace_forward_many(
     The model must use eager attention, which returns its probabilities.
     """
     store: dict[tuple[int, str], torch.Tensor] = {}
-    handles: list[torch.utils.hooks.RemovableHandle] = []
+    handles = install_hooks(model, family, store)
+    num_layers = len(family.decoder_layers(model))
 
-    def keep_input(key: tuple[int, str]):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            store[key] = args[0].detach()
-
-        return hook
-
-    def keep_output(key: tuple[int, str], index: int | None = None):
-        def hook(_module: nn.Module, _args: tuple, output) -> None:
-            value = output if index is None else output[index]
-            if value is None:
-                raise RuntimeError(
-                    "the attention module returned no probabilities: load the model with "
-                    "attn_implementation='eager'"
-                )
-            store[key] = value.detach()
-
-        return hook
-
-    layers = adapter.decoder_layers(model)
-    for idx in range(len(layers)):
-        part = lambda role, i=idx: adapter.layer_part(model, i, role)  # noqa: E731
-        handles.append(part("input_norm").register_forward_pre_hook(keep_input((idx, "pre"))))
-        handles.append(part("attention").register_forward_hook(keep_output((idx, "probs"), 1)))
-        handles.append(
-            part("post_attention_norm").register_forward_pre_hook(keep_input((idx, "mid")))
-        )
-        handles.append(part("gate_proj").register_forward_hook(keep_output((idx, "gate"))))
-        handles.append(part("down_proj").register_forward_pre_hook(keep_input((idx, "act"))))
-    final_norm = adapter.root_part(model, "final_norm")
-    handles.append(final_norm.register_forward_pre_hook(keep_input((-1, "final"))))
-    handles.append(final_norm.register_forward_hook(keep_output((-1, "normed"))))
-
-    device = adapter.root_part(model, "embed_tokens").weight.device
+    device = family.embeddings(model).weight.device
     lengths = [int(ids.shape[0]) for ids in prompts]
     length = max(lengths)
     batch = torch.zeros(len(prompts), length, dtype=torch.long)
@@ -128,25 +189,35 @@ def trace_forward_many(
     with _hooks(handles), torch.inference_mode():
         output = model(**inputs, use_cache=False, logits_to_keep=1)
 
+    roles = [role for role, _ in family.norms()]
     traces = []
     for r, (ids, n) in enumerate(zip(prompts, lengths, strict=True)):
         own = slice(length - n, length)
+        pre = [store[(i, "pre")][r, own] for i in range(num_layers)]
+        mid = [
+            store[(i, "mid")][r, own]
+            if (i, "mid") in store
+            else pre[i] + store[(i, "attn")][r, own]
+            for i in range(num_layers)
+        ]
         traces.append(
             ForwardTrace(
                 input_ids=ids.detach().cpu(),
                 layers=[
                     LayerTrace(
-                        resid_pre=store[(i, "pre")][r, own],
-                        resid_mid=store[(i, "mid")][r, own],
+                        resid_pre=pre[i],
+                        resid_mid=mid[i],
                         probs=store[(i, "probs")][r, :, own, own],
                         gate=store[(i, "gate")][r, own],
                         act=store[(i, "act")][r, own],
+                        scales={role: store[(i, role)][r, own] for role in roles},
                     )
-                    for i in range(len(layers))
+                    for i in range(num_layers)
                 ],
                 resid_final=store[(-1, "final")][r, own],
                 normed_final=store[(-1, "normed")][r, own],
-                last_logits=output.logits.detach()[r, -1],
+                last_logits=store[(-1, "logits")][r, -1],
+                last_output_logits=output.logits.detach()[r, -1],
             )
         )
     if len(prompts) > 1:  # each trace owns compact copies, not views of the padded batch
@@ -159,16 +230,11 @@ def _compact(trace: ForwardTrace) -> ForwardTrace:
     copy = lambda t: t.contiguous().clone()  # noqa: E731
     return ForwardTrace(
         input_ids=trace.input_ids,
-        layers=[
-            LayerTrace(
-                *(
-                    copy(getattr(layer, f))
-                    for f in ("resid_pre", "resid_mid", "probs", "gate", "act")
-                )
-            )
-            for layer in trace.layers
-        ],
+        layers=[layer.map(copy) for layer in trace.layers],
         resid_final=copy(trace.resid_final),
         normed_final=copy(trace.normed_final),
         last_logits=copy(trace.last_logits),
+        last_output_logits=None
+        if trace.last_output_logits is None
+        else copy(trace.last_output_logits),
     )

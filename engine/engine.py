@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.adapters import ArchitectureAdapter, adapter_for, adapter_named
 from engine.capture import ForwardTrace
+from engine.families import Family, family_for, family_named
 from engine.granularity import (
     head_labels,
     head_start,
@@ -151,8 +151,10 @@ class DePassEngine:
         max_batch: int = 8,
         batch_max_cells: int = 4096,
         compile: bool = False,
+        family: Family | None = None,
     ) -> None:
-        self.adapter: ArchitectureAdapter = adapter_for(model)
+        declared = family_for(model) if family is None else family
+        self.family: Family = declared.for_config(model.config)
         _require_eager(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -166,13 +168,14 @@ class DePassEngine:
         self.max_batch = max_batch
         self.batch_max_cells = batch_max_cells
         self.compile = compile
-        self.traces = TraceCache(self.model, self.adapter, trace_cache_size, trace_cache_bytes)
+        self.traces = TraceCache(self.model, self.family, trace_cache_size, trace_cache_bytes)
         self.info = self._model_info()
         self.readout = Readout(
-            final_norm=self.adapter.root_part(self.model, "final_norm"),
-            unembed=self.adapter.root_part(self.model, "lm_head"),
-            adapter=self.adapter,
+            final_norm=self.family.final_norm_module(self.model),
+            unembed=self.family.unembed(self.model),
+            norm=self.family.final_norm,
             dtype=compute_dtype,
+            softcap=self.info.logit_softcap,
         )
         self.shape = self._shape()
 
@@ -213,11 +216,11 @@ class DePassEngine:
         gguf = gguf_location(path_or_id, gguf_file)
         if gguf is not None:
             metadata = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            adapter_named([causal_lm_class_name(metadata) or metadata.model_type])
+            family_named([causal_lm_class_name(metadata) or metadata.model_type])
             path_or_id = str(dequantised_folder(gguf, gguf_cache_dir))
         config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
         # fail fast, before loading weights, on unsupported families
-        adapter_named([causal_lm_class_name(config) or str(config.model_type)])
+        family_named([causal_lm_class_name(config) or str(config.model_type)])
         if device_map is not None and torch.cuda.is_available():
             device = "cuda"
         load = {
@@ -237,24 +240,33 @@ class DePassEngine:
     # ------------------------------------------------------------------ model facts
 
     def _model_info(self) -> ModelInfo:
+        """Shape facts, read from the parts' weights (configs name them differently)."""
         config = self.model.config
+        family = self.family
         heads = int(config.num_attention_heads)
-        hidden = int(config.hidden_size)
-        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-        embed = self.adapter.root_part(self.model, "embed_tokens")
+        first = family.layer(self.model, 0)
+        head_width = family.attention.output(first, config).weight.shape[1]  # H d_h
+        head_dim = head_width // heads
+        embed = family.embeddings(self.model)
         return ModelInfo(
             architecture=type(self.model).__name__,
-            family=self.adapter.family,
-            num_layers=len(self.adapter.decoder_layers(self.model)),
+            family=family.name,
+            num_layers=len(family.decoder_layers(self.model)),
             num_heads=heads,
-            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            num_kv_heads=family.attention.value(first, config).weight.shape[0] // head_dim,
             head_dim=head_dim,
-            hidden_size=hidden,
-            intermediate_size=int(config.intermediate_size),
-            vocab_size=int(embed.weight.shape[0]),
+            hidden_size=int(embed.weight.shape[1]),
+            intermediate_size=int(family.mlp.split_input(first).weight.shape[0]),
+            vocab_size=int(family.unembed(self.model).weight.shape[0]),
             dtype=str(embed.weight.dtype).removeprefix("torch."),
             device=str(embed.weight.device),
+            logit_softcap=family.readout.softcap(config),
         )
+
+    @property
+    def adapter(self) -> Family:
+        """The model's family (the name this attribute had before families were parts)."""
+        return self.family
 
     def _shape(self) -> Shape:
         size = lambda dtype: torch.finfo(dtype).bits // 8  # noqa: E731
@@ -263,6 +275,11 @@ class DePassEngine:
             model_bytes=size(getattr(torch, self.info.dtype)),
             compute_bytes=size(self.compute_dtype),
             matmul_bytes=size(self.matmul_dtype),
+            frozen_norms=self.family.frozen_norms,
+            post_norms=self.family.post_norms,
+            attention_temporaries=self.family.attention_temporaries,
+            mlp_temporaries=self.family.mlp_temporaries,
+            parallel=self.family.parallel,
         )
 
     # ------------------------------------------------------------------ tokens
@@ -580,7 +597,7 @@ class DePassEngine:
         for indices in by_facts.values():
             propagator = Propagator(
                 self.model,
-                self.adapter,
+                self.family,
                 [traces[k] for k in indices],
                 self.compute_dtype,
                 chunk_budget,
@@ -650,7 +667,15 @@ class DePassEngine:
         )
         texts = self.token_texts(plan.input_ids)
         result = assemble(
-            request, labels, views, axis, plan.end, plan.positions, texts, plan.input_ids
+            request,
+            labels,
+            views,
+            axis,
+            plan.end,
+            plan.positions,
+            texts,
+            plan.input_ids,
+            softcap=self.info.logit_softcap,
         )
         result.timings = {
             "forward_s": sum(run.timings["forward_s"] for run in runs),
@@ -729,7 +754,7 @@ class DePassEngine:
                 request.module or "attn",
             )
         weights = LayerWeights(
-            self.model, self.adapter, [trace], layer, self.compute_dtype, self.matmul_dtype
+            self.model, self.family, [trace], layer, self.compute_dtype, self.matmul_dtype
         )
         if granularity == "head":
             return head_start(cast(frozen.resid_pre).to(weights.device), weights, layer)

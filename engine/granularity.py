@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.propagate import LayerWeights, Start, attention_stage, mlp_stage, project
+from engine.propagate import LayerWeights, Start, attention_stage, mlp_stage
 
 SUBSPACE_ROUNDING = 1e-5
 
@@ -92,7 +92,9 @@ def _group_label(group: list[int], token_texts: Sequence[str]) -> str:
     return f"tok[{span}]:{_quote(text)}"
 
 
-def _from_position_zero(values: torch.Tensor, stage: int, labels: list[str]) -> Start:
+def _from_position_zero(
+    values: torch.Tensor, stage: int, labels: list[str], entering_rows: tuple[int, ...] = ()
+) -> Start:
     """A start whose components all may be non-zero from position 0, in the caller's order
     (row ``1 + j`` is component ``j``; row 1 holds the first token).
 
@@ -109,6 +111,7 @@ def _from_position_zero(values: torch.Tensor, stage: int, labels: list[str]) -> 
         stage=stage,
         labels=labels,
         floored=(count,),
+        entering_rows=entering_rows,
     )
 
 
@@ -143,7 +146,7 @@ def module_start(
     else:
         parts, stage = [resid_mid, resid_post - resid_mid], attention_stage(layer + 1)
     values = torch.stack([torch.zeros_like(resid_pre), *parts])
-    return _from_position_zero(values, stage, ["rest", f"L{layer}.{module}"])
+    return _from_position_zero(values, stage, ["rest", f"L{layer}.{module}"], (1,))
 
 
 def head_start(
@@ -153,11 +156,10 @@ def head_start(
 
     ``member``: the prompt's index in the batch ``weights`` was built for.
     """
-    length = resid_pre.shape[0]
-    normed = resid_pre * weights.in_scale[member, :length]
-    heads = weights.head_outputs(normed, member)  # (H, N, D)
-    values = torch.cat([weights.attn_bias.expand_as(resid_pre)[None], resid_pre[None], heads])
-    return _from_position_zero(values, mlp_stage(layer), head_labels(layer, heads.shape[0]))
+    heads = weights.head_outputs(resid_pre, member)  # (H, N, D)
+    bias = weights.bias_of(weights.attn_bias, member, resid_pre)
+    values = torch.cat([bias[None], resid_pre[None], heads])
+    return _from_position_zero(values, mlp_stage(layer), head_labels(layer, heads.shape[0]), (1,))
 
 
 def head_labels(layer: int | None, heads: int) -> list[str]:
@@ -186,13 +188,13 @@ def neuron_start(
     index = torch.tensor(chosen, dtype=torch.long, device=weights.device)
     act = weights.act[member, :length]  # (N, I)
     values = resid_mid.new_empty(len(chosen) + 2, *resid_mid.shape)
-    if weights.mlp_bias is None:
-        values[0] = 0.0
-    else:
-        values[0] = weights.mlp_bias
+    values[0] = weights.bias_of(weights.mlp_bias, member, resid_mid)
     w_down = weights.w_down[:, index].to(resid_mid.dtype)  # (D, K)
     torch.mul(act[:, index].T[:, :, None], w_down.T[:, None, :], out=values[2:])  # (K, N, D)
-    others = project(act.index_fill(1, index, 0.0), weights.w_down, resid_mid.dtype)
+    if not weights.mlp_post.identity:  # each neuron's output through the frozen post-norm
+        post = weights.mlp_post
+        values[2:] = post(values[2:], post.at(member, slice(None, length)))
+    others = weights.neuron_outputs(act.index_fill(1, index, 0.0), member)
     torch.add(resid_mid, others, out=values[1])
     labels = ["rest"] + [f"L{layer}.N{i}" for i in chosen]
     return _from_position_zero(values, attention_stage(layer + 1), labels)

@@ -17,7 +17,7 @@ class ModelInfo:
     """Shape facts of the loaded model."""
 
     architecture: str = _fact("The transformers class, e.g. LlamaForCausalLM.")
-    family: str = _fact("The engine's adapter family: llama, mistral, qwen2, qwen3.")
+    family: str = _fact("The engine's model family (llama, qwen2, gemma3, gpt2, ...).")
     num_layers: int = _fact("Decoder layers (L).")
     num_heads: int = _fact("Attention (query) heads per layer.")
     num_kv_heads: int = _fact("Key/value heads per layer.")
@@ -27,3 +27,6 @@ class ModelInfo:
     vocab_size: int = _fact("Rows of the embedding.")
     dtype: str = _fact("Weight dtype.")
     device: str = _fact("Where the embedding is (cuda:0, cpu, ...).")
+    logit_softcap: float | None = _fact(
+        "The final soft-cap c of c tanh(z / c) on the logits (Gemma 2), or null."
+    )

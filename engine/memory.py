@@ -62,6 +62,15 @@ class Shape:
     model_bytes: int  # per element of the weights (and of the trace)
     compute_bytes: int  # per element of the components
     matmul_bytes: int  # per element of the matrix-product operands
+    # What the family's parts add (engine/families/base.py): norms per layer (a frozen
+    # (N, D) scale each, an (N, 1) one in the trace), post-norms (an (N, D) bias term
+    # each), and (.., D) temporaries per row and position in attention blocks and MLP
+    # chunks. The defaults are Llama's.
+    frozen_norms: int = 2
+    post_norms: int = 0
+    attention_temporaries: int = 0
+    mlp_temporaries: int = 0
+    parallel: bool = False  # parallel layers keep a copy of the components entering them
 
     @property
     def layer_weight_elements(self) -> int:
@@ -95,8 +104,10 @@ def trace_bytes(shape: Shape, length: int) -> int:
     """Bytes of one forward trace (engine/capture.py) of a ``length``-token prompt."""
     n, d, i = length, shape.model.hidden_size, shape.model.intermediate_size
     per_layer = 2 * n * d + shape.model.num_heads * n * n + 2 * n * i  # pre, mid, probs, gate, act
-    elements = shape.model.num_layers * per_layer + 2 * n * d + shape.model.vocab_size
-    return elements * shape.model_bytes + 8 * n  # + the int64 input ids
+    # + h^L, its norm and the last logits before and after any cap
+    elements = shape.model.num_layers * per_layer + 2 * n * d + 2 * shape.model.vocab_size
+    scales = shape.model.num_layers * shape.frozen_norms * n * 4  # float32 (N, 1) per norm
+    return elements * shape.model_bytes + scales + 8 * n  # + the int64 input ids
 
 
 def forward_transient_bytes(shape: Shape, length: int) -> int:
@@ -107,25 +118,39 @@ def forward_transient_bytes(shape: Shape, length: int) -> int:
 
 
 def attention_row_bytes(
-    hidden: int, kv_width: int, head_width: int, members: int, length: int, element: int
+    hidden: int,
+    kv_width: int,
+    head_width: int,
+    members: int,
+    length: int,
+    element: int,
+    temporaries: int = 0,
 ) -> int:
     """Working bytes of one component row of an attention block, over ``length`` positions
     of ``members`` prompts: the normalised input, values, contexts (and their permuted
-    copies) and the output."""
-    return members * length * element * (3 * hidden + 2 * kv_width + 2 * head_width)
+    copies), the output, and ``temporaries`` more hidden-wide tensors (the parts')."""
+    width = (3 + temporaries) * hidden + 2 * kv_width + 2 * head_width
+    return members * length * element * width
 
 
 def mlp_position_bytes(
-    hidden: int, intermediate: int, rows: int, members: int, element: int, mixed: bool
+    hidden: int,
+    intermediate: int,
+    rows: int,
+    members: int,
+    element: int,
+    mixed: bool,
+    temporaries: int = 0,
 ) -> int:
     """Working bytes of one position of an MLP chunk over ``rows`` components of
     ``members`` prompts: the scaled input and the output (``element`` bytes each), the
     float32 gates, their mask and the shares, and (``mixed``: a matmul dtype other than
-    the compute dtype) the casts."""
+    the compute dtype) the casts, and ``temporaries`` more hidden-wide tensors (the
+    parts')."""
     if mixed:
-        width = 3 * hidden * element + 3 * intermediate * 4
+        width = (3 + temporaries) * hidden * element + 3 * intermediate * 4
     else:
-        width = 2 * hidden * element + 5 * intermediate * 4 // 2
+        width = (2 + temporaries) * hidden * element + 5 * intermediate * 4 // 2
     return rows * members * width
 
 
@@ -176,10 +201,12 @@ def estimate(
     c, n, d = shape.compute_bytes, length, shape.model.hidden_size
     trace = members * (trace_bytes(shape, n) + forward_transient_bytes(shape, n))
     values = rows * members * n * d * c
-    components = (2 * values if members > 1 else values) + members * start_extra
+    copies = 1 + (members > 1) + shape.parallel  # a batch's gathered start, a layer's input
+    components = copies * values + members * start_extra
     probs = members * shape.model.num_heads * n * n * shape.matmul_bytes
     # scales in the compute dtype, activations and gates in float32 (the split's dtype)
-    frozen = 2 * members * n * d * c + 2 * members * n * shape.model.intermediate_size * 4 + probs
+    norms = (shape.frozen_norms + shape.post_norms) * members * n * d * c  # scales, bias terms
+    frozen = norms + 2 * members * n * shape.model.intermediate_size * 4 + probs
     if shape.matmul_bytes != shape.model_bytes:
         frozen += shape.layer_weight_elements * shape.matmul_bytes
     # snapshots kept, and the result built from them: the views' lensed states and the
@@ -195,10 +222,13 @@ def estimate(
         members,
         n,
         c,
+        shape.attention_temporaries,
     )
     block = min(rows, attention_block(row, probs, chunk_budget, n))
     mixed = shape.matmul_bytes != shape.compute_bytes
-    position = mlp_position_bytes(d, shape.model.intermediate_size, rows, members, c, mixed)
+    position = mlp_position_bytes(
+        d, shape.model.intermediate_size, rows, members, c, mixed, shape.mlp_temporaries
+    )
     chunk = mlp_chunk(position, chunk_budget, n, late_starts)
     working = max(block * row + probs, chunk * position)
     attention_min, mlp_min = row + probs, position

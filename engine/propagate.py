@@ -10,6 +10,10 @@ layer ``l``); a run goes from a start stage up to, not including, an end stage.
   :mod:`engine.splits`, computed over chunks of positions so that the
   (components x positions x neurons) gate tensor stays under the memory budget.
 
+Each sub-block runs its family's parts in order (engine/parts.py): the frozen pre-norm
+(identity when the family has none), the mixer, the frozen post-norm; a parallel layer's
+MLP reads the components that entered the layer. No family is named here.
+
 Layout: components are held as one ``(M + 1, R, N, D)`` tensor: row 0 is the remainder,
 rows ``1..M`` the components sorted by the first position where they may be non-zero,
 ``R`` the prompts of a batch (padded to the longest with zero positions and zero
@@ -34,9 +38,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from engine.adapters import ArchitectureAdapter, norm_weight, rms_scale
 from engine.capture import ForwardTrace
+from engine.families import Family
 from engine.memory import attention_block, attention_row_bytes, mlp_chunk, mlp_position_bytes
+from engine.parts import IDENTITY, FrozenNorm
 from engine.splits import SplitRule, SplitSpec, neuron_shares
 
 #: The MLP split (gates, coefficients, shares) always runs in float32: a softmax over
@@ -89,6 +94,9 @@ class Start:
     # in every prompt of a batch (token components): the first attention stage then
     # projects each component once instead of at every position.
     single_position: bool = False
+    # Starts at an MLP stage: the rows that entered the layer (the others are attention
+    # outputs), which a parallel layer's MLP reads alone.
+    entering_rows: tuple[int, ...] = ()
 
     def facts(self, split: SplitSettings) -> StartFacts:
         """What the MLP split needs to know of this start (equal facts can share a batch)."""
@@ -153,51 +161,78 @@ class LayerWeights:
     def __init__(
         self,
         model: nn.Module,
-        adapter: ArchitectureAdapter,
+        family: Family,
         traces: Sequence[ForwardTrace],
         layer: int,
         dtype: torch.dtype,
         matmul_dtype: torch.dtype,
     ) -> None:
-        part = lambda role: adapter.layer_part(model, layer, role)  # noqa: E731
+        module = family.layer(model, layer)
+        config = model.config
         frozen = [trace.layers[layer] for trace in traces]
         length = max(trace.num_tokens for trace in traces)
-        v_proj, o_proj = part("v_proj"), part("o_proj")
-        self.device = o_proj.weight.device
+        value = family.attention.value(module, config)
+        output = family.attention.output(module, config)
+        self.device = output.weight.device
         self.dtype = dtype
         cast = lambda t, to=dtype: t.detach().to(self.device, to)  # noqa: E731
         stack = lambda ts, to=dtype: _stack_padded([cast(t, to) for t in ts], length)  # noqa: E731
 
-        in_norm, mid_norm = part("input_norm"), part("post_attention_norm")
-        # (R, N, D) frozen per-position norm scale times the norm's gain
-        self.in_scale = stack([rms_scale(in_norm, f.resid_pre, adapter) for f in frozen]) * cast(
-            norm_weight(in_norm, adapter)
-        )
-        self.mid_scale = stack([rms_scale(mid_norm, f.resid_mid, adapter) for f in frozen]) * cast(
-            norm_weight(mid_norm, adapter)
-        )
-        self.w_v = cast(v_proj.weight, matmul_dtype)  # (H_kv * d_h, D)
-        self.w_o = cast(o_proj.weight, matmul_dtype)  # (D, H * d_h)
+        # Each norm frozen at its true input's scale: (R, N, D) inverse scale times gain.
+        norms: dict[str, FrozenNorm] = {}
+        for role, part in family.norms():
+            norm_module = module.get_submodule(part.path)
+            bias = part.bias(norm_module)
+            norms[role] = FrozenNorm(
+                scale=stack([f.scales[role] for f in frozen]) * cast(part.gain(norm_module)),
+                centred=part.centred,
+                bias=None if bias is None else cast(bias),
+            )
+        self.attn_norm = norms.get("attn_norm", IDENTITY)
+        self.attn_post = norms.get("attn_post_norm", IDENTITY)
+        self.mlp_norm = norms.get("mlp_norm", IDENTITY)
+        self.mlp_post = norms.get("mlp_post_norm", IDENTITY)
+
+        self.w_v = cast(value.weight, matmul_dtype)  # (H_kv * d_h, D)
+        self.w_o = cast(output.weight, matmul_dtype)  # (D, H * d_h)
         # (R, H, N, N): padded with zero rows and columns
         self.probs = torch.stack([_pad_square(cast(f.probs, matmul_dtype), length) for f in frozen])
         self.num_heads = int(self.probs.shape[1])
         self.head_dim = self.w_o.shape[1] // self.num_heads
         self.num_kv_heads = self.w_v.shape[0] // self.head_dim
 
-        # Biases belong to no input: (D,) attention bias output, given to the remainder.
+        # Biases belong to no input: the attention output of the value bias and of the
+        # pre-norm's bias (probabilities sum to one), and the output bias, given to the
+        # remainder; through the post-norm when there is one: (D,) or (R, N, D).
+        value_bias = _optional_sum(
+            None if value.bias is None else cast(value.bias),
+            None if self.attn_norm.bias is None else cast(value.weight) @ self.attn_norm.bias,
+        )
         bias = torch.zeros(self.w_o.shape[0], device=self.device, dtype=dtype)
-        if v_proj.bias is not None:
+        if value_bias is not None:
             group = self.num_heads // self.num_kv_heads
-            b_v = cast(v_proj.bias).view(self.num_kv_heads, 1, self.head_dim)
-            bias += cast(o_proj.weight) @ b_v.expand(-1, group, -1).reshape(-1)
-        if o_proj.bias is not None:
-            bias += cast(o_proj.bias)
-        self.attn_bias = bias
+            b_v = value_bias.view(self.num_kv_heads, 1, self.head_dim)
+            bias += cast(output.weight) @ b_v.expand(-1, group, -1).reshape(-1)
+        if output.bias is not None:
+            bias += cast(output.bias)
+        self.attn_bias = _through_post(self.attn_post, bias)
 
-        gate_proj, down_proj = part("gate_proj"), part("down_proj")
-        self.w_gate = cast(gate_proj.weight, matmul_dtype)  # (I, D)
-        self.w_down = cast(down_proj.weight, matmul_dtype)  # (D, I)
-        self.mlp_bias = cast(down_proj.bias) if down_proj.bias is not None else None
+        split_input, mlp_output = family.mlp.split_input(module), family.mlp.output(module)
+        self.w_gate = cast(split_input.weight, matmul_dtype)  # (I, D)
+        self.w_down = cast(mlp_output.weight, matmul_dtype)  # (D, I)
+        # (I,) the remainder's own pre-activation: the input bias, and the pre-norm's bias
+        self.gate_bias = _optional_sum(
+            None if split_input.bias is None else cast(split_input.bias, SPLIT_DTYPE),
+            None
+            if self.mlp_norm.bias is None
+            else (cast(split_input.weight) @ self.mlp_norm.bias).to(SPLIT_DTYPE),
+        )
+        down_bias = None if mlp_output.bias is None else cast(mlp_output.bias)
+        self.mlp_bias = (
+            _through_post(self.mlp_post, down_bias)
+            if down_bias is not None or self.mlp_post.bias is not None
+            else None
+        )
         # (R, N, I) in float32: the split's dtype, whatever the components'
         self.act = stack([f.act for f in frozen], SPLIT_DTYPE)
         self.gate = stack([f.gate for f in frozen], SPLIT_DTYPE)
@@ -254,15 +289,36 @@ class LayerWeights:
         context = torch.einsum("brhqd,hkd->brqhk", mixed.to(w_v.dtype), w_v)
         return context.reshape(batch, members, queries, heads * dh)
 
-    def head_outputs(self, x: torch.Tensor, member: int = 0) -> torch.Tensor:
-        """(H, N, D) each head's attention output for one normalised input ``x`` (N, D) of
-        batch member ``member``."""
-        length = x.shape[0]
+    def head_outputs(self, resid: torch.Tensor, member: int = 0) -> torch.Tensor:
+        """(H, N, D) each head's share of the attention block's output (through the
+        post-norm, if any; biases apart) for the residual ``resid`` (N, D) entering the
+        layer, of batch member ``member``."""
+        length = resid.shape[0]
+        own = (member, slice(None, length))
+        x = self.attn_norm(resid, self.attn_norm.at(*own))
         probs = self.probs[member : member + 1, :, :length, :length]
         context = self.head_context(x[None, None], probs=probs)[0, 0]
         context = context.view(length, self.num_heads, self.head_dim).to(self.dtype)
         w_o = self.w_o.to(self.dtype).view(-1, self.num_heads, self.head_dim)  # (D, H, d_h)
-        return torch.einsum("nhd,ehd->hne", context, w_o)
+        heads = torch.einsum("nhd,ehd->hne", context, w_o)
+        return self.attn_post(heads, self.attn_post.at(*own))
+
+    def neuron_outputs(self, act: torch.Tensor, member: int = 0) -> torch.Tensor:
+        """(..., N, D) the MLP block's output for activations ``act`` (..., N, I) of batch
+        member ``member`` (through the post-norm, if any; biases apart)."""
+        out = project(act, self.w_down, self.dtype)
+        own = (member, slice(None, act.shape[-2]))
+        return self.mlp_post(out, self.mlp_post.at(*own))
+
+    @staticmethod
+    def bias_of(bias: torch.Tensor | None, member: int, like: torch.Tensor) -> torch.Tensor:
+        """A bias term ((D,) or (R, N, D)) at the positions of member ``member``, shaped
+        like ``like`` (N, D); zero when ``bias`` is ``None``."""
+        if bias is None:
+            return torch.zeros_like(like)
+        if bias.dim() == 1:
+            return bias.to(like.dtype).expand_as(like)
+        return bias[member, : like.shape[0]].to(like.dtype)
 
 
 def _pad_square(probs: torch.Tensor, length: int) -> torch.Tensor:
@@ -271,6 +327,27 @@ def _pad_square(probs: torch.Tensor, length: int) -> torch.Tensor:
     if n == length:
         return probs
     return torch.nn.functional.pad(probs, (0, length - n, 0, length - n))
+
+
+def _optional_sum(*terms: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of the terms that are not ``None`` (``None`` if all are)."""
+    present = [t for t in terms if t is not None]
+    return None if not present else sum(present[1:], present[0])
+
+
+def _through_post(post: FrozenNorm, bias: torch.Tensor | None) -> torch.Tensor:
+    """A mixer's bias (D,) through its frozen post-norm, plus the post-norm's own bias:
+    (D,) without a post-norm, else (R, N, D) (the post-norm scales each position)."""
+    if post.bias is None and (bias is None or not bool(bias.any())):
+        return bias if bias is not None else post.scale.new_zeros(post.scale.shape[-1])
+    if post.identity:
+        return bias
+    out = (
+        torch.zeros_like(post.scale)
+        if bias is None
+        else post(bias.expand_as(post.scale), post.scale)
+    )
+    return out if post.bias is None else out + post.bias
 
 
 class Propagator:
@@ -287,18 +364,23 @@ class Propagator:
     def __init__(
         self,
         model: nn.Module,
-        adapter: ArchitectureAdapter,
+        family: Family,
         traces: Sequence[ForwardTrace],
         dtype: torch.dtype,
         budget_bytes: int,
         should_stop: Callable[[], bool] | None = None,
         matmul_dtype: torch.dtype | None = None,
         fused_split: bool = False,
+        on_mlp: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> None:
         self.model = model
         self.fused_split = fused_split
+        # Called with (layer, the components' pre-activations summed (R, P, I), the true
+        # ones (R, P, I)) for each MLP chunk: a check that the split reads what the MLP
+        # reads (tests; None in service).
+        self.on_mlp = on_mlp
         self.should_stop = should_stop
-        self.adapter = adapter
+        self.family = family
         self.traces = list(traces)
         self.dtype = dtype
         self.matmul_dtype = matmul_dtype or dtype
@@ -310,7 +392,7 @@ class Propagator:
         if layer not in self._weights:
             self._weights.clear()
             self._weights[layer] = LayerWeights(
-                self.model, self.adapter, self.traces, layer, self.dtype, self.matmul_dtype
+                self.model, self.family, self.traces, layer, self.dtype, self.matmul_dtype
             )
         return self._weights[layer]
 
@@ -351,18 +433,25 @@ class Propagator:
         last_queries = kept if len(kept) < values.shape[2] else None
         if every_layer and stage0 % 2 == 0:
             snap(stage0 // 2)
+        # Parallel layers: the MLP reads what entered the layer, not what attention left.
+        parallel = self.family.parallel
+        entering = _entering(values, starts[0]) if parallel and stage0 % 2 else None
         for stage in range(stage0, 2 * end_layer):
             self.check()
             layer = stage // 2
             weights = self.weights(layer)
             values = values.to(weights.device)
             queries = last_queries if layer == end_layer - 1 else None
+            if parallel and stage % 2 == 0:
+                entering = values.clone()
             if stage == stage0 and stage % 2 == 0 and single and queries is None:
                 self._attention_from_single_positions(weights, values, first)
             elif stage % 2 == 0:
                 self._attention(weights, values, first, queries)
             else:
-                self._mlp(weights, values, first, facts, split, queries)
+                source = None if entering is None else entering.to(weights.device)
+                self._mlp(weights, values, first, facts, split, queries, layer, source)
+                entering = None
                 if every_layer:
                     snap(layer + 1)
         if not members[0].snapshots or members[0].snapshots[-1].layer != end_layer:
@@ -374,6 +463,19 @@ class Propagator:
         if self.should_stop is not None and self.should_stop():
             raise Cancelled("the attribution was cancelled")
 
+    def _row_bytes(
+        self, w: LayerWeights, members: int, length: int, hidden: int, element: int
+    ) -> int:
+        return attention_row_bytes(
+            hidden,
+            w.w_v.shape[0],
+            w.w_o.shape[1],
+            members,
+            length,
+            element,
+            self.family.attention_temporaries,
+        )
+
     def _attention(
         self,
         w: LayerWeights,
@@ -384,9 +486,7 @@ class Propagator:
         """Add each component's attention output, in blocks of rows (in place); with
         ``queries``, at those positions only."""
         rows, members, length, hidden = values.shape
-        per_row = attention_row_bytes(
-            hidden, w.w_v.shape[0], w.w_o.shape[1], members, length, values.element_size()
-        )
+        per_row = self._row_bytes(w, members, length, hidden, values.element_size())
         probs_bytes = w.probs.numel() * w.probs.element_size()  # one copy of a block's
         block = attention_block(per_row, probs_bytes, self.budget_bytes, length)
         self._attend_rows(w, values, 0, 1, 0, queries)  # the remainder
@@ -409,9 +509,7 @@ class Propagator:
         rows, members, length, hidden = values.shape
         heads, dh = w.num_heads, w.head_dim
         group = heads // w.num_kv_heads
-        per_row = attention_row_bytes(
-            hidden, w.w_v.shape[0], w.w_o.shape[1], members, length, values.element_size()
-        )
+        per_row = self._row_bytes(w, members, length, hidden, values.element_size())
         block = attention_block(per_row, 0, self.budget_bytes, length)
         self._attend_rows(w, values, 0, 1, 0, None)  # the remainder: any shape
         w_o = w.w_o.view(hidden, heads, dh)
@@ -422,12 +520,16 @@ class Propagator:
                 continue
             rows_index = torch.arange(lo, hi, device=values.device)
             at = torch.tensor(where, device=values.device).clamp_(max=length - 1)
-            x = values[rows_index, :, at] * w.in_scale[:, at].transpose(0, 1)  # (B, R, D)
+            scale = w.attn_norm.scale
+            x = w.attn_norm(
+                values[rows_index, :, at], None if scale is None else scale[:, at].transpose(0, 1)
+            )  # (B, R, D)
             v = (x.to(w.w_v.dtype) @ w.w_v.T).view(hi - lo, members, -1, 1, dh)
             v = v.expand(-1, -1, -1, group, -1).reshape(hi - lo, members, heads, dh)
             u = torch.einsum("brhd,ehd->brhe", v, w_o)  # (B, R, H, D) per-head outputs
             spread = w.probs[:, :, :, at].permute(3, 0, 2, 1)  # (B, R, N, H): A[h, n, p_m]
-            values[lo:hi] += torch.matmul(spread, u).to(self.dtype)
+            out = torch.matmul(spread, u).to(self.dtype)  # (B, R, N, D)
+            values[lo:hi] += w.attn_post(out, w.attn_post.scale)
         values[0] += w.attn_bias
 
     def _attend_rows(
@@ -440,9 +542,10 @@ class Propagator:
         queries: list[int] | None,
     ) -> None:
         rows = values[lo:hi, :, p0:]  # (B, R, N', D) view, zero before p0
-        normed = rows * w.in_scale[:, p0:]
+        normed = w.attn_norm(rows, w.attn_norm.at(slice(None), slice(p0, None)))
         if queries is None:
-            rows += project(w.head_context(normed, start=p0), w.w_o, self.dtype)
+            out = project(w.head_context(normed, start=p0), w.w_o, self.dtype)
+            rows += w.attn_post(out, w.attn_post.at(slice(None), slice(p0, None)))
             return
         index = torch.tensor([q for q in queries if q >= p0], device=values.device)
         if not index.numel():
@@ -455,7 +558,8 @@ class Propagator:
             context = w.query_context(normed, probs)
         else:
             context = w.head_context(normed, probs=probs)
-        values[lo:hi, :, index] += project(context, w.w_o, self.dtype)
+        out = project(context, w.w_o, self.dtype)
+        values[lo:hi, :, index] += w.attn_post(out, w.attn_post.at(slice(None), index))
 
     def _mlp(
         self,
@@ -465,13 +569,23 @@ class Propagator:
         facts: StartFacts,
         split: SplitSettings,
         queries: list[int] | None = None,
+        layer: int = -1,
+        source: torch.Tensor | None = None,
     ) -> None:
         """Add each component's share of the MLP output, in chunks of positions (in place);
-        with ``queries``, at those positions only."""
+        with ``queries``, at those positions only. ``source``: the components the MLP reads
+        (a parallel layer's input; default ``values``)."""
+        source = values if source is None else source
         rows, members, length, hidden = values.shape
         mixed = w.w_gate.dtype != values.dtype
         per_position = mlp_position_bytes(
-            hidden, w.w_gate.shape[0], rows, members, values.element_size(), mixed
+            hidden,
+            w.w_gate.shape[0],
+            rows,
+            members,
+            values.element_size(),
+            mixed,
+            self.family.mlp_temporaries,
         )
         late_starts = bool(first) and first[-1] > 0  # smaller chunks skip more zeros
         chunk = mlp_chunk(per_position, self.budget_bytes, length, late_starts)
@@ -482,13 +596,24 @@ class Propagator:
             ignore_anchor=facts.ignore_anchor,
             starts_at_zero=True,
         )
-        scale = w.mid_scale * spec.gate_scale  # (R, N, D) frozen norm, and 1 / T for softmax
+        # (R, N, D) the frozen norm's scale, and 1 / T for softmax
+        scale = None if w.mlp_norm.scale is None else w.mlp_norm.scale * spec.gate_scale
+        no_scale = scale is None and spec.gate_scale != 1.0
+        gate_bias = None if w.gate_bias is None else w.gate_bias * spec.gate_scale
         for where, p0, p1 in _position_chunks(length, chunk, queries, values.device):
             self.check()
             live = 1 + bisect.bisect_left(first, p1)  # the remainder and the rows alive
-            block = values[:live, :, where]  # (live, R, P, D): a view, or a copy with queries
-            present = block.ne(0).any(-1)  # (live, R, P): eligibility, from the vectors
-            gates = project(block * scale[:, where], w.w_gate, SPLIT_DTYPE)  # (live, R, P, I)
+            block = source[:live, :, where]  # (live, R, P, D): a view, or a copy with queries
+            normed = w.mlp_norm(block, None if scale is None else scale[:, where])
+            if no_scale:  # no pre-norm to fold 1 / T into
+                normed = normed * spec.gate_scale
+            present = normed.ne(0).any(-1)  # (live, R, P): eligibility, from the vectors
+            present[0] = True  # the remainder: by its gates (it is floored)
+            gates = project(normed, w.w_gate, SPLIT_DTYPE)  # (live, R, P, I)
+            if gate_bias is not None:
+                gates[0] += gate_bias
+            if self.on_mlp is not None:
+                self.on_mlp(layer, gates.sum(0) / spec.gate_scale, w.gate[:, where])
             chunk_spec = replace(
                 spec,
                 anchor=spec.anchor if spec.anchor is not None and spec.anchor < live else None,
@@ -499,7 +624,9 @@ class Propagator:
                 gates, w.act[:, where], w.gate[:, where], present, chunk_spec, self.fused_split
             )
             output = project(shares, w.w_down, self.dtype)  # (live, R, P, D)
-            if isinstance(where, slice):
+            if not w.mlp_post.identity:
+                output = w.mlp_post(output, w.mlp_post.at(slice(None), where))
+            if isinstance(where, slice) and source is values:
                 block += output
             else:
                 values[:live, :, where] += output
@@ -519,6 +646,15 @@ def _position_chunks(
     for i in range(0, len(queries), chunk):
         part = queries[i : i + chunk]
         yield torch.tensor(part, device=device), part[0], part[-1] + 1
+
+
+def _entering(values: torch.Tensor, start: Start) -> torch.Tensor:
+    """What entered the layer of a start at its MLP stage: the rows ``start.entering_rows``
+    (a parallel layer's MLP reads them alone; the attention parts did not enter it)."""
+    entering = torch.zeros_like(values)
+    rows = list(start.entering_rows)
+    entering[rows] = values[rows]
+    return entering
 
 
 def _batch_values(starts: Sequence[Start]) -> tuple[torch.Tensor, list[int]]:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.adapters import ArchitectureAdapter, norm_weight, rms_scale
 from engine.capture import ForwardTrace
+from engine.parts import FrozenNorm, NormPart, cap_logits
 from engine.propagate import Snapshot
 from engine.request import AttributionRequest
 from engine.result import AttributionResult
@@ -44,8 +44,9 @@ class Readout:
 
     final_norm: nn.Module
     unembed: nn.Module
-    adapter: ArchitectureAdapter
+    norm: NormPart  # the final norm's kind
     dtype: torch.dtype
+    softcap: float | None = None  # the model caps its logits as c tanh(z / c)
 
     def for_targets(self, targets: list[int]) -> TargetHead:
         """The unembedding rows (and biases) of ``targets``."""
@@ -94,15 +95,22 @@ class Readout:
         device = snap.values.device
         kept = positions.to(device)
         true = trace.resid(snap.layer).to(device, self.dtype)[kept]  # (P, D)
-        gain = norm_weight(self.final_norm, self.adapter).to(device, self.dtype)
-        lens = rms_scale(self.final_norm, true, self.adapter).to(self.dtype) * gain  # (P, D)
+        gain = self.norm.gain(self.final_norm).to(device, self.dtype)
+        inverse = self.norm.inverse_scale(self.final_norm, true).to(self.dtype)
+        lens = inverse * gain  # (P, D)
+        bias = self.norm.bias(self.final_norm)
+        frozen = FrozenNorm(lens, self.norm.centred, None if bias is None else bias.to(lens))
         total = snap.total  # (P, D)
         if scaled_output:
-            total = total * lens
+            total = frozen(total, lens)
+            if frozen.bias is not None:
+                total = total + frozen.bias
             true = trace.normed_final.to(device, self.dtype)[kept]
         error = float((total - true.to(total.device)).abs().max())
         magnitude = max(float(true.abs().max()), torch.finfo(self.dtype).tiny)
-        lensed = snap.values * lens  # (M + 1, P, D)
+        lensed = frozen(snap.values, lens)  # (M + 1, P, D)
+        if frozen.bias is not None:  # the norm's bias: the remainder's (the last row)
+            lensed[-1] += frozen.bias
         weight = head.weight.to(lensed.device)
         if weight.dim() == 2:
             scores = lensed @ weight.T  # (M + 1, P, T)
@@ -139,8 +147,10 @@ def assemble(
     positions: list[int],
     texts: list[str],
     input_ids: Sequence[int],
+    softcap: float | None = None,
 ) -> AttributionResult:
-    """Stack the views (a leading layer axis when ``layers`` is set) into a result."""
+    """Stack the views (a leading layer axis when ``layers`` is set) into a result;
+    ``softcap``: the model's final soft-cap, applied to the summed logits as well."""
 
     def pick(arrays: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(arrays) if layers is not None else arrays[-1]
@@ -171,6 +181,10 @@ def assemble(
         scores=pick([v.scores[:, :-1] for v in views]) if want_scores else None,
         remainder_scores=pick([v.scores[:, -1] for v in views]) if want_scores else None,
         logits=pick([v.scores.sum(1) for v in views]),
+        logit_softcap=softcap,
+        capped_logits=None
+        if softcap is None
+        else cap_logits(pick([v.scores.sum(1) for v in views]), softcap),
         conservation_error=max(v.error for v in views),
         relative_conservation_error=max(v.relative_error for v in views),
     )

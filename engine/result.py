@@ -41,6 +41,11 @@ class AttributionResult:
     logits: torch.Tensor  # ([layers,] P, T) logit (lens) of each target: scores + remainder
     conservation_error: float  # max |sum(components) + remainder - true state|
     relative_conservation_error: float  # conservation_error / max |true state|
+    # The model's final soft-cap c (Gemma 2): it outputs c tanh(z / c), which is not
+    # linear, so ``logits`` (and the scores) are the logits z BEFORE the cap; the capped
+    # ones are ``capped_logits``. Both None for models without a cap.
+    logit_softcap: float | None = None
+    capped_logits: torch.Tensor | None = None  # ([layers,] P, T)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
 
     def labels(self, layer: int = -1) -> list[str]:

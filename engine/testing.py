@@ -17,7 +17,45 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
 }
+
+#: Config names that differ from Llama's (GPT-2's), and settings a family needs to build
+#: at this size (special token ids inside the small vocabulary).
+_FAMILY_CONFIG: dict[str, dict[str, Any]] = {
+    "gpt2": {
+        "n_embd": 32,
+        "n_inner": 48,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_positions": 256,
+        "layer_norm_epsilon": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "gpt_neox": {"layer_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "rotary_pct": 0.5},
+    "phi3": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
+    "olmo2": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
+    "gemma": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
+    "gemma2": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
+    "gemma3": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
+}
+_LLAMA_NAMES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+)
 
 WORDS: tuple[str, ...] = tuple(
     (
@@ -61,8 +99,9 @@ def tiny_model(
     """A small random causal LM of ``family`` with eager attention, in float32.
 
     Defaults follow the Hugging Face model testers: hidden 32, 2 layers, GQA 4/2, MLP 48.
-    RMSNorm gains are drawn around 1 and, for families with q/k/v biases (Qwen2),
-    biases are drawn with ``bias_std`` so that bias handling is exercised.
+    Norm gains are drawn around 1 (so a Gemma ``(1 + w)`` gain is around 2, far from
+    ``w``) and every bias (Qwen2's q/k/v, GPT-2's LayerNorms and projections) with
+    ``bias_std``, so that bias handling is exercised.
     """
     import transformers
 
@@ -80,6 +119,12 @@ def tiny_model(
         "tie_word_embeddings": False,
         "attn_implementation": "eager",
     }
+    if family == "gpt2":  # its own names; no GQA
+        settings = {k: v for k, v in settings.items() if k not in _LLAMA_NAMES}
+    if family == "gpt_neox":  # no GQA, LayerNorm
+        for name in ("num_key_value_heads", "head_dim", "rms_norm_eps"):
+            settings.pop(name)
+    settings.update(_FAMILY_CONFIG.get(family, {}))
     settings.update(overrides)
     config = getattr(transformers, config_name)(**settings)
     torch.manual_seed(seed)
@@ -87,10 +132,16 @@ def tiny_model(
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if _is_norm(name) and name.endswith("weight"):
                 param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
             elif name.endswith("bias"):
                 param.copy_(bias_std * torch.randn(param.shape, generator=generator))
             else:
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
     return model
+
+
+def _is_norm(name: str) -> bool:
+    """A norm's parameter (``..._layernorm.weight``, ``q_norm.weight``, GPT-2's ``ln_1``)."""
+    module = name.rsplit(".", 2)[-2]
+    return "norm" in module or module.startswith("ln_")

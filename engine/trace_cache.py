@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from engine.adapters import ArchitectureAdapter
 from engine.capture import ForwardTrace, trace_forward_many
+from engine.families import Family
 
 Key = tuple[int, ...]
 
@@ -29,12 +29,12 @@ class TraceCache:
     def __init__(
         self,
         model: nn.Module,
-        adapter: ArchitectureAdapter,
+        family: Family,
         size: int,
         max_bytes: int | None = None,
     ) -> None:
         self.model = model
-        self.adapter = adapter
+        self.family = family
         self.size = size
         self.max_bytes = max_bytes
         self._traces: OrderedDict[Key, ForwardTrace] = OrderedDict()
@@ -54,7 +54,7 @@ class TraceCache:
         missing = list(dict.fromkeys(key for key in keys if key not in found))
         if missing:
             tensors = [torch.tensor(key, dtype=torch.long) for key in missing]
-            made = trace_forward_many(self.model, self.adapter, tensors)
+            made = trace_forward_many(self.model, self.family, tensors)
             found |= dict(zip(missing, made, strict=True))
             with self._lock:
                 self._traces.update(zip(missing, made, strict=True))

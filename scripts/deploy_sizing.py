@@ -46,6 +46,7 @@ import torch
 from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
 
 from engine import AttributionRequest, DePassEngine, MemoryEstimate
+from engine.memory import trace_bytes as memory_trace_bytes
 
 GiB = 1024**3
 
@@ -141,12 +142,7 @@ def meta_engine(
 
 def trace_bytes(engine: DePassEngine, tokens: int) -> int:
     """Bytes of one ForwardTrace (engine/capture.py) of a ``tokens``-long prompt."""
-    info = engine.info
-    n, d, i, h = tokens, info.hidden_size, info.intermediate_size, info.num_heads
-    per_layer = 2 * n * d + h * n * n + 2 * n * i  # resid_pre, resid_mid, probs, gate, act
-    elements = info.num_layers * per_layer + 2 * n * d + info.vocab_size
-    element = torch.finfo(getattr(torch, info.dtype)).bits // 8
-    return elements * element + 8 * n  # + the int64 input ids
+    return memory_trace_bytes(engine.shape, tokens)
 
 
 def least_budget(memory: MemoryEstimate) -> int:

@@ -200,6 +200,14 @@ class AttributionResponse(BaseModel):
     logits: EncodedArray | None = Field(
         None, description="([layers,] P, T) each target's logit: scores summed + remainder."
     )
+    logit_softcap: float | None = Field(
+        None,
+        description="The model's final soft-cap c (Gemma 2): logits are c tanh(z / c), and "
+        "scores add up to the logit z before the cap; null for models without one.",
+    )
+    capped_logits: EncodedArray | None = Field(
+        None, description="([layers,] P, T) c tanh(logits / c), what the model outputs."
+    )
 
 
 class GenerateBody(ArrayOptions):

@@ -75,7 +75,14 @@ Disconnected = Callable[[], Awaitable[bool]]
 
 ELEMENT_BYTES = {"float32": 4, "float16": 2}
 #: The array fields of an attribution result (absent ones are left out of a response).
-RESULT_ARRAYS = ("scores", "remainder_scores", "states", "remainder", "logits")
+RESULT_ARRAYS = (
+    "scores",
+    "remainder_scores",
+    "states",
+    "remainder",
+    "logits",
+    "capped_logits",
+)
 #: A prompt longer than ``max_input_tokens`` times this many characters is refused (413)
 #: before it is tokenized: no tokenizer has tokens this long, and tokenizing megabytes of
 #: text would cost seconds of CPU for a request that is refused anyway.

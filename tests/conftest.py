@@ -17,20 +17,38 @@ GOLDEN = SHARED / "golden"
 
 torch.set_num_threads(2)
 
-#: family -> extra config: Mistral with a short sliding window, Qwen2 with q/k/v biases.
+#: family -> extra config: Mistral with a short sliding window, Qwen2 with q/k/v biases,
+#: Gemma 2 with a final soft-cap that bites at this scale, Gemma 2/3 with a local layer
+#: (window 3) before a global one, GPT-2 with LayerNorm and projection biases.
 FAMILY_SETTINGS: dict[str, dict] = {
     "llama": {},
     "mistral": {"sliding_window": 3},
     "qwen2": {"bias_std": 0.2},
     "qwen3": {},
+    "gemma": {},
+    "gemma2": {
+        "final_logit_softcapping": 2.0,
+        "sliding_window": 3,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "gemma3": {"sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"]},
+    "olmo2": {},
+    "phi3": {},
+    "gpt2": {"bias_std": 0.2},
+    "gpt_neox": {"bias_std": 0.2},
 }
 
 
 @pytest.fixture(scope="session", params=sorted(FAMILY_SETTINGS))
 def family_engine(request: pytest.FixtureRequest) -> DePassEngine:
     """An engine on a tiny random model of each family."""
-    model = tiny_model(request.param, seed=7, **FAMILY_SETTINGS[request.param])
-    return DePassEngine(model, word_tokenizer())
+    return family_engine_for(request.param)
+
+
+def family_engine_for(family: str, **engine_kwargs) -> DePassEngine:
+    """An engine on the tiny random model of ``family`` (FAMILY_SETTINGS, seed 7)."""
+    model = tiny_model(family, seed=7, **FAMILY_SETTINGS[family])
+    return DePassEngine(model, word_tokenizer(), **engine_kwargs)
 
 
 @pytest.fixture(scope="session")

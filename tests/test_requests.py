@@ -114,14 +114,14 @@ def test_string_targets_resolve_to_single_tokens(llama_engine: DePassEngine) -> 
 
 
 def test_unsupported_architecture_lists_supported() -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    model = BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedArchitectureError) as caught:
         DePassEngine(model)
     message = str(caught.value)
-    assert "GPT2LMHeadModel" in message
-    for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+    assert "BloomForCausalLM" in message
+    for name in ("LlamaForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel"):
         assert name in message
 
 

@@ -93,7 +93,7 @@ class Attribution(_Result):
     last returned position's.
     """
 
-    ARRAYS = ("scores", "remainder_scores", "states", "remainder", "logits")
+    ARRAYS = ("scores", "remainder_scores", "states", "remainder", "logits", "capped_logits")
 
     tokens: list[str]
     input_ids: list[int]
@@ -113,11 +113,13 @@ class Attribution(_Result):
     relative_conservation_error: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     model: str = ""
+    logit_softcap: float | None = None
     scores: np.ndarray | None = None
     remainder_scores: np.ndarray | None = None
     states: np.ndarray | None = None
     remainder: np.ndarray | None = None
     logits: np.ndarray | None = None
+    capped_logits: np.ndarray | None = None
 
     def _score_row(self, position: int, target: int, layer: int) -> np.ndarray:
         if self.scores is None:
@@ -270,6 +272,7 @@ class ModelCard:
     vocab_size: int
     dtype: str
     device: str
+    logit_softcap: float | None = None
     compute_dtype: str = "float32"
     granularities: list[str] = field(default_factory=list)
     mlp_splits: list[str] = field(default_factory=list)

@@ -1,0 +1,5 @@
+"""Qwen2/2.5: Llama's parts with q/k/v biases (the value bias goes to the remainder)."""
+
+from engine.families.base import Family
+
+FAMILY = Family(name="qwen2", architectures=("Qwen2ForCausalLM",))
