@@ -56,7 +56,7 @@ def _logit_of(model: EvalModel, target: int) -> Callable[[torch.Tensor], torch.T
 
 
 def _embeddings(model: EvalModel, ids: list[int]) -> torch.Tensor:
-    embed = model.adapter.root_part(model.model, "embed_tokens")
+    embed = model.embeddings()
     with torch.no_grad():
         return embed(torch.tensor([ids], device=model.device)).detach()
 

@@ -43,11 +43,11 @@ def masked(
     try:
         if head_keep is not None:
             for layer in range(model.num_layers):
-                o_proj = model.adapter.layer_part(model.model, layer, "o_proj")
+                o_proj = model.output_projection(layer)
                 hook = scale(head_keep[:, layer], model.head_dim)
                 handles.append(o_proj.register_forward_pre_hook(hook))
         for layer, keep in (neuron_keep or {}).items():
-            down = model.adapter.layer_part(model.model, layer, "down_proj")
+            down = model.down_projection(layer)
             handles.append(down.register_forward_pre_hook(scale(keep, 1)))
         yield
     finally:
@@ -92,13 +92,13 @@ def gradient_x_activation(
 
         return hook
 
-    embed = model.adapter.root_part(model.model, "embed_tokens")
+    embed = model.embeddings()
     try:
         for layer in range(model.num_layers):
-            o_proj = model.adapter.layer_part(model.model, layer, "o_proj")
+            o_proj = model.output_projection(layer)
             handles.append(o_proj.register_forward_pre_hook(keep(heads, layer)))
         for layer in neuron_layers:
-            down = model.adapter.layer_part(model.model, layer, "down_proj")
+            down = model.down_projection(layer)
             handles.append(down.register_forward_pre_hook(keep(neurons, layer)))
         with torch.enable_grad():
             embeds = embed(torch.tensor([list(ids)], device=model.device)).detach()

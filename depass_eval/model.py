@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from engine import DePassEngine
-from engine.adapters import ArchitectureAdapter, adapter_for
+from engine.families import Family, family_for
 
 #: Rows of one batched forward (equal-length prompts); bounds the activation memory.
 BATCH_ROWS = 64
@@ -44,7 +44,7 @@ class EvalModel:
         self.model.eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)  # gradients are taken w.r.t. activations only
-        self.adapter: ArchitectureAdapter = adapter_for(self.model)
+        self.family: Family = family_for(self.model).for_config(self.model.config)
         config = self.model.config
         self.num_layers = int(config.num_hidden_layers)
         self.num_heads = int(config.num_attention_heads)
@@ -107,10 +107,30 @@ class EvalModel:
             batch = torch.tensor([list(ids)], device=self.device)
             return self._residual_batch(batch, layer)[0].float().cpu()
 
+    def embeddings(self) -> nn.Module:
+        """The token embedding module."""
+        return self.family.embeddings(self.model)
+
+    def unembedding(self) -> nn.Module:
+        """The LM head."""
+        return self.family.unembed(self.model)
+
+    def block(self, layer: int) -> nn.Module:
+        """Decoder layer ``layer``."""
+        return self.family.layer(self.model, layer)
+
+    def output_projection(self, layer: int) -> nn.Module:
+        """The attention output projection of ``layer`` (its input: the heads, concatenated)."""
+        return self.block(layer).get_submodule(self.family.attention.o_proj)
+
+    def down_projection(self, layer: int) -> nn.Module:
+        """The MLP output projection of ``layer`` (its input: the neuron activations)."""
+        return self.block(layer).get_submodule(self.family.mlp.down)
+
     def _residual_batch(self, ids: torch.Tensor, layer: int) -> torch.Tensor:
         if layer == 0:
-            return self.adapter.root_part(self.model, "embed_tokens")(ids)
-        block = self.adapter.decoder_layers(self.model)[layer - 1]
+            return self.embeddings()(ids)
+        block = self.block(layer - 1)
         captured: list[torch.Tensor] = []
 
         def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:

@@ -68,7 +68,7 @@ def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[di
 def evaluate(ctx: Context, probe: Probe, record: dict[str, Any]) -> dict[str, Any]:
     model = ctx.model
     split, at = layers(ctx)
-    unembed = model.adapter.root_part(model.model, "lm_head").weight.detach().float()
+    unembed = model.unembedding().weight.detach().float()
     prompts = [model.encode(record[lang]["prompt"]) for lang in LANGUAGES]
     resids = [model.residual_all(ids, split) for ids in prompts]
     centre = torch.stack([r[-1] for r in resids]).mean(0)

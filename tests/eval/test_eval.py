@@ -172,12 +172,12 @@ def test_masking_hooks_change_exactly_what_they_mask(tiny: EvalModel) -> None:
     assert (logits[1] - plain).abs().max() > 1e-3
     # the last MLP zeroed = the model with that MLP's output removed, computed by hand
     captured: dict[str, torch.Tensor] = {}
-    mlp = tiny.adapter.layer_part(tiny.model, layers - 1, "down_proj")
+    mlp = tiny.down_projection(layers - 1)
     handle = mlp.register_forward_hook(lambda _m, _i, out: captured.setdefault("mlp", out))
     tiny.last_logits([ids])
     handle.remove()
-    norm = tiny.adapter.root_part(tiny.model, "final_norm")
-    head = tiny.adapter.root_part(tiny.model, "lm_head")
+    norm = tiny.family.final_norm_module(tiny.model)
+    head = tiny.unembedding()
     with torch.no_grad():
         resid = tiny.residual_all(ids, layers)  # h^L, before the final norm
         expected = head(norm((resid - captured["mlp"][0])[None]))[0, -1]
