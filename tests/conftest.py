@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny random models of every supported family, and the golden folder."""
+"""Shared fixtures: tiny random models of every supported family, the golden folder, and
+the real pretrained models that ``make real-models`` installs (one load per session)."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,10 @@ from engine.testing import tiny_model, word_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DEPASS_SHARED", REPO.parent / "shared"))
 GOLDEN = SHARED / "golden"
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+import real_models  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -62,3 +68,35 @@ def golden_or_skip() -> Path:
     if not (GOLDEN / "manifest.json").exists():
         pytest.skip(f"golden reference outputs not found at {GOLDEN} (set DEPASS_SHARED)")
     return GOLDEN
+
+
+def real_model_path(name: str) -> Path:
+    """The GGUF file of a real model of ``scripts/real_models.py``: ``DEPASS_<NAME>_GGUF``
+    when set (another copy of the file), else the one ``make real-models`` installs.
+
+    Without it the calling test skips, with the reason, except under CI (``CI`` set),
+    which installs the models first: there it fails.
+    """
+    variable = f"DEPASS_{name.upper()}_GGUF"
+    try:
+        named = os.environ.get(variable)
+        path = Path(named) if named else real_models.gguf_path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist ({variable})")
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI installs the real models first (make real-models): {exc}")
+        pytest.skip(str(exc))
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> DePassEngine:
+    """SmolLM2-135M-Instruct (a Llama with a chat template), float32 on the CPU."""
+    return DePassEngine.from_pretrained(str(real_model_path("smollm2")))
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> DePassEngine:
+    """Gemma-3-270M (text), float32 on the CPU, from the dequantised cache."""
+    return DePassEngine.from_pretrained(str(real_model_path("gemma3")))

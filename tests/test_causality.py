@@ -24,17 +24,14 @@ LIMIT = 1e-5  # relative to the largest state entry at the compared positions
 FieldsFor = Callable[[DePassEngine, list[int]], dict[str, Any]]
 
 
-def _subspace(engine: DePassEngine, ids: list[int]) -> dict[str, Any]:
-    """Two parts of the residual entering layer 1: along a fixed direction and the rest
-    (a per-position projection, so the parts themselves are causal)."""
-    resid = engine.trace(ids).resid(1).float()
+def projection_subspace(resid: torch.Tensor, layer: int) -> dict[str, Any]:
+    """Subspace fields of two parts of ``resid`` (N, D), the residual entering ``layer``:
+    along a fixed direction and the rest (a per-position projection, so the parts
+    themselves are causal)."""
     direction = torch.nn.functional.normalize(torch.linspace(-1, 1, resid.shape[1]), dim=0)
     along = (resid @ direction)[:, None] * direction
-    return {
-        "granularity": "subspace",
-        "start_layer": 1,
-        "subspace": torch.stack([resid - along, along]),
-    }
+    parts = torch.stack([resid - along, along])
+    return {"granularity": "subspace", "start_layer": layer, "subspace": parts}
 
 
 CASES: dict[str, FieldsFor] = {
@@ -47,7 +44,7 @@ CASES: dict[str, FieldsFor] = {
     "module_mlp": lambda e, ids: {"granularity": "module", "module": "mlp"},
     "head_layers": lambda e, ids: {"granularity": "head", "start_layer": [0, 1]},
     "neuron": lambda e, ids: {"granularity": "neuron", "neurons": [5, 0, 31, 7]},
-    "subspace": _subspace,
+    "subspace": lambda e, ids: projection_subspace(e.trace(ids).resid(1).float(), 1),
 }
 MODES = ("alone", "chunked", "batched")
 

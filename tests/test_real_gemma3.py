@@ -1,41 +1,18 @@
 """Gemma-3-270M with its real weights (``make real-models`` installs and dequantises it):
 the same checks as the tiny families, and a few known facts whose decisive token is
-among DePass's top components. Skipped, with the reason, when the model is absent."""
+among DePass's top components. Skipped, with the reason, when the model is absent (failed
+under CI, which installs it; the ``gemma3`` fixture of ``tests/conftest.py``)."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine import AttributionRequest, DePassEngine
-from engine.loading import dequantised_folder
-from tests.conftest import REPO
 from tests.test_families import _preactivation_errors
 
 EIFFEL = "The Eiffel Tower is located in the city of"
 LIMIT = 1e-4  # relative, float32
-
-
-def _gguf_path() -> Path:
-    spec = importlib.util.spec_from_file_location("real_models", REPO / "scripts/real_models.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("real_models", module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.gguf_path("gemma3")
-
-
-@pytest.fixture(scope="module")
-def gemma3() -> DePassEngine:
-    """One load per session: the dequantised cache of the GGUF file (seconds once cached)."""
-    try:
-        path = _gguf_path()
-    except FileNotFoundError as missing:
-        pytest.skip(f"Gemma-3-270M is not prepared here ({missing})")
-    return DePassEngine.from_pretrained(str(dequantised_folder(path)))
 
 
 def test_loads_as_gemma3(gemma3: DePassEngine) -> None:

