@@ -85,9 +85,9 @@ def neuron_shares(
             (``...``: batch axes, e.g. the prompts of a batch); the FIRST component is the
             remainder. Modified in place.
         act: (..., P, I) true neuron activations ``a``.
+        true_gate: (..., P, I) true gate pre-activations ``g``.
         present: (M, ..., P) bool, whether each component's vector is non-zero at each
             position (what eligibility is decided from; unused by ``taylor``).
-        true_gate: (..., P, I) true gate pre-activations ``g``.
         spec: the rule and the first-token settings.
         fused: compute the softmax split with one compiled kernel (``torch.compile``)
             instead of a pass per operation; the same numbers up to float rounding.
