@@ -17,6 +17,7 @@ from torch import nn
 
 from engine import DePassEngine
 from engine.families import Family, family_for
+from engine.parts import GatedMLP
 
 #: Rows of one batched forward (equal-length prompts); bounds the activation memory.
 BATCH_ROWS = 64
@@ -124,8 +125,17 @@ class EvalModel:
         return self.block(layer).get_submodule(self.family.attention.o_proj)
 
     def down_projection(self, layer: int) -> nn.Module:
-        """The MLP output projection of ``layer`` (its input: the neuron activations)."""
-        return self.block(layer).get_submodule(self.family.mlp.down)
+        """The MLP output projection of ``layer`` (its input: the neuron activations).
+
+        Raises:
+            ValueError: the layer's MLP is a mixture of experts (no one projection reads
+                all its neurons; neuron masking is not implemented for it).
+        """
+        block = self.block(layer)
+        part = self.family.mlp.for_layer(block)
+        if not isinstance(part, GatedMLP):
+            raise ValueError(f"layer {layer}'s MLP is a mixture of experts: no neuron masking")
+        return block.get_submodule(part.down)
 
     def _residual_batch(self, ids: torch.Tensor, layer: int) -> torch.Tensor:
         if layer == 0:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from engine.families import Family
-from engine.parts import Hook
+from engine.parts import FrozenMLP, Hook
 
 
 @dataclass
@@ -33,10 +33,17 @@ class LayerTrace:
     resid_pre: torch.Tensor  # (N, D) h^l, entering the layer
     resid_mid: torch.Tensor  # (N, D) u^l, after the attention block
     probs: torch.Tensor  # (H, N, N) attention probabilities
-    gate: torch.Tensor  # (N, I) true pre-activations g of the split projection
-    act: torch.Tensor  # (N, I) true neuron activations a (the output projection's input)
+    gate: torch.Tensor  # (N, W) true pre-activations g of the split projection
+    act: torch.Tensor  # (N, W) true neuron activations a (the output projection's input)
     # norm role -> (N, 1) float32 inverse scale of that norm's true input
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (N, k) a mixture's chosen experts; ``gate`` and ``act`` are then those experts'
+    # (slot by slot, W = k I [+ I_s]), which the MLP part puts on its neuron axis
+    routes: torch.Tensor | None = None
+
+    @property
+    def frozen_mlp(self) -> FrozenMLP:
+        return FrozenMLP(gate=self.gate, act=self.act, routes=self.routes)
 
     def tensors(self) -> list[torch.Tensor]:
         return [
@@ -46,6 +53,7 @@ class LayerTrace:
             self.gate,
             self.act,
             *self.scales.values(),
+            *([] if self.routes is None else [self.routes]),
         ]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LayerTrace:
@@ -53,6 +61,7 @@ class LayerTrace:
         return LayerTrace(
             *(fn(getattr(self, f)) for f in ("resid_pre", "resid_mid", "probs", "gate", "act")),
             scales={role: fn(t) for role, t in self.scales.items()},
+            routes=None if self.routes is None else fn(self.routes),
         )
 
 
@@ -134,10 +143,18 @@ def install_hooks(
 
         handles.append(module.register_forward_hook(hook))
 
+    def on_arguments(module: nn.Module, key: tuple[int, str]) -> None:
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            store[key] = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+
+        handles.append(module.register_forward_pre_hook(hook))
+
     def part_hook(layer: nn.Module, index: int, hook: Hook) -> None:
         module = layer.get_submodule(hook.path)
         if hook.kind == "input":
             on_input(module, (index, hook.key))
+        elif hook.kind == "arguments":
+            on_arguments(module, (index, hook.key))
         else:
             on_output(module, (index, hook.key), hook.kind)
 
@@ -147,7 +164,7 @@ def install_hooks(
             on_output(layer.get_submodule(family.attention.module), (index, "attn"), "output")
         else:
             on_input(layer.get_submodule(family.mlp_entry), (index, "mid"))
-        for hook in [*family.attention.hooks(), *family.mlp.hooks()]:
+        for hook in [*family.attention.hooks(), *family.mlp.for_layer(layer).hooks()]:
             part_hook(layer, index, hook)
         for role, part in family.norms():
             on_input(layer.get_submodule(part.path), (index, role), part.inverse_scale)
@@ -190,6 +207,12 @@ def trace_forward_many(
         output = model(**inputs, use_cache=False, logits_to_keep=1)
 
     roles = [role for role, _ in family.norms()]
+    frozen_mlps = []
+    with torch.inference_mode():  # a mixture recomputes its experts from what it kept
+        for index, layer in enumerate(family.decoder_layers(model)):
+            part = family.mlp.for_layer(layer)
+            kept = {hook.key: store.pop((index, hook.key)) for hook in part.hooks()}
+            frozen_mlps.append(part.frozen(layer, kept))
     traces = []
     for r, (ids, n) in enumerate(zip(prompts, lengths, strict=True)):
         own = slice(length - n, length)
@@ -208,9 +231,12 @@ def trace_forward_many(
                         resid_pre=pre[i],
                         resid_mid=mid[i],
                         probs=store[(i, "probs")][r, :, own, own],
-                        gate=store[(i, "gate")][r, own],
-                        act=store[(i, "act")][r, own],
+                        gate=frozen_mlps[i].gate[r, own],
+                        act=frozen_mlps[i].act[r, own],
                         scales={role: store[(i, role)][r, own] for role in roles},
+                        routes=None
+                        if frozen_mlps[i].routes is None
+                        else frozen_mlps[i].routes[r, own],
                     )
                     for i in range(num_layers)
                 ],

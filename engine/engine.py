@@ -248,15 +248,16 @@ class DePassEngine:
         head_width = family.attention.output(first, config).weight.shape[1]  # H d_h
         head_dim = head_width // heads
         embed = family.embeddings(self.model)
+        num_layers = len(family.decoder_layers(self.model))
         return ModelInfo(
             architecture=type(self.model).__name__,
             family=family.name,
-            num_layers=len(family.decoder_layers(self.model)),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=family.attention.value(first, config).weight.shape[0] // head_dim,
             head_dim=head_dim,
             hidden_size=int(embed.weight.shape[1]),
-            intermediate_size=int(family.mlp.split_input(first).weight.shape[0]),
+            intermediate_size=max(map(self.neuron_width, range(num_layers))),
             vocab_size=int(family.unembed(self.model).weight.shape[0]),
             dtype=str(embed.weight.dtype).removeprefix("torch."),
             device=str(embed.weight.device),
@@ -270,6 +271,8 @@ class DePassEngine:
 
     def _shape(self) -> Shape:
         size = lambda dtype: torch.finfo(dtype).bits // 8  # noqa: E731
+        layers = self.family.decoder_layers(self.model)
+        mlps = [(layer, self.family.mlp.for_layer(layer)) for layer in layers]
         return Shape(
             model=self.info,
             model_bytes=size(getattr(torch, self.info.dtype)),
@@ -280,6 +283,8 @@ class DePassEngine:
             attention_temporaries=self.family.attention_temporaries,
             mlp_temporaries=self.family.mlp_temporaries,
             parallel=self.family.parallel,
+            split_width=max(part.split_width(layer) for layer, part in mlps),
+            trace_width=max(part.trace_width(layer) for layer, part in mlps),
         )
 
     # ------------------------------------------------------------------ tokens
@@ -398,7 +403,7 @@ class DePassEngine:
         if request.groups is not None:
             groups = [_normalise_positions(g, length, "groups") for g in request.groups]
         if request.neurons is not None:
-            self._check_neurons(request.neurons)
+            self._check_neurons(request.neurons, layers)
         info = self.info
         granularity = request.granularity
         if granularity == "token":
@@ -409,9 +414,8 @@ class DePassEngine:
         elif granularity == "head":
             count = info.num_heads + 1
         elif granularity == "neuron":
-            count = 1 + (
-                info.intermediate_size if request.neurons is None else len(request.neurons)
-            )
+            widest = max(self.neuron_width(layer) for layer in layers)
+            count = 1 + (widest if request.neurons is None else len(request.neurons))
         else:
             count = self._check_subspace(request.subspace, length)
         snapshots = end - layers[0] + 1 if request.all_layers else len(layers)
@@ -718,8 +722,13 @@ class DePassEngine:
             )
         return int(shape[0])
 
-    def _check_neurons(self, neurons: Sequence[int]) -> None:
-        width = self.info.intermediate_size
+    def neuron_width(self, layer: int) -> int:
+        """Neurons of ``layer``'s MLP (a mixture's: every expert's, then the shared one's)."""
+        module = self.family.layer(self.model, layer)
+        return self.family.mlp.for_layer(module).width(module)
+
+    def _check_neurons(self, neurons: Sequence[int], layers: Sequence[int]) -> None:
+        width = min(self.neuron_width(layer) for layer in layers)
         if not neurons:
             raise RequestError("neurons", "must name at least one neuron (or be null for all)")
         if any(not 0 <= n < width for n in neurons):

@@ -196,5 +196,5 @@ def neuron_start(
         values[2:] = post(values[2:], post.at(member, slice(None, length)))
     others = weights.neuron_outputs(act.index_fill(1, index, 0.0), member)
     torch.add(resid_mid, others, out=values[1])
-    labels = ["rest"] + [f"L{layer}.N{i}" for i in chosen]
+    labels = ["rest"] + [f"L{layer}.{weights.neuron_name(i)}" for i in chosen]
     return _from_position_zero(values, attention_stage(layer + 1), labels)

@@ -23,7 +23,10 @@ class ModelInfo:
     num_kv_heads: int = _fact("Key/value heads per layer.")
     head_dim: int = _fact("Width of one head.")
     hidden_size: int = _fact("Width of the residual stream (D).")
-    intermediate_size: int = _fact("MLP width (neurons per layer).")
+    intermediate_size: int = _fact(
+        "MLP width: neurons per layer (a mixture of experts: every expert's neurons, expert "
+        "by expert, then a shared expert's; the widest layer's where layers differ)."
+    )
     vocab_size: int = _fact("Rows of the embedding.")
     dtype: str = _fact("Weight dtype.")
     device: str = _fact("Where the embedding is (cuda:0, cpu, ...).")

@@ -71,6 +71,19 @@ class Shape:
     attention_temporaries: int = 0
     mlp_temporaries: int = 0
     parallel: bool = False  # parallel layers keep a copy of the components entering them
+    # The MLP's widest run of neurons one projection pair serves (what an MLP chunk
+    # computes at once: a mixture's one expert), and the per-position width of its trace
+    # (a mixture keeps only the chosen experts'); ``None``: the MLP width.
+    split_width: int | None = None
+    trace_width: int | None = None
+
+    @property
+    def split(self) -> int:
+        return self.split_width or self.model.intermediate_size
+
+    @property
+    def traced(self) -> int:
+        return self.trace_width or self.model.intermediate_size
 
     @property
     def layer_weight_elements(self) -> int:
@@ -102,7 +115,7 @@ class MemoryEstimate:
 
 def trace_bytes(shape: Shape, length: int) -> int:
     """Bytes of one forward trace (engine/capture.py) of a ``length``-token prompt."""
-    n, d, i = length, shape.model.hidden_size, shape.model.intermediate_size
+    n, d, i = length, shape.model.hidden_size, shape.traced
     per_layer = 2 * n * d + shape.model.num_heads * n * n + 2 * n * i  # pre, mid, probs, gate, act
     # + h^L, its norm and the last logits before and after any cap
     elements = shape.model.num_layers * per_layer + 2 * n * d + 2 * shape.model.vocab_size
@@ -114,7 +127,7 @@ def forward_transient_bytes(shape: Shape, length: int) -> int:
     """Memory the ordinary forward pass allocates and frees (one layer's float32 attention
     scores, softmax and cast, and its MLP intermediates)."""
     n = length
-    return 3 * shape.model.num_heads * n * n * 4 + 4 * n * shape.model.intermediate_size * 4
+    return 3 * shape.model.num_heads * n * n * 4 + 4 * n * shape.traced * 4
 
 
 def attention_row_bytes(
@@ -226,9 +239,7 @@ def estimate(
     )
     block = min(rows, attention_block(row, probs, chunk_budget, n))
     mixed = shape.matmul_bytes != shape.compute_bytes
-    position = mlp_position_bytes(
-        d, shape.model.intermediate_size, rows, members, c, mixed, shape.mlp_temporaries
-    )
+    position = mlp_position_bytes(d, shape.split, rows, members, c, mixed, shape.mlp_temporaries)
     chunk = mlp_chunk(position, chunk_budget, n, late_starts)
     working = max(block * row + probs, chunk * position)
     attention_min, mlp_min = row + probs, position

@@ -12,11 +12,14 @@ module it stands for by a dotted path (from the model root, or from one decoder 
   with one fused q/k/v projection, stored as rows or, Conv1D, transposed). Once its
   probabilities are frozen it is linear in its input; the part gives the value and
   output projections that :mod:`engine.propagate` needs.
-- **MLPs** (:class:`GatedMLP`, fused or not, and :class:`PlainMLP`, ``act(W_in x + b)``).
-  Both freeze the true pre-activations ``g`` of the split input projection and the
-  neuron activations ``a``; a gated MLP's ``g`` is its gate, a plain MLP's the
-  pre-activation itself (its bias on the remainder's), so every split rule applies to
-  both unchanged.
+- **MLPs** (:class:`GatedMLP`, fused or not, :class:`PlainMLP`, ``act(W_in x + b)``, and
+  :class:`MixtureMLP`, a mixture of experts with its routing frozen). All freeze the
+  true pre-activations ``g`` of the split input projection and the neuron activations
+  ``a``; a gated MLP's ``g`` is its gate, a plain MLP's the pre-activation itself (its
+  bias on the remainder's), so every split rule applies to all unchanged. An MLP is one
+  or more :class:`NeuronBlock` runs of one neuron axis: a dense MLP one, a mixture one
+  per expert (each expert's activations times its frozen routing weight) and its shared
+  expert.
 - **Read-out** (:class:`Readout`): the unembedding, with an optional final soft-cap.
 
 Each part lists the hooks it needs (:meth:`hooks`) as ``(path, kind, key)`` triples;
@@ -25,16 +28,17 @@ Each part lists the hooks it needs (:meth:`hooks`) as ``(path, kind, key)`` trip
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
-#: What a hook keeps: the module's first input, or its output (``output``: the whole
-#: output, ``output[1]``: the second element, ``output[:I]``: the first half along the
-#: last axis, for a fused gate/up projection).
-HookKind = Literal["input", "output", "output[1]", "first_half"]
+#: What a hook keeps: the module's first input (``input``), all its positional inputs
+#: (``arguments``, a tuple), or its output (``output``: the whole output, ``output[1]``:
+#: the second element, ``first_half``: the first half along the last axis, for a fused
+#: gate/up projection).
+HookKind = Literal["input", "arguments", "output", "output[1]", "first_half"]
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,31 @@ def _head_counts(config: object) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
+class NeuronBlock:
+    """A run of neurons of a layer's neuron axis that one input and one output projection
+    serve: ``columns`` of the axis, ``split_input`` (I_b, D) and ``output`` (D, I_b).
+    ``expert``: the routed expert these neurons belong to (``None``: they run at every
+    position), so that propagation computes them only where that expert was chosen."""
+
+    columns: slice
+    split_input: ProjectionWeights
+    output: ProjectionWeights
+    expert: int | None = None
+
+
+@dataclass(frozen=True)
+class FrozenMLP:
+    """What one forward pass of an MLP leaves, per position: the true pre-activations
+    ``gate`` and activations ``act`` (T, W), and for a mixture the chosen experts
+    ``routes`` (T, k); ``W`` is the width :meth:`MixtureMLP.on_axis` expands to the neuron
+    axis (a dense MLP's is already the axis)."""
+
+    gate: torch.Tensor
+    act: torch.Tensor
+    routes: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class GatedMLP:
     """``down(act(gate(x)) * up(x))``; the split reads the gate. ``fused``: ``gate`` is a
     fused gate/up projection whose first half is the gate (Phi-3 ``gate_up_proj``)."""
@@ -265,6 +294,40 @@ class GatedMLP:
         """(D, I) the output projection."""
         return _linear(layer.get_submodule(self.down), self.transposed)
 
+    def for_layer(self, layer: nn.Module) -> GatedMLP:
+        """The part that serves ``layer``'s MLP (a dense MLP serves every layer)."""
+        return self
+
+    def width(self, layer: nn.Module) -> int:
+        """Neurons of ``layer``'s MLP."""
+        return int(self.split_input(layer).weight.shape[0])
+
+    def split_width(self, layer: nn.Module) -> int:
+        """The widest run of neurons one projection pair serves."""
+        return self.width(layer)
+
+    def trace_width(self, layer: nn.Module) -> int:
+        """Per-position width of what the trace keeps (:class:`FrozenMLP`)."""
+        return self.width(layer)
+
+    def blocks(self, layer: nn.Module) -> list[NeuronBlock]:
+        """The neuron axis as runs of one projection pair: a single one."""
+        split_input = self.split_input(layer)
+        width = split_input.weight.shape[0]
+        return [NeuronBlock(slice(0, width), split_input, self.output(layer))]
+
+    def neuron_name(self, layer: nn.Module, index: int) -> str:
+        """The label of neuron ``index`` of the axis."""
+        return f"N{index}"
+
+    def frozen(self, layer: nn.Module, kept: dict[str, torch.Tensor]) -> FrozenMLP:
+        """What the forward pass left, from the tensors :meth:`hooks` kept (batch first)."""
+        return FrozenMLP(gate=kept["gate"], act=kept["act"])
+
+    def on_axis(self, layer: nn.Module, frozen: FrozenMLP) -> FrozenMLP:
+        """``frozen`` on the whole neuron axis (a dense MLP's already is)."""
+        return frozen
+
 
 @dataclass(frozen=True)
 class PlainMLP(GatedMLP):
@@ -274,6 +337,142 @@ class PlainMLP(GatedMLP):
 
     gate: str = "mlp.c_fc"
     down: str = "mlp.c_proj"
+
+
+@dataclass(frozen=True)
+class MixtureMLP:
+    """A sparse mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks ``k``
+    experts per position with weights, and the output is the weighted sum of those
+    experts' gated MLPs (plus, Qwen2-MoE, a shared expert times ``sigmoid(w_s x)``).
+
+    The routing is frozen: the chosen experts and their weights (the inputs of the
+    ``experts`` module, which stores every expert's weights as one (E, 2I, D) ``gate_up_proj``
+    and one (E, D, I) ``down_proj``), and the shared expert's sigmoid gate. The layer's
+    neuron axis is every expert's neurons, expert by expert, then the shared expert's; a
+    neuron's frozen activation is its expert's activation times the routing weight (zero
+    where the expert was not chosen), and each neuron is split by its gate like a dense
+    MLP's. ``dense``: the part of layers whose MLP is not a mixture (Qwen2-MoE's
+    ``mlp_only_layers``).
+    """
+
+    module: str = "mlp"
+    experts: str = "mlp.experts"
+    router: str = "mlp.gate"
+    shared: GatedMLP | None = None
+    shared_up: str | None = None
+    shared_gate: str | None = None
+    dense: GatedMLP = field(default_factory=GatedMLP)
+
+    def for_layer(self, layer: nn.Module) -> MixtureMLP | GatedMLP:
+        """This part for a layer whose MLP has experts, else :attr:`dense`."""
+        try:
+            layer.get_submodule(self.experts)
+        except AttributeError:
+            return self.dense
+        return self
+
+    def hooks(self) -> list[Hook]:
+        # the experts' inputs (flattened positions, chosen experts, weights); the MLP's
+        # input only for the batch shape
+        return [Hook(self.experts, "arguments", "routed"), Hook(self.module, "input", "shape")]
+
+    def _experts(self, layer: nn.Module) -> nn.Module:
+        return layer.get_submodule(self.experts)
+
+    def _expert_counts(self, layer: nn.Module) -> tuple[int, int]:
+        """Experts, and neurons per expert."""
+        down = self._experts(layer).down_proj  # (E, D, I)
+        return int(down.shape[0]), int(down.shape[2])
+
+    def width(self, layer: nn.Module) -> int:
+        experts, per_expert = self._expert_counts(layer)
+        shared = 0 if self.shared is None else self.shared.width(layer)
+        return experts * per_expert + shared
+
+    def split_width(self, layer: nn.Module) -> int:
+        shared = 0 if self.shared is None else self.shared.width(layer)
+        return max(self._expert_counts(layer)[1], shared)
+
+    def trace_width(self, layer: nn.Module) -> int:
+        shared = 0 if self.shared is None else self.shared.width(layer)
+        return int(layer.get_submodule(self.router).top_k) * self._expert_counts(layer)[1] + shared
+
+    def blocks(self, layer: nn.Module) -> list[NeuronBlock]:
+        """One block per expert (its gate rows and down projection), then the shared one."""
+        module = self._experts(layer)
+        experts, size = self._expert_counts(layer)
+        gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
+        blocks = [
+            NeuronBlock(
+                slice(e * size, (e + 1) * size),
+                ProjectionWeights(gate_up[e, :size], None),
+                ProjectionWeights(down[e], None),
+                expert=e,
+            )
+            for e in range(experts)
+        ]
+        if self.shared is not None:
+            (shared,) = self.shared.blocks(layer)
+            lo = experts * size
+            columns = slice(lo, lo + shared.columns.stop)
+            blocks.append(NeuronBlock(columns, shared.split_input, shared.output))
+        return blocks
+
+    def neuron_name(self, layer: nn.Module, index: int) -> str:
+        """``E<expert>.N<neuron>``, or ``S.N<neuron>`` for the shared expert's."""
+        experts, size = self._expert_counts(layer)
+        if index >= experts * size:
+            return f"S.N{index - experts * size}"
+        return f"E{index // size}.N{index % size}"
+
+    def frozen(self, layer: nn.Module, kept: dict[str, torch.Tensor]) -> FrozenMLP:
+        """The chosen experts' (and the shared expert's) pre-activations and weighted
+        activations at each position, recomputed from the experts' input with the routing
+        the forward pass chose: (B, T, k I [+ I_s]) slot by slot."""
+        x, routes, weights = kept["routed"][:3]  # (B T, D), (B T, k), (B T, k)
+        module = self._experts(layer)
+        size = module.down_proj.shape[2]
+        slots = routes.shape[1]
+        gate = x.new_zeros(x.shape[0], slots, size)
+        act = x.new_zeros(x.shape[0], slots, size)
+        for e in routes.unique().tolist():
+            rows, slot = torch.where(routes == e)
+            g, up = torch.nn.functional.linear(x[rows], module.gate_up_proj[e]).chunk(2, dim=-1)
+            gate[rows, slot] = g
+            act[rows, slot] = module.act_fn(g) * up * weights[rows, slot, None].to(x.dtype)
+        gates, acts = [gate.flatten(1)], [act.flatten(1)]
+        if self.shared is not None:
+            shared = layer.get_submodule(self.shared.module)
+            g = layer.get_submodule(self.shared.gate)(x)
+            up = layer.get_submodule(self.shared_up)(x)
+            act = shared.act_fn(g) * up
+            if self.shared_gate is not None:  # frozen per position
+                act = act * torch.sigmoid(layer.get_submodule(self.shared_gate)(x))
+            gates.append(g)
+            acts.append(act)
+        batch = kept["shape"].shape[:-1]
+        return FrozenMLP(
+            gate=torch.cat(gates, -1).view(*batch, -1),
+            act=torch.cat(acts, -1).view(*batch, -1),
+            routes=routes.view(*batch, -1),
+        )
+
+    def on_axis(self, layer: nn.Module, frozen: FrozenMLP) -> FrozenMLP:
+        """``frozen`` (slot by slot) on the neuron axis: zero where an expert was not chosen."""
+        experts, size = self._expert_counts(layer)
+        routes = frozen.routes
+        assert routes is not None
+        positions, slots = routes.shape
+        routed = slots * size
+        columns = routes[..., None] * size + torch.arange(size, device=routes.device)
+        columns = columns.reshape(positions, routed)
+        out = []
+        for values in (frozen.gate, frozen.act):
+            full = values.new_zeros(positions, self.width(layer))
+            full[:, : experts * size].scatter_(1, columns, values[:, :routed])
+            full[:, experts * size :] = values[:, routed:]
+            out.append(full)
+        return FrozenMLP(gate=out[0], act=out[1], routes=routes)
 
 
 # ---------------------------------------------------------------------------- read-out

@@ -32,6 +32,7 @@ stay in the compute dtype (float32 by default), which keeps conservation tight.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -41,7 +42,7 @@ from torch import nn
 from engine.capture import ForwardTrace
 from engine.families import Family
 from engine.memory import attention_block, attention_row_bytes, mlp_chunk, mlp_position_bytes
-from engine.parts import IDENTITY, FrozenNorm
+from engine.parts import IDENTITY, FrozenNorm, NeuronBlock
 from engine.splits import SplitRule, SplitSpec, neuron_shares
 
 #: The MLP split (gates, coefficients, shares) always runs in float32: a softmax over
@@ -150,6 +151,20 @@ def _stack_padded(tensors: Sequence[torch.Tensor], length: int) -> torch.Tensor:
     return out
 
 
+@dataclass
+class NeuronBlockWeights:
+    """A run of a layer's neurons (engine/parts.py :class:`NeuronBlock`), cast for
+    propagation: ``columns`` of the neuron axis, its projections, the remainder's own
+    pre-activation bias, and ``routed`` (R, N): where its expert was chosen (``None``:
+    everywhere)."""
+
+    columns: slice
+    w_gate: torch.Tensor
+    w_down: torch.Tensor
+    gate_bias: torch.Tensor | None
+    routed: torch.Tensor | None
+
+
 class LayerWeights:
     """One layer's weights and, per prompt of a batch, its frozen scales and activations.
 
@@ -175,6 +190,7 @@ class LayerWeights:
         output = family.attention.output(module, config)
         self.device = output.weight.device
         self.dtype = dtype
+        self.matmul_dtype = matmul_dtype
         cast = lambda t, to=dtype: t.detach().to(self.device, to)  # noqa: E731
         stack = lambda ts, to=dtype: _stack_padded([cast(t, to) for t in ts], length)  # noqa: E731
 
@@ -217,25 +233,64 @@ class LayerWeights:
             bias += cast(output.bias)
         self.attn_bias = _through_post(self.attn_post, bias)
 
-        split_input, mlp_output = family.mlp.split_input(module), family.mlp.output(module)
-        self.w_gate = cast(split_input.weight, matmul_dtype)  # (I, D)
-        self.w_down = cast(mlp_output.weight, matmul_dtype)  # (D, I)
-        # (I,) the remainder's own pre-activation: the input bias, and the pre-norm's bias
-        self.gate_bias = _optional_sum(
-            None if split_input.bias is None else cast(split_input.bias, SPLIT_DTYPE),
-            None
-            if self.mlp_norm.bias is None
-            else (cast(split_input.weight) @ self.mlp_norm.bias).to(SPLIT_DTYPE),
+        # The MLP's neuron axis, as runs of neurons sharing one projection pair (one run
+        # for a dense MLP; one per expert, and the shared expert, for a mixture).
+        part = family.mlp.for_layer(module)
+        on_axis = [part.on_axis(module, f.frozen_mlp) for f in frozen]
+        self.neuron_name = lambda index: part.neuron_name(module, index)
+        blocks = part.blocks(module)
+        routes = [f.routes for f in on_axis]
+        self.neuron_blocks = [
+            self._neuron_block(block, routes, length, matmul_dtype) for block in blocks
+        ]
+        self.split_width = max(b.w_gate.shape[0] for b in self.neuron_blocks)
+        down_bias = _optional_sum(
+            *(cast(b.output.bias) for b in blocks if b.output.bias is not None)
         )
-        down_bias = None if mlp_output.bias is None else cast(mlp_output.bias)
         self.mlp_bias = (
             _through_post(self.mlp_post, down_bias)
             if down_bias is not None or self.mlp_post.bias is not None
             else None
         )
         # (R, N, I) in float32: the split's dtype, whatever the components'
-        self.act = stack([f.act for f in frozen], SPLIT_DTYPE)
-        self.gate = stack([f.gate for f in frozen], SPLIT_DTYPE)
+        self.act = stack([f.act for f in on_axis], SPLIT_DTYPE)
+        self.gate = stack([f.gate for f in on_axis], SPLIT_DTYPE)
+
+    def _neuron_block(
+        self,
+        block: NeuronBlock,
+        routes: list[torch.Tensor | None],
+        length: int,
+        matmul_dtype: torch.dtype,
+    ) -> NeuronBlockWeights:
+        if block.expert is not None and block.output.bias is not None:
+            raise ValueError("an expert's output bias would need its routing weight")
+        cast = lambda t, to=self.dtype: t.detach().to(self.device, to)  # noqa: E731
+        split_input = block.split_input
+        routed = None
+        if block.expert is not None:
+            chosen = [(r == block.expert).any(-1) for r in routes]  # type: ignore[union-attr]
+            routed = _stack_padded([c.to(self.device) for c in chosen], length)
+        return NeuronBlockWeights(
+            columns=block.columns,
+            w_gate=cast(split_input.weight, matmul_dtype),  # (I_b, D)
+            w_down=cast(block.output.weight, matmul_dtype),  # (D, I_b)
+            # (I_b,) the remainder's own pre-activation: the input bias, the pre-norm's bias
+            gate_bias=_optional_sum(
+                None if split_input.bias is None else cast(split_input.bias, SPLIT_DTYPE),
+                None
+                if self.mlp_norm.bias is None
+                else (cast(split_input.weight) @ self.mlp_norm.bias).to(SPLIT_DTYPE),
+            ),
+            routed=routed,
+        )
+
+    @functools.cached_property
+    def w_down(self) -> torch.Tensor:
+        """(D, W) the output projection of the whole neuron axis (matmul dtype)."""
+        if len(self.neuron_blocks) == 1:
+            return self.neuron_blocks[0].w_down
+        return torch.cat([b.w_down for b in self.neuron_blocks], dim=1)
 
     def head_context(
         self, x: torch.Tensor, start: int = 0, probs: torch.Tensor | None = None
@@ -577,14 +632,13 @@ class Propagator:
         (a parallel layer's input; default ``values``)."""
         source = values if source is None else source
         rows, members, length, hidden = values.shape
-        mixed = w.w_gate.dtype != values.dtype
         per_position = mlp_position_bytes(
             hidden,
-            w.w_gate.shape[0],
+            w.split_width,
             rows,
             members,
             values.element_size(),
-            mixed,
+            w.matmul_dtype != values.dtype,
             self.family.mlp_temporaries,
         )
         late_starts = bool(first) and first[-1] > 0  # smaller chunks skip more zeros
@@ -599,7 +653,6 @@ class Propagator:
         # (R, N, D) the frozen norm's scale, and 1 / T for softmax
         scale = None if w.mlp_norm.scale is None else w.mlp_norm.scale * spec.gate_scale
         no_scale = scale is None and spec.gate_scale != 1.0
-        gate_bias = None if w.gate_bias is None else w.gate_bias * spec.gate_scale
         for where, p0, p1 in _position_chunks(length, chunk, queries, values.device):
             self.check()
             live = 1 + bisect.bisect_left(first, p1)  # the remainder and the rows alive
@@ -609,21 +662,22 @@ class Propagator:
                 normed = normed * spec.gate_scale
             present = normed.ne(0).any(-1)  # (live, R, P): eligibility, from the vectors
             present[0] = True  # the remainder: by its gates (it is floored)
-            gates = project(normed, w.w_gate, SPLIT_DTYPE)  # (live, R, P, I)
-            if gate_bias is not None:
-                gates[0] += gate_bias
-            if self.on_mlp is not None:
-                self.on_mlp(layer, gates.sum(0) / spec.gate_scale, w.gate[:, where])
             chunk_spec = replace(
                 spec,
                 anchor=spec.anchor if spec.anchor is not None and spec.anchor < live else None,
-                starts_at_zero=p0 == 0,
                 floored=tuple(i for i in facts.floored if i < live),
             )
-            shares = neuron_shares(
-                gates, w.act[:, where], w.gate[:, where], present, chunk_spec, self.fused_split
-            )
-            output = project(shares, w.w_down, self.dtype)  # (live, R, P, D)
+            output = None
+            for neurons in w.neuron_blocks:
+                if len(w.neuron_blocks) > 1:  # a mixture's experts: each a unit of work
+                    self.check()
+                part = self._neuron_block_output(
+                    w, neurons, normed, present, where, p0 == 0, chunk_spec, layer
+                )
+                if part is not None:
+                    output = part if output is None else output.add_(part)
+            if output is None:
+                continue
             if not w.mlp_post.identity:
                 output = w.mlp_post(output, w.mlp_post.at(slice(None), where))
             if isinstance(where, slice) and source is values:
@@ -632,6 +686,44 @@ class Propagator:
                 values[:live, :, where] += output
         if w.mlp_bias is not None:
             values[0] += w.mlp_bias
+
+    def _neuron_block_output(
+        self,
+        w: LayerWeights,
+        neurons: NeuronBlockWeights,
+        normed: torch.Tensor,
+        present: torch.Tensor,
+        where: slice | torch.Tensor,
+        at_zero: bool,
+        spec: SplitSpec,
+        layer: int,
+    ) -> torch.Tensor | None:
+        """The components' share (live, R, P, D) of one run of neurons' output at a chunk
+        of positions ``where`` (``at_zero``: the chunk starts at position 0), computed only
+        at the positions where the run's expert was chosen; ``None`` if at none."""
+        act = w.act[:, where, neurons.columns]  # (R, P, I_b)
+        true_gate = w.gate[:, where, neurons.columns]
+        positions = normed.shape[2]
+        local = None  # the chunk's positions this run computes (None: all)
+        if neurons.routed is not None:
+            local = neurons.routed[:, where].any(0).nonzero().flatten()
+            if not local.numel():
+                return None
+            normed, present = normed[:, :, local], present[:, :, local]
+            act, true_gate = act[:, local], true_gate[:, local]
+            at_zero = at_zero and int(local[0]) == 0
+        gates = project(normed, neurons.w_gate, SPLIT_DTYPE)  # (live, R, P', I_b)
+        if neurons.gate_bias is not None:
+            gates[0] += neurons.gate_bias * spec.gate_scale
+        if self.on_mlp is not None:
+            self.on_mlp(layer, gates.sum(0) / spec.gate_scale, true_gate)
+        spec = replace(spec, starts_at_zero=at_zero)
+        shares = neuron_shares(gates, act, true_gate, present, spec, self.fused_split)
+        output = project(shares, neurons.w_down, self.dtype)  # (live, R, P', D)
+        if local is None:
+            return output
+        full = output.new_zeros(*output.shape[:2], positions, output.shape[-1])
+        return full.index_add_(2, local, output)
 
 
 def _position_chunks(

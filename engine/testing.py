@@ -24,6 +24,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM"),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
 
 #: Config names that differ from Llama's (GPT-2's), and settings a family needs to build
@@ -45,6 +48,26 @@ _FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "gemma": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
     "gemma2": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
     "gemma3": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
+    # four experts of 16 neurons, two chosen per position
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24,
+        "pad_token_id": 3,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "qwen3_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "norm_topk_prob": True,
+        "pad_token_id": 3,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
 }
 _LLAMA_NAMES = (
     "hidden_size",

@@ -42,6 +42,9 @@ FAMILY_SETTINGS: dict[str, dict] = {
     "phi3": {},
     "gpt2": {"bias_std": 0.2},
     "gpt_neox": {"bias_std": 0.2},
+    "mixtral": {},
+    "qwen2_moe": {"bias_std": 0.2, "mlp_only_layers": [1]},  # a mixture, then a dense MLP
+    "qwen3_moe": {},
 }
 
 

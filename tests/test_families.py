@@ -17,7 +17,15 @@ import torch
 from engine import AttributionRequest, DePassEngine
 from engine.families import FAMILIES, Family, family_named, register
 from engine.granularity import token_start
-from engine.parts import FusedAttention, GatedMLP, LayerNorm, ProjectionWeights, RMSNorm
+from engine.parts import (
+    FrozenMLP,
+    FusedAttention,
+    GatedMLP,
+    LayerNorm,
+    MixtureMLP,
+    ProjectionWeights,
+    RMSNorm,
+)
 from engine.propagate import Member, Propagator, SplitSettings
 from tests.conftest import FAMILY_SETTINGS, family_engine_for
 
@@ -123,9 +131,43 @@ def _wrong(family: Family) -> dict[str, Family]:
         )
     if family.parallel or family.parallel_attr:  # conservation holds; pre-activations do not
         wrong["run as sequential"] = replace(family, parallel=False, parallel_attr=None)
-    if family.mlp.fused:
+    if isinstance(family.mlp, GatedMLP) and family.mlp.fused:
         wrong["up half read as the gate"] = replace(family, mlp=_UpAsGate(**vars(family.mlp)))
+    if isinstance(family.mlp, MixtureMLP):
+        wrong["routing weights dropped"] = replace(family, mlp=_Unweighted(**vars(family.mlp)))
+        wrong["experts' up rows read as gates"] = replace(
+            family, mlp=_UpRowsAsGates(**vars(family.mlp))
+        )
+        if family.mlp.shared is not None:
+            wrong["shared expert's sigmoid gate dropped"] = replace(
+                family, mlp=replace(family.mlp, shared_gate=None)
+            )
     return wrong
+
+
+@dataclass(frozen=True)
+class _Unweighted(MixtureMLP):
+    """Each chosen expert's activations at full weight, not times its routing weight."""
+
+    def frozen(self, layer: torch.nn.Module, kept: dict) -> FrozenMLP:
+        x, routes, weights = kept["routed"][:3]
+        return super().frozen(layer, {**kept, "routed": (x, routes, torch.ones_like(weights))})
+
+
+@dataclass(frozen=True)
+class _UpRowsAsGates(MixtureMLP):
+    """Components read through each expert's up rows: shares still add up to the
+    activations, but not to what the expert's gate computes."""
+
+    def blocks(self, layer: torch.nn.Module) -> list:
+        experts = layer.get_submodule(self.experts).gate_up_proj.detach()
+        size = experts.shape[1] // 2
+        return [
+            replace(block, split_input=ProjectionWeights(experts[block.expert, size:], None))
+            if block.expert is not None
+            else block
+            for block in super().blocks(layer)
+        ]
 
 
 @dataclass(frozen=True)
@@ -197,3 +239,39 @@ def test_registry_is_open_and_refuses_silent_replacement() -> None:
             register(custom)
     finally:
         FAMILIES.pop("MyLM", None)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_mixture_neurons_are_their_experts_weighted_outputs(name: str) -> None:
+    """Neuron components of a mixture layer: each expert's neurons add up to that
+    expert's output times its routing weight where the router chose it, and are exactly
+    zero where it did not (the routing is frozen, not re-decided per component)."""
+    engine = family_engine_for(name)
+    ids = engine.tokenize(PROMPT)
+    result = engine.attribute(
+        AttributionRequest(
+            input_ids=ids, granularity="neuron", start_layer=0, end_layer=1, outputs=["states"]
+        )
+    )
+    layer = engine.family.layer(engine.model, 0)
+    moe = layer.mlp
+    with torch.inference_mode():
+        x = layer.post_attention_layernorm(engine.trace(ids).layers[0].resid_mid)
+        _, weights, chosen = moe.gate(x)
+    experts = moe.experts
+    size = experts.down_proj.shape[2]
+    labels = result.components
+    routed_somewhere = 0
+    for e in range(experts.down_proj.shape[0]):
+        rows = [i for i, label in enumerate(labels) if label.startswith(f"L0.E{e}.")]
+        assert len(rows) == size
+        summed = result.states[:, rows].sum(1)  # (N, D)
+        with torch.inference_mode():
+            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, -1)
+            output = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+        weight = torch.where(chosen == e, weights, torch.zeros_like(weights)).sum(-1)
+        torch.testing.assert_close(summed, output * weight[:, None], rtol=1e-4, atol=1e-5)
+        unrouted = ~(chosen == e).any(-1)
+        assert torch.count_nonzero(result.states[unrouted][:, rows]) == 0
+        routed_somewhere += int((~unrouted).sum())
+    assert routed_somewhere == len(ids) * chosen.shape[1]

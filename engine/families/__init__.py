@@ -17,10 +17,13 @@ from engine.families import (
     gpt_neox,
     llama,
     mistral,
+    mixtral,
     olmo2,
     phi3,
     qwen2,
+    qwen2_moe,
     qwen3,
+    qwen3_moe,
 )
 from engine.families.base import Family
 
@@ -47,7 +50,22 @@ def register(family: Family, replace: bool = False) -> Family:
     return family
 
 
-for _module in (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, olmo2, phi3, gpt2, gpt_neox):
+for _module in (
+    llama,
+    mistral,
+    qwen2,
+    qwen3,
+    gemma,
+    gemma2,
+    gemma3,
+    olmo2,
+    phi3,
+    gpt2,
+    gpt_neox,
+    mixtral,
+    qwen2_moe,
+    qwen3_moe,
+):
     register(_module.FAMILY)
 
 
