@@ -144,7 +144,7 @@ def mlp_coefficients(
     present: torch.Tensor,
     mlp_split: str,
     temperature: float,
-    ignore_bos: bool,
+    first_token_rule: bool,
 ) -> torch.Tensor:
     """Coefficients (M, N, I) splitting each (position, neuron) among the components.
 
@@ -164,7 +164,7 @@ def mlp_coefficients(
     g[0, 0, :] = 1.0  # position-0 rule: component 0 takes its own first position
     eligible[0, 0, :] = True
     eligible[-1] &= g[-1].abs() >= REMAINDER_GATE_EPS
-    if ignore_bos:
+    if first_token_rule:
         eligible[0, 1:, :] = False  # first-token rule: no MLP share after position 0
 
     if mlp_split == "softmax":
@@ -201,7 +201,7 @@ def mlp_step(
     frozen: FrozenLayer,
     mlp_split: str,
     temperature: float,
-    ignore_bos: bool,
+    first_token_rule: bool,
 ) -> torch.Tensor:
     """Decomposed MLP output (M, N, D) for components ``comps`` (M, N, D)."""
     mlp = layer.mlp
@@ -210,7 +210,7 @@ def mlp_step(
     if mlp.gate_proj.bias is not None:
         gates[-1] += mlp.gate_proj.bias.float()  # a gate bias belongs to the remainder
     present = comps.ne(0).any(-1)  # (M, N)
-    alpha = mlp_coefficients(gates, frozen.gate, present, mlp_split, temperature, ignore_bos)
+    alpha = mlp_coefficients(gates, frozen.gate, present, mlp_split, temperature, first_token_rule)
     out = (alpha * frozen.act) @ mlp.down_proj.weight.float().T
     if mlp.down_proj.bias is not None:
         out[-1] += mlp.down_proj.bias.float()
@@ -223,7 +223,7 @@ def naive_token_decomposition(
     start_layer: int = 0,
     mlp_split: str = "softmax",
     temperature: float = 0.1,
-    ignore_bos: bool = True,
+    first_token_rule: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (states, remainder): states (N, N, D) = (position, component, hidden), the token
     components of the final-norm-scaled output (component k = input token k, from the residual
@@ -245,7 +245,7 @@ def naive_token_decomposition(
         for index in range(start_layer, len(layers)):
             layer, rec = layers[index], frozen.layers[index]
             comps = comps + attention_step(layer, comps, rec)
-            comps = comps + mlp_step(layer, comps, rec, mlp_split, temperature, ignore_bos)
+            comps = comps + mlp_step(layer, comps, rec, mlp_split, temperature, first_token_rule)
 
         comps = comps * rms_scale(model.model.norm, frozen.pre_norm)
     return comps[:-1].transpose(0, 1).contiguous(), comps[-1].clone()

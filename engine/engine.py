@@ -9,20 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from engine.capture import ForwardTrace
 from engine.families import Family, family_for, family_named
-from engine.granularity import (
-    head_labels,
-    head_start,
-    module_start,
-    neuron_start,
-    subspace_start,
-    token_start,
-)
+from engine.granularity import GRANULARITY_KINDS, Granularity, RunStart, head_labels
 from engine.info import ModelInfo
 from engine.loading import (
     causal_lm_class_name,
@@ -41,11 +33,9 @@ from engine.memory import (
 )
 from engine.propagate import (
     Cancelled,
-    LayerWeights,
     Member,
     Propagator,
     SplitSettings,
-    Start,
     StartFacts,
 )
 from engine.readout import Labels, Readout, View, assemble
@@ -398,26 +388,13 @@ class DePassEngine:
         length = len(input_ids)
         positions = _normalise_positions(request.positions, length, "positions")
         layers = request.start_layers
-        end = self._check_layers(request, layers)
+        kind = GRANULARITY_KINDS[request.granularity]
+        end = self._check_layers(kind, request, layers)
         groups = None
         if request.groups is not None:
             groups = [_normalise_positions(g, length, "groups") for g in request.groups]
-        if request.neurons is not None:
-            self._check_neurons(request.neurons, layers)
         info = self.info
-        granularity = request.granularity
-        if granularity == "token":
-            covered = length if groups is None else sum(len(g) for g in groups)
-            count = length if groups is None else len(groups) + (covered < length)
-        elif granularity == "module":
-            count = 2
-        elif granularity == "head":
-            count = info.num_heads + 1
-        elif granularity == "neuron":
-            widest = max(self.neuron_width(layer) for layer in layers)
-            count = 1 + (widest if request.neurons is None else len(request.neurons))
-        else:
-            count = self._check_subspace(request.subspace, length)
+        count = kind.count(self, request, length, groups)
         snapshots = end - layers[0] + 1 if request.all_layers else len(layers)
         target_ids = None if request.targets is None else self._resolve_targets(request.targets)
         memory, chunk_budget = estimate(
@@ -427,8 +404,8 @@ class DePassEngine:
             positions=len(positions),
             snapshots=snapshots,
             targets=1 if target_ids is None else len(target_ids),
-            start_extra=self._start_extra(request, count, length),
-            late_starts=granularity == "token" and count > 1,
+            start_extra=kind.start_bytes(self, count, length),
+            late_starts=kind.late_starts(count),
             budget_bytes=self.memory_budget_bytes,
         )
         if memory.total > self.memory_budget_bytes:
@@ -448,19 +425,8 @@ class DePassEngine:
             element_bytes=self.shape.compute_bytes,
             memory=memory,
             chunk_budget=chunk_budget,
-            late_starts=granularity == "token" and count > 1,
+            late_starts=kind.late_starts(count),
         )
-
-    def _start_extra(self, request: AttributionRequest, count: int, length: int) -> int:
-        """Bytes a start builder holds beside the components (see engine/granularity.py)."""
-        c, d = self.shape.compute_bytes, self.info.hidden_size
-        if request.granularity == "subspace":  # the parts, as a tensor
-            return count * length * d * c
-        if request.granularity == "head":  # the head outputs before they are placed
-            return (count + 1) * length * d * c
-        if request.granularity == "neuron":  # the picked down-projection columns, the rest
-            return (count * d + length * self.info.intermediate_size + 2 * length * d) * c
-        return 0
 
     def attribute(
         self, request: AttributionRequest, should_stop: Callable[[], bool] | None = None
@@ -587,12 +553,15 @@ class DePassEngine:
         for (i, _), trace in zip(batch, traces, strict=True):
             if should_stop is not None and should_stop():
                 raise Cancelled("the attribution was cancelled")
-            start = self._start(requests[i], trace, layer, plans[i].groups)
+            kind = GRANULARITY_KINDS[requests[i].granularity]
+            start = kind.start(RunStart(self, requests[i], trace, layer, plans[i].groups))
             positions = torch.tensor(plans[i].positions, dtype=torch.long)
             members.append(Member(start=start, length=trace.num_tokens, positions=positions))
         labels = [member.start.labels for member in members]
         split = SplitSettings(
-            rule=lead.mlp_split, temperature=lead.temperature, ignore_first=lead.first_token_rule
+            rule=lead.mlp_split,
+            temperature=lead.temperature,
+            first_token_rule=lead.first_token_rule,
         )
         # Members whose start facts differ (a group layout, say) run as separate batches.
         by_facts: dict[StartFacts, list[int]] = {}
@@ -697,79 +666,29 @@ class DePassEngine:
                 field, f"token ids {bad[:5]} are outside the vocabulary [0, {self.info.vocab_size})"
             )
 
-    def _check_layers(self, request: AttributionRequest, layers: list[int]) -> int:
+    def _check_layers(
+        self, kind: Granularity, request: AttributionRequest, layers: list[int]
+    ) -> int:
         """Validate start layers; return the end layer (``L`` for the model output)."""
         n_layers = self.info.num_layers
-        # token and subspace runs decompose a residual (0..L); the others a layer's parts
-        top = n_layers if request.granularity in ("token", "subspace") else n_layers - 1
+        allowed = kind.start_layers(n_layers)
         for layer in layers:
-            if not 0 <= layer <= top:
-                raise RequestError("start_layer", f"{layer} is outside [0, {top}] for this model")
+            if layer not in allowed:
+                raise RequestError(
+                    "start_layer", f"{layer} is outside [0, {allowed[-1]}] for this model"
+                )
         end = n_layers if request.end_layer is None else request.end_layer
-        lowest = max(layers) if request.granularity in ("token", "subspace") else max(layers) + 1
+        lowest = kind.lowest_end(max(layers))
         if not lowest <= end <= n_layers:
             raise RequestError(
                 "end_layer", f"{end} is outside [{lowest}, {n_layers}] for this request"
             )
         return end
 
-    def _check_subspace(self, parts: Any, length: int) -> int:
-        """The number of parts of a (K, N, D) subspace of this prompt and model."""
-        shape = tuple(np.shape(parts))
-        if shape[1:] != (length, self.info.hidden_size):
-            raise RequestError(
-                "subspace", f"shape {shape} must be (K, {length}, {self.info.hidden_size})"
-            )
-        return int(shape[0])
-
     def neuron_width(self, layer: int) -> int:
         """Neurons of ``layer``'s MLP (a mixture's: every expert's, then the shared one's)."""
         module = self.family.layer(self.model, layer)
         return self.family.mlp.for_layer(module).width(module)
-
-    def _check_neurons(self, neurons: Sequence[int], layers: Sequence[int]) -> None:
-        width = min(self.neuron_width(layer) for layer in layers)
-        if not neurons:
-            raise RequestError("neurons", "must name at least one neuron (or be null for all)")
-        if any(not 0 <= n < width for n in neurons):
-            raise RequestError("neurons", f"neuron indices must lie in [0, {width})")
-        if len(set(neurons)) != len(neurons):
-            raise RequestError("neurons", "repeats a neuron")
-
-    def _start(
-        self,
-        request: AttributionRequest,
-        trace: ForwardTrace,
-        layer: int,
-        groups: list[list[int]] | None,
-    ) -> Start:
-        """The initial components of one run (``layer`` is its start layer)."""
-        cast = lambda t: t.to(self.compute_dtype)  # noqa: E731
-        granularity = request.granularity
-        if granularity == "token":
-            texts = self.token_texts(trace.input_ids.tolist())
-            return token_start(cast(trace.resid(layer)), layer, texts, groups)
-        if granularity == "subspace":  # its shape was checked by plan()
-            parts = torch.as_tensor(request.subspace, dtype=self.compute_dtype)
-            resid = cast(trace.resid(layer))
-            return subspace_start(resid, layer, parts.to(resid.device))
-        frozen = trace.layers[layer]
-        if granularity == "module":
-            return module_start(
-                cast(frozen.resid_pre),
-                cast(frozen.resid_mid),
-                cast(trace.resid(layer + 1)),
-                layer,
-                request.module or "attn",
-            )
-        weights = LayerWeights(
-            self.model, self.family, [trace], layer, self.compute_dtype, self.matmul_dtype
-        )
-        if granularity == "head":
-            return head_start(cast(frozen.resid_pre).to(weights.device), weights, layer)
-        return neuron_start(
-            cast(frozen.resid_mid).to(weights.device), weights, layer, request.neurons
-        )
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Initial components for each granularity, and their labels.
+"""The granularities: one object each (:class:`Granularity`, :data:`GRANULARITY_KINDS`)
+saying which request fields it owns, its layer range, how many components it makes, and
+how it starts; and the start builders they call, with the components' labels.
 
 Every builder returns a :class:`Start`: the (M + 1, N, D) components in the propagation
 layout (row 0 is the remainder, which holds bias terms and whatever the given parts leave
@@ -15,16 +17,33 @@ module    ``[h^s, attn_s]`` or ``[u^s, mlp_s]``                   MLP of s / lay
 head      ``[h^s, head_1 .. head_H]`` (value/output bias: rem.)   from MLP of s
 neuron    ``[u^s + other neurons, neuron_i ..]``                  from layer s + 1
 ========  =====================================================  ====================
+
+Two names not to confuse: the **remainder** is what belongs to no component (biases,
+and a subspace's rest); it is row 0 everywhere inside the engine (starts, propagation,
+snapshots, views) and the result's ``remainder`` fields. ``rest`` is a component, the
+first of module, head and neuron runs: what entered the layer (``h^s``, ``u^s``, plus
+the neurons not asked for). The **first-token rule** (the request's ``ignore_bos``; on
+by default for token runs, :attr:`Granularity.first_token_rule`) is ``first_token_rule``
+in every internal setting (``SplitSettings``, ``StartFacts``, ``SplitSpec``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from engine.errors import RequestError
 from engine.propagate import LayerWeights, Start, attention_stage, mlp_stage
+
+if TYPE_CHECKING:
+    from engine.capture import ForwardTrace
+    from engine.engine import DePassEngine
+    from engine.request import AttributionRequest
 
 SUBSPACE_ROUNDING = 1e-5
 
@@ -77,7 +96,7 @@ def token_start(
         first_position=[groups[j][0] for j in order],
         output_rows=output_rows,
         anchor=output_rows[next(j for j, g in enumerate(groups) if 0 in g)],
-        anchor_alone=first_alone,
+        first_token_alone=first_alone,
         stage=attention_stage(layer),
         labels=labels,
     )
@@ -198,3 +217,247 @@ def neuron_start(
     torch.add(resid_mid, others, out=values[1])
     labels = ["rest"] + [f"L{layer}.{weights.neuron_name(i)}" for i in chosen]
     return _from_position_zero(values, attention_stage(layer + 1), labels)
+
+
+# ---------------------------------------------------------------------------- granularities
+
+#: Token groups as the engine checked them (positions normalised), or none.
+Groups = list[list[int]] | None
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """One value of ``AttributionRequest.granularity``: what its components are, which
+    request fields belong to it, which layers it may start at, how many components it
+    makes, what its start holds beside them, and how it starts.
+
+    Attributes:
+        name: the request's value.
+        of_residual: the components split the residual entering the start layer ``s``
+            (``s`` in ``0..L``, the first snapshot may be ``s``) rather than the parts of
+            layer ``s`` (``s`` in ``0..L-1``, the first snapshot is ``s + 1``).
+        fields: the request fields only this granularity may set.
+        required: those of :attr:`fields` it needs.
+        several_layers: ``start_layer`` may list several layers (one run each).
+        first_token_rule: the first-token rule's default (``ignore_bos=None``).
+    """
+
+    name: str
+    of_residual: bool = False
+    fields: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    several_layers: bool = False
+    first_token_rule: bool = False
+
+    def start_layers(self, num_layers: int) -> range:
+        """The start layers a model of ``num_layers`` layers allows."""
+        return range(num_layers + 1 if self.of_residual else num_layers)
+
+    def lowest_end(self, layer: int) -> int:
+        """The smallest end layer of a run starting at ``layer``."""
+        return layer if self.of_residual else layer + 1
+
+    def count(
+        self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
+    ) -> int:
+        """Components of one run (the remainder apart), checking the fields against the
+        model (:class:`RequestError` names the field)."""
+        raise NotImplementedError
+
+    def late_starts(self, count: int) -> bool:
+        """Components start at different positions (what caps the MLP chunks)."""
+        return False
+
+    def start_bytes(self, engine: DePassEngine, count: int, length: int) -> int:
+        """Bytes the start builder holds beside the components."""
+        return 0
+
+    def start(self, run: RunStart) -> Start:
+        """The initial components of ``run``."""
+        raise NotImplementedError
+
+    def smaller(self, request: Any) -> str | None:
+        """How to ask for fewer components of this granularity, if there is a way
+        (``request``: an :class:`AttributionRequest` or the HTTP body, same fields)."""
+        return None
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What starting one run takes: the engine, the request, its prompt's trace, the
+    start layer and the request's checked token groups."""
+
+    engine: DePassEngine
+    request: AttributionRequest
+    trace: ForwardTrace
+    layer: int
+    groups: Groups
+
+    def cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in the engine's compute dtype."""
+        return tensor.to(self.engine.compute_dtype)
+
+    def layer_weights(self) -> LayerWeights:
+        """The start layer's weights and frozen quantities, for this prompt alone."""
+        engine = self.engine
+        return LayerWeights(
+            engine.model,
+            engine.family,
+            [self.trace],
+            self.layer,
+            engine.compute_dtype,
+            engine.matmul_dtype,
+        )
+
+
+@dataclass(frozen=True)
+class TokenGranularity(Granularity):
+    """Input tokens (or groups of them): the residual entering ``s`` split by position."""
+
+    name: str = "token"
+    of_residual: bool = True
+    fields: tuple[str, ...] = ("groups", "all_layers")
+    first_token_rule: bool = True
+
+    def count(
+        self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
+    ) -> int:
+        if groups is None:
+            return length
+        covered = sum(len(g) for g in groups)
+        return len(groups) + (covered < length)
+
+    def late_starts(self, count: int) -> bool:
+        return count > 1
+
+    def start(self, run: RunStart) -> Start:
+        texts = run.engine.token_texts(run.trace.input_ids.tolist())
+        return token_start(run.cast(run.trace.resid(run.layer)), run.layer, texts, run.groups)
+
+    def smaller(self, request: Any) -> str | None:
+        return "token groups" if request.groups is None else None
+
+
+@dataclass(frozen=True)
+class SubspaceGranularity(Granularity):
+    """User-given parts (K, N, D) of the residual entering ``s``."""
+
+    name: str = "subspace"
+    of_residual: bool = True
+    fields: tuple[str, ...] = ("subspace",)
+    required: tuple[str, ...] = ("subspace",)
+
+    def count(
+        self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
+    ) -> int:
+        shape = tuple(np.shape(request.subspace))
+        if shape[1:] != (length, engine.info.hidden_size):
+            raise RequestError(
+                "subspace", f"shape {shape} must be (K, {length}, {engine.info.hidden_size})"
+            )
+        return int(shape[0])
+
+    def start_bytes(self, engine: DePassEngine, count: int, length: int) -> int:
+        # the parts, as a tensor
+        return count * length * engine.info.hidden_size * engine.shape.compute_bytes
+
+    def start(self, run: RunStart) -> Start:
+        resid = run.cast(run.trace.resid(run.layer))
+        parts = torch.as_tensor(run.request.subspace, dtype=resid.dtype)
+        return subspace_start(resid, run.layer, parts.to(resid.device))
+
+
+@dataclass(frozen=True)
+class ModuleGranularity(Granularity):
+    """Layer ``s``'s attention or MLP output beside what entered it."""
+
+    name: str = "module"
+    fields: tuple[str, ...] = ("module",)
+    required: tuple[str, ...] = ("module",)
+
+    def count(
+        self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
+    ) -> int:
+        return 2
+
+    def start(self, run: RunStart) -> Start:
+        frozen = run.trace.layers[run.layer]
+        return module_start(
+            run.cast(frozen.resid_pre),
+            run.cast(frozen.resid_mid),
+            run.cast(run.trace.resid(run.layer + 1)),
+            run.layer,
+            run.request.module or "attn",
+        )
+
+
+@dataclass(frozen=True)
+class HeadGranularity(Granularity):
+    """Layer ``s``'s attention heads beside what entered the layer; several layers at once."""
+
+    name: str = "head"
+    several_layers: bool = True
+
+    def count(
+        self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
+    ) -> int:
+        return engine.info.num_heads + 1
+
+    def start_bytes(self, engine: DePassEngine, count: int, length: int) -> int:
+        # head outputs before placing
+        return (count + 1) * length * engine.info.hidden_size * engine.shape.compute_bytes
+
+    def start(self, run: RunStart) -> Start:
+        weights = run.layer_weights()
+        resid = run.cast(run.trace.layers[run.layer].resid_pre).to(weights.device)
+        return head_start(resid, weights, run.layer)
+
+
+@dataclass(frozen=True)
+class NeuronGranularity(Granularity):
+    """Layer ``s``'s MLP neurons (all, or those of ``neurons``) beside the rest."""
+
+    name: str = "neuron"
+    fields: tuple[str, ...] = ("neurons",)
+
+    def count(
+        self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
+    ) -> int:
+        widths = [engine.neuron_width(layer) for layer in request.start_layers]
+        neurons = request.neurons
+        if neurons is None:
+            return 1 + max(widths)
+        if not neurons:
+            raise RequestError("neurons", "must name at least one neuron (or be null for all)")
+        if any(not 0 <= n < min(widths) for n in neurons):
+            raise RequestError("neurons", f"neuron indices must lie in [0, {min(widths)})")
+        if len(set(neurons)) != len(neurons):
+            raise RequestError("neurons", "repeats a neuron")
+        return 1 + len(neurons)
+
+    def start_bytes(self, engine: DePassEngine, count: int, length: int) -> int:
+        # picked columns, the rest
+        d = engine.info.hidden_size
+        width = engine.info.intermediate_size
+        return (count * d + length * width + 2 * length * d) * engine.shape.compute_bytes
+
+    def start(self, run: RunStart) -> Start:
+        weights = run.layer_weights()
+        resid = run.cast(run.trace.layers[run.layer].resid_mid).to(weights.device)
+        return neuron_start(resid, weights, run.layer, run.request.neurons)
+
+    def smaller(self, request: Any) -> str | None:
+        return "fewer neurons"
+
+
+#: Every granularity, by its request value (the order of ``engine.request.Granularity``).
+GRANULARITY_KINDS: dict[str, Granularity] = {
+    kind.name: kind
+    for kind in (
+        TokenGranularity(),
+        ModuleGranularity(),
+        HeadGranularity(),
+        NeuronGranularity(),
+        SubspaceGranularity(),
+    )
+}

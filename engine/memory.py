@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.errors import RequestError
 from engine.info import ModelInfo
-from engine.request import RequestError
 
 GiB = 1024**3
 

@@ -66,11 +66,12 @@ def mlp_stage(layer: int) -> int:
 
 @dataclass(frozen=True)
 class SplitSettings:
-    """The MLP split rule and the first-token rule of one run."""
+    """The MLP split rule and the first-token rule of one run (the request's
+    ``ignore_bos``, its default decided by the granularity)."""
 
     rule: SplitRule = "softmax"
     temperature: float = 0.1
-    ignore_first: bool = False
+    first_token_rule: bool = False
 
 
 @dataclass
@@ -88,7 +89,7 @@ class Start:
     stage: int  # first stage to run
     labels: list[str]  # M labels, in the caller's order (the remainder is reported apart)
     # The anchor is the first token alone (a group spanning more keeps the first-token rule off).
-    anchor_alone: bool = True
+    first_token_alone: bool = True
     # Rows whose gates below 1e-5 count as absent, like the remainder's (row 0, always).
     floored: tuple[int, ...] = ()
     # Each component is non-zero at its first position only, and row 1 + m at position m
@@ -104,7 +105,7 @@ class Start:
         return StartFacts(
             anchor=self.anchor,
             floored=(0, *self.floored),
-            ignore_anchor=split.ignore_first and self.anchor_alone,
+            first_token_rule=split.first_token_rule and self.first_token_alone,
         )
 
 
@@ -114,7 +115,7 @@ class StartFacts:
 
     anchor: int | None
     floored: tuple[int, ...]
-    ignore_anchor: bool  # the first-token rule is on and applies to the anchor
+    first_token_rule: bool  # the first-token rule is on and applies to the anchor
 
 
 @dataclass
@@ -122,7 +123,7 @@ class Snapshot:
     """Components entering ``layer`` (``L``: the pre-norm output), at the kept positions."""
 
     layer: int
-    values: torch.Tensor  # (M + 1, P, D) in the caller's component order, remainder last
+    values: torch.Tensor  # (M + 1, P, D): the remainder, then the caller's component order
     total: torch.Tensor  # (P, D) sum of all components at the kept positions
 
 
@@ -647,7 +648,7 @@ class Propagator:
             rule=split.rule,
             temperature=split.temperature,
             anchor=facts.anchor,
-            ignore_anchor=facts.ignore_anchor,
+            first_token_rule=facts.first_token_rule,
             starts_at_zero=True,
         )
         # (R, N, D) the frozen norm's scale, and 1 / T for softmax
@@ -772,9 +773,9 @@ def _snapshot(values: torch.Tensor, member: Member, layer: int) -> Snapshot:
     if member.positions.tolist() != list(range(member.length)):
         own = own.index_select(1, member.positions.to(values.device))
     if output_rows == list(range(1, len(output_rows) + 1)):
-        kept = torch.cat([own[1:], own[:1]])  # the remainder last
+        kept = own.clone()  # already in order (a copy: propagation goes on in ``values``)
     else:
-        rows = torch.tensor([*output_rows, 0], device=values.device)
+        rows = torch.tensor([0, *output_rows], device=values.device)
         kept = own.index_select(0, rows)
     # ``kept`` holds every row (the remainder too): its sum is the total at those positions
     return Snapshot(layer=layer, values=kept, total=kept.sum(0))

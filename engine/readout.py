@@ -17,7 +17,8 @@ from engine.result import AttributionResult
 
 @dataclass
 class View:
-    """One snapshot made ready for the result (remainder in the last component row)."""
+    """One snapshot made ready for the result (the remainder in component row 0, as in
+    propagation; the result reports it apart)."""
 
     states: torch.Tensor | None  # (P, M + 1, D), when asked for
     scores: torch.Tensor  # (P, M + 1, T)
@@ -109,15 +110,15 @@ class Readout:
         error = float((total - true.to(total.device)).abs().max())
         magnitude = max(float(true.abs().max()), torch.finfo(self.dtype).tiny)
         lensed = frozen(snap.values, lens)  # (M + 1, P, D)
-        if frozen.bias is not None:  # the norm's bias: the remainder's (the last row)
-            lensed[-1] += frozen.bias
+        if frozen.bias is not None:  # the norm's bias: the remainder's (row 0)
+            lensed[0] += frozen.bias
         weight = head.weight.to(lensed.device)
         if weight.dim() == 2:
             scores = lensed @ weight.T  # (M + 1, P, T)
         else:  # each position's own targets
             scores = torch.einsum("mpd,ptd->mpt", lensed, weight)
         if head.bias is not None:
-            scores[-1] += head.bias.to(scores.device)
+            scores[0] += head.bias.to(scores.device)
         states = (lensed if scaled_output else snap.values) if keep_states else None
         return View(
             states=None if states is None else states.transpose(0, 1).cpu(),  # (P, M + 1, D)
@@ -172,14 +173,14 @@ def assemble(
         mlp_split=request.mlp_split,
         end="output" if request.end_layer is None else f"layer {end}",
         layers=layers,
-        states=pick([v.states[:, :-1] for v in views if v.states is not None])
+        states=pick([v.states[:, 1:] for v in views if v.states is not None])
         if want_states
         else None,
-        remainder=pick([v.states[:, -1] for v in views if v.states is not None])
+        remainder=pick([v.states[:, 0] for v in views if v.states is not None])
         if want_states
         else None,
-        scores=pick([v.scores[:, :-1] for v in views]) if want_scores else None,
-        remainder_scores=pick([v.scores[:, -1] for v in views]) if want_scores else None,
+        scores=pick([v.scores[:, 1:] for v in views]) if want_scores else None,
+        remainder_scores=pick([v.scores[:, 0] for v in views]) if want_scores else None,
         logits=pick([v.scores.sum(1) for v in views]),
         logit_softcap=softcap,
         capped_logits=None

@@ -16,12 +16,16 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
+from engine.errors import RequestError
+from engine.granularity import GRANULARITY_KINDS
 from engine.splits import SPLIT_RULES, SplitRule
 
 Granularity = Literal["token", "module", "head", "neuron", "subspace"]
 Output = Literal["scores", "states"]
 Role = Literal["system", "user", "assistant"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+if tuple(GRANULARITY_KINDS) != GRANULARITIES:  # the names, and what each one is
+    raise ImportError("engine.granularity.GRANULARITY_KINDS must follow Granularity")
 OUTPUTS: tuple[str, ...] = get_args(Output)
 ROLES: tuple[str, ...] = get_args(Role)
 #: The inputs a request may give, exactly one of them.
@@ -30,15 +34,6 @@ INPUT_FIELDS = ("prompt", "input_ids", "messages")
 #: The smallest MLP-split temperature accepted (the engine and the HTTP schema). The
 #: float32 softmax split overflows near 1e-38; long before that it is the 'max' split.
 MIN_TEMPERATURE = 1e-6
-
-
-class RequestError(ValueError):
-    """A request that does not fit the loaded model; ``field`` names the culprit."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 #: What each field of :class:`AttributionRequest` means (also the HTTP API's descriptions).
@@ -257,22 +252,23 @@ class AttributionRequest:
 
     def _check_consistency(self) -> None:
         check_one_input(self.prompt, self.input_ids, self.messages)
-        g = self.granularity
+        kind = GRANULARITY_KINDS[self.granularity]
         if isinstance(self.start_layer, list):
-            if g != "head":
-                raise RequestError("start_layer", "a list of layers is allowed for head runs only")
+            if not kind.several_layers:
+                several = [k.name for k in GRANULARITY_KINDS.values() if k.several_layers]
+                raise RequestError(
+                    "start_layer", f"a list of layers is allowed for {', '.join(several)} runs only"
+                )
             if not self.start_layer:
                 raise RequestError("start_layer", "the list of layers is empty")
-        if (self.module is None) == (g == "module"):
-            raise RequestError("module", "required for granularity='module' and only there")
-        if self.neurons is not None and g != "neuron":
-            raise RequestError("neurons", "only for granularity='neuron'")
-        if self.groups is not None and g != "token":
-            raise RequestError("groups", "only for granularity='token'")
-        if (self.subspace is None) == (g == "subspace"):
-            raise RequestError("subspace", "required for granularity='subspace' and only there")
-        if self.all_layers and g != "token":
-            raise RequestError("all_layers", "only for granularity='token'")
+        for owner in GRANULARITY_KINDS.values():  # each field its granularity's alone
+            for name in owner.fields:
+                value = getattr(self, name)
+                given = value is not None and value is not False
+                if given and name not in kind.fields:
+                    raise RequestError(name, f"only for granularity='{owner.name}'")
+                if not given and name in kind.required:
+                    raise RequestError(name, f"required for granularity='{kind.name}'")
 
     # ------------------------------------------------------------------ derived
 
@@ -284,4 +280,6 @@ class AttributionRequest:
     @property
     def first_token_rule(self) -> bool:
         """Whether the first-token rule is on (its default depends on the granularity)."""
-        return self.granularity == "token" if self.ignore_bos is None else self.ignore_bos
+        if self.ignore_bos is None:
+            return GRANULARITY_KINDS[self.granularity].first_token_rule
+        return self.ignore_bos

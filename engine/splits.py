@@ -50,7 +50,8 @@ class SplitSpec:
         anchor: index (on the chunk's component axis) of the component that holds the
             first token: its gate is set to 1.0 at position 0 before the split, and the
             first-token rule applies to it. ``None`` when it is not in the chunk.
-        ignore_anchor: the first-token rule: the anchor takes no share after position 0.
+        first_token_rule: the first-token rule applies: the anchor takes no share after
+            position 0.
         starts_at_zero: the chunk's first position is position 0 of the prompt.
         floored: indices of the components whose gates below ``REMAINDER_GATE_EPS``
             count as absent (the remainder, and the last component of the layout).
@@ -61,7 +62,7 @@ class SplitSpec:
     rule: SplitRule
     temperature: float
     anchor: int | None
-    ignore_anchor: bool
+    first_token_rule: bool
     starts_at_zero: bool
     floored: tuple[int, ...] = (0,)
 
@@ -109,7 +110,7 @@ def neuron_shares(
     for index in spec.floored:
         row = gates[index]
         row.masked_fill_(row.abs() < REMAINDER_GATE_EPS * scale, absent)
-    if spec.anchor is not None and spec.ignore_anchor:
+    if spec.anchor is not None and spec.first_token_rule:
         gates[spec.anchor, ..., 1 if spec.starts_at_zero else 0 :, :] = absent
 
     if fused and spec.rule == "softmax":

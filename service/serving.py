@@ -35,6 +35,7 @@ from engine import (
     MemoryBudgetError,
     RequestError,
 )
+from engine.granularity import GRANULARITY_KINDS
 from engine.loading import resolve_dtype
 from engine.request import GRANULARITIES
 from service.arrays import ENCODINGS, ArrayDecodeError, decode_array, encode_array
@@ -552,10 +553,9 @@ def _response_too_large(estimate: int, limit: int, body: AttributionBody) -> str
         hints.append("fewer positions (e.g. positions=[-1] for the last token)")
     if "states" in body.outputs:
         hints.append("outputs=['scores'] (states are hidden_size times larger)")
-    if body.granularity == "neuron":
-        hints.append("fewer neurons")
-    if body.granularity == "token" and body.groups is None:
-        hints.append("token groups")
+    fewer = GRANULARITY_KINDS[body.granularity].smaller(body)
+    if fewer is not None:
+        hints.append(fewer)
     if body.array_dtype == "float32":
         hints.append("array_dtype='float16' (half the size)")
     return (

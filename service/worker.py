@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from engine import Cancelled
 from service.errors import (
     ClientDisconnectedError,
     NotReadyError,
@@ -236,6 +237,11 @@ class Worker:
                     )
                 done, _ = await asyncio.wait({job.future}, timeout=min(POLL_S, remaining))
                 if done:
+                    if _stopped_by_deadline(job):  # the worker saw the deadline first
+                        job.reason = "expired"
+                        raise RequestTimeoutError(
+                            f"the request took longer than its timeout of {timeout_s:g} s"
+                        )
                     value = job.future.result()
                     started = job.started or now
                     elapsed = time.monotonic() - started
@@ -357,3 +363,12 @@ def _settle(job: _Job[Any], value: Any = None, error: BaseException | None = Non
 
     with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
         job.loop.call_soon_threadsafe(settle)
+
+
+def _stopped_by_deadline(job: _Job[Any]) -> bool:
+    """The job ended because its deadline passed (its work polled ``should_stop`` and
+    stopped with :class:`engine.Cancelled`), not because it failed or its client left."""
+    if job.future.cancelled() or job.abandoned.is_set():
+        return False
+    error = job.future.exception()
+    return isinstance(error, Cancelled) and time.monotonic() >= job.deadline

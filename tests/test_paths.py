@@ -74,7 +74,7 @@ def test_causal_skipping_matches_full_computation(model: torch.nn.Module, rule: 
     trace = engine.trace(engine.tokenize(PROMPT))
     n_layers = engine.info.num_layers
     positions = torch.arange(trace.num_tokens)
-    split = SplitSettings(rule=rule, ignore_first=True)
+    split = SplitSettings(rule=rule, first_token_rule=True)
     results = []
     for skip in (True, False):
         start = token_start(trace.resid(0), 0, engine.token_texts(trace.input_ids.tolist()), None)

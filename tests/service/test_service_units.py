@@ -7,14 +7,17 @@ import base64
 import pickle
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import zstandard
 
+from engine import Cancelled
+from service import worker as worker_module
 from service.__main__ import main
 from service.arrays import ArrayDecodeError, decode_array, encode_array
-from service.errors import QueueFullError
+from service.errors import QueueFullError, RequestTimeoutError
 from service.serving import wants_safetensors
 from service.settings import DEFAULT_MODEL_DIR, ModelNotFoundError, Settings
 from service.worker import Worker
@@ -155,6 +158,37 @@ def test_worker_delivers_job_errors() -> None:
         start = time.monotonic()
         assert (await worker.submit(lambda stop: "ok", timeout_s=5)).value == "ok"
         assert time.monotonic() - start < 1
+        worker.stop(5)
+
+    asyncio.run(scenario())
+
+
+def test_a_job_the_worker_stops_at_its_deadline_is_a_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker may see the deadline before the waiting request does: the job's work
+    stops with Cancelled and settles first. That is still the request's timeout (504),
+    not an error of the job. Made certain here: the request waits without polling, and
+    the event loop is held past the deadline, so the settled job is what it finds."""
+    monkeypatch.setattr(worker_module, "POLL_S", 60.0)
+
+    async def scenario() -> None:
+        worker = Worker(max_queue=1)
+        worker.start()
+        stopped: list[float] = []
+
+        def work(should_stop: Callable[[], bool]) -> None:
+            while not should_stop():
+                time.sleep(0.005)
+            stopped.append(time.monotonic())
+            raise Cancelled("the attribution was cancelled")
+
+        task = asyncio.create_task(worker.submit(work, timeout_s=0.2))
+        await asyncio.sleep(0.01)  # the request now waits on the job
+        time.sleep(0.5)  # hold the loop: the worker stops the job and settles it first
+        assert stopped
+        with pytest.raises(RequestTimeoutError, match=r"timeout of 0\.2 s"):
+            await task
         worker.stop(5)
 
     asyncio.run(scenario())
