@@ -6,9 +6,11 @@ from engine.adapters import (
     UnsupportedArchitectureError,
     supported_architectures,
 )
-from engine.engine import DePassEngine, ModelInfo, Plan
+from engine.engine import DePassEngine
 from engine.families import Family, register
+from engine.info import ModelInfo
 from engine.memory import MemoryBudgetError, MemoryEstimate
+from engine.plan import Plan
 from engine.propagate import Cancelled
 from engine.request import AttributionRequest, RequestError
 from engine.result import AttributionResult

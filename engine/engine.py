@@ -1,4 +1,13 @@
-"""DePassEngine: load a causal LM once, answer attribution requests on it."""
+"""DePassEngine: load a causal LM once, answer attribution requests on it.
+
+The engine holds the model and what serves every request (its family's parts, the
+trace cache, the read-out, the memory budget) and runs requests: :meth:`DePassEngine.plan`
+checks and sizes one (each granularity's object in :mod:`engine.granularity` says what
+its components are), :meth:`DePassEngine.attribute_many` schedules the runs into batches
+(:mod:`engine.plan`), starts and propagates them (:mod:`engine.propagate`) and assembles
+the results (:mod:`engine.readout`). Loading is :mod:`engine.loading`, token handling
+:mod:`engine.tokens`, the model's facts :mod:`engine.info`.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +22,10 @@ import torch
 from torch import nn
 
 from engine.capture import ForwardTrace
-from engine.families import Family, family_for, family_named
+from engine.families import Family, family_for
 from engine.granularity import GRANULARITY_KINDS, Granularity, RunStart, head_labels
-from engine.info import ModelInfo
-from engine.loading import (
-    causal_lm_class_name,
-    dequantised_folder,
-    gguf_location,
-    load_tokenizer,
-    require_resident,
-    resolve_dtype,
-)
+from engine.info import model_info
+from engine.loading import load_pretrained
 from engine.memory import (
     MemoryBudgetError,
     MemoryEstimate,
@@ -31,6 +33,7 @@ from engine.memory import (
     auto_budget_bytes,
     estimate,
 )
+from engine.plan import Plan, Run, batch_estimate, normalise_positions, schedule
 from engine.propagate import (
     Cancelled,
     Member,
@@ -39,61 +42,10 @@ from engine.propagate import (
     StartFacts,
 )
 from engine.readout import Labels, Readout, View, assemble
-from engine.request import AttributionRequest, RequestError, check_one_input
+from engine.request import AttributionRequest, RequestError
 from engine.result import AttributionResult
+from engine.tokens import Tokens
 from engine.trace_cache import TraceCache
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A validated request, sized before any model work (see :meth:`DePassEngine.plan`)."""
-
-    input_ids: list[int]
-    positions: list[int]  # non-negative, in the order asked
-    groups: list[list[int]] | None
-    layers: list[int]  # start layers (one run each)
-    end: int  # the residual entering this layer (L: the output)
-    components: int  # M, the remainder not counted
-    snapshots: int  # entries of the leading layer axis (1 when there is none)
-    target_ids: list[int] | None  # resolved targets; None: the model's top-1, known after the pass
-    hidden_size: int
-    intermediate_size: int
-    outputs: tuple[str, ...]
-    element_bytes: int
-    memory: MemoryEstimate  # peak memory of the request beyond the weights, by part
-    chunk_budget: int  # what the estimate leaves for attention blocks and MLP chunks
-    late_starts: bool  # components start at different positions (causal skipping pays)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def targets(self) -> int:
-        """Number of scored targets."""
-        return 1 if self.target_ids is None else len(self.target_ids)
-
-    @property
-    def cells(self) -> int:
-        """(M + 1) x N: the size of the work, for batching decisions."""
-        return (self.components + 1) * self.num_tokens
-
-    def result_bytes(self, element_bytes: int | None = None) -> int:
-        """Bytes of the arrays the result will hold (states, remainder, scores, logits)."""
-        size = element_bytes or self.element_bytes
-        rows = self.snapshots * len(self.positions) * (self.components + 1)
-        total = self.snapshots * len(self.positions) * self.targets  # logits
-        if "states" in self.outputs:
-            total += rows * self.hidden_size
-        if "scores" in self.outputs:
-            total += rows * self.targets
-        return total * size
-
-    def working_bytes(self) -> int:
-        """Upper bound of the memory the request holds at once beyond the weights (its
-        trace, components, one layer's frozen values, snapshots and chunked work): at
-        most the engine's budget, or :meth:`DePassEngine.plan` refuses the request."""
-        return self.memory.total
 
 
 class DePassEngine:
@@ -159,7 +111,8 @@ class DePassEngine:
         self.batch_max_cells = batch_max_cells
         self.compile = compile
         self.traces = TraceCache(self.model, self.family, trace_cache_size, trace_cache_bytes)
-        self.info = self._model_info()
+        self.info = model_info(self.model, self.family)
+        self.tokens = Tokens(tokenizer, self.info.vocab_size)
         self.readout = Readout(
             final_norm=self.family.final_norm_module(self.model),
             unembed=self.family.unembed(self.model),
@@ -167,7 +120,9 @@ class DePassEngine:
             dtype=compute_dtype,
             softcap=self.info.logit_softcap,
         )
-        self.shape = self._shape()
+        self.shape = Shape.of(
+            self.info, self.family, self.model, self.compute_dtype, self.matmul_dtype
+        )
 
     @classmethod
     def from_pretrained(
@@ -201,105 +156,34 @@ class DePassEngine:
                 (default ``~/.cache/depass/gguf``; 4 bytes per parameter).
             engine_kwargs: passed to the constructor (``memory_budget_bytes``...).
         """
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        gguf = gguf_location(path_or_id, gguf_file)
-        if gguf is not None:
-            metadata = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            family_named([causal_lm_class_name(metadata) or metadata.model_type])
-            path_or_id = str(dequantised_folder(gguf, gguf_cache_dir))
-        config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
-        # fail fast, before loading weights, on unsupported families
-        family_named([causal_lm_class_name(config) or str(config.model_type)])
-        if device_map is not None and torch.cuda.is_available():
-            device = "cuda"
-        load = {
-            "dtype": resolve_dtype(dtype, device),
-            "attn_implementation": "eager",
-            "trust_remote_code": trust_remote_code,
-            **(model_kwargs or {}),
-        }
-        if device_map is None:
-            model = AutoModelForCausalLM.from_pretrained(path_or_id, **load).to(device)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path_or_id, device_map=device_map, **load)
-            require_resident(model)
-        tokenizer = load_tokenizer(path_or_id, trust_remote_code=trust_remote_code)
+        model, tokenizer = load_pretrained(
+            path_or_id,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
+            gguf_file=gguf_file,
+            gguf_cache_dir=gguf_cache_dir,
+        )
         return cls(model, tokenizer, **engine_kwargs)
 
     # ------------------------------------------------------------------ model facts
-
-    def _model_info(self) -> ModelInfo:
-        """Shape facts, read from the parts' weights (configs name them differently)."""
-        config = self.model.config
-        family = self.family
-        heads = int(config.num_attention_heads)
-        first = family.layer(self.model, 0)
-        head_width = family.attention.output(first, config).weight.shape[1]  # H d_h
-        head_dim = head_width // heads
-        embed = family.embeddings(self.model)
-        num_layers = len(family.decoder_layers(self.model))
-        return ModelInfo(
-            architecture=type(self.model).__name__,
-            family=family.name,
-            num_layers=num_layers,
-            num_heads=heads,
-            num_kv_heads=family.attention.value(first, config).weight.shape[0] // head_dim,
-            head_dim=head_dim,
-            hidden_size=int(embed.weight.shape[1]),
-            intermediate_size=max(map(self.neuron_width, range(num_layers))),
-            vocab_size=int(family.unembed(self.model).weight.shape[0]),
-            dtype=str(embed.weight.dtype).removeprefix("torch."),
-            device=str(embed.weight.device),
-            logit_softcap=family.readout.softcap(config),
-        )
 
     @property
     def adapter(self) -> Family:
         """The model's family (the name this attribute had before families were parts)."""
         return self.family
 
-    def _shape(self) -> Shape:
-        size = lambda dtype: torch.finfo(dtype).bits // 8  # noqa: E731
-        layers = self.family.decoder_layers(self.model)
-        mlps = [(layer, self.family.mlp.for_layer(layer)) for layer in layers]
-        return Shape(
-            model=self.info,
-            model_bytes=size(getattr(torch, self.info.dtype)),
-            compute_bytes=size(self.compute_dtype),
-            matmul_bytes=size(self.matmul_dtype),
-            frozen_norms=self.family.frozen_norms,
-            post_norms=self.family.post_norms,
-            attention_temporaries=self.family.attention_temporaries,
-            mlp_temporaries=self.family.mlp_temporaries,
-            parallel=self.family.parallel,
-            split_width=max(part.split_width(layer) for layer, part in mlps),
-            trace_width=max(part.trace_width(layer) for layer, part in mlps),
-        )
-
     # ------------------------------------------------------------------ tokens
 
     def tokenize(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` as the model sees it (special tokens included)."""
-        if self.tokenizer is None:
-            raise RequestError("prompt", "this engine has no tokenizer; send input_ids")
-        return list(self.tokenizer(prompt)["input_ids"])
+        return self.tokens.tokenize(prompt)
 
     def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of a chat in the tokenizer's own chat template, with the generation
-        prompt appended (so the next token is the assistant's first)."""
-        template = getattr(self.tokenizer, "chat_template", None)
-        if self.tokenizer is None or not template:
-            raise RequestError(
-                "messages", "this model's tokenizer has no chat template; send prompt or input_ids"
-            )
-        try:
-            encoded = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-        except Exception as exc:  # the template's own checks (roles must alternate, ...)
-            raise RequestError("messages", f"the chat template refused them: {exc}") from None
-        return list(encoded["input_ids"])
+        """Token ids of a chat in the tokenizer's chat template, generation prompt added."""
+        return self.tokens.chat_ids(messages)
 
     def input_ids(
         self,
@@ -307,60 +191,13 @@ class DePassEngine:
         input_ids: Sequence[int] | None = None,
         messages: Sequence[dict[str, str]] | None = None,
     ) -> tuple[list[int], str]:
-        """The token ids of a request's input (exactly one of the three) and the name of
-        the field that gave them, checked against the vocabulary.
-
-        Raises:
-            RequestError: no or several inputs, no tokens, ids outside the vocabulary, no
-                chat template for ``messages``.
-        """
-        check_one_input(prompt, None if input_ids is None else list(input_ids), messages)
-        if input_ids is not None:
-            ids, field = list(input_ids), "input_ids"
-        elif messages is not None:
-            ids, field = self.chat_ids(messages), "messages"
-        else:
-            ids, field = self.tokenize(prompt or ""), "prompt"
-        self._check_ids(ids, field)
-        return ids, field
+        """The checked token ids of a request's input and the field that gave them
+        (:meth:`engine.tokens.Tokens.input_ids`)."""
+        return self.tokens.input_ids(prompt, input_ids, messages)
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Readable text of each token."""
-        if self.tokenizer is None:
-            return [str(i) for i in ids]
-        return [self.tokenizer.decode([i]) for i in ids]
-
-    def _resolve_targets(self, targets: Sequence[int | str]) -> list[int]:
-        resolved: list[int] = []
-        for target in targets:
-            if isinstance(target, int):
-                if not 0 <= target < self.info.vocab_size:
-                    raise RequestError(
-                        "targets",
-                        f"token id {target} is outside the vocabulary [0, {self.info.vocab_size})",
-                    )
-                resolved.append(target)
-                continue
-            ids = self._string_to_id(target)
-            if ids is None:
-                raise RequestError(
-                    "targets", f"{target!r} is not a single token of this tokenizer; send its id"
-                )
-            resolved.append(ids)
-        return resolved
-
-    def _string_to_id(self, text: str) -> int | None:
-        if self.tokenizer is None:
-            return None
-        unknown = self.tokenizer.unk_token_id
-        if unknown is not None and text == self.tokenizer.unk_token:
-            return unknown
-        vocab_id = self.tokenizer.convert_tokens_to_ids(text)
-        if isinstance(vocab_id, int) and vocab_id != unknown:
-            return vocab_id
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        # a string the tokenizer only knows as its unknown token is no token of it
-        return ids[0] if len(ids) == 1 and ids[0] != unknown else None
+        return self.tokens.texts(ids)
 
     # ------------------------------------------------------------------ forward pass
 
@@ -386,17 +223,17 @@ class DePassEngine:
         """
         input_ids, input_field = self.input_ids(request.prompt, request.input_ids, request.messages)
         length = len(input_ids)
-        positions = _normalise_positions(request.positions, length, "positions")
+        positions = normalise_positions(request.positions, length, "positions")
         layers = request.start_layers
         kind = GRANULARITY_KINDS[request.granularity]
         end = self._check_layers(kind, request, layers)
         groups = None
         if request.groups is not None:
-            groups = [_normalise_positions(g, length, "groups") for g in request.groups]
+            groups = [normalise_positions(g, length, "groups") for g in request.groups]
         info = self.info
         count = kind.count(self, request, length, groups)
         snapshots = end - layers[0] + 1 if request.all_layers else len(layers)
-        target_ids = None if request.targets is None else self._resolve_targets(request.targets)
+        target_ids = None if request.targets is None else self.tokens.targets(request.targets)
         memory, chunk_budget = estimate(
             self.shape,
             rows=count + 1,
@@ -464,7 +301,13 @@ class DePassEngine:
         """
         plans = [self.plan(request) for request in requests]
         outcomes: dict[tuple[int, int], _RunOutcome] = {}
-        batches = self._batches(requests, plans)
+        batches = schedule(
+            requests,
+            plans,
+            self.max_batch,
+            self.batch_max_cells,
+            lambda batch: self._batch_memory(plans, batch)[0].total <= self.memory_budget_bytes,
+        )
         # The forward pass of a prompt serves all of its runs (start layers) in this call,
         # cache or no cache; it is let go after the last batch that needs it.
         uses = Counter(tuple(plans[i].input_ids) for batch in batches for i, _ in batch)
@@ -482,50 +325,8 @@ class DePassEngine:
                 for i, (request, plan) in enumerate(zip(requests, plans, strict=True))
             ]
 
-    def _batches(
-        self, requests: Sequence[AttributionRequest], plans: Sequence[Plan]
-    ) -> list[list[tuple[int, int]]]:
-        """Runs ``(request index, start layer)`` grouped into batches, in request order."""
-        batches: list[list[tuple[int, int]]] = []
-        open_batches: dict[tuple, list[tuple[int, int]]] = {}
-        for i, (request, plan) in enumerate(zip(requests, plans, strict=True)):
-            for layer in plan.layers:
-                unit = (i, layer)
-                if plan.cells > self.batch_max_cells or self.max_batch < 2:
-                    batches.append([unit])
-                    continue
-                key = _batch_key(request, plan, layer)
-                batch = open_batches.get(key)
-                if batch is not None and len(batch) < self.max_batch:
-                    memory, _ = self._batch_memory(plans, [*batch, unit])
-                    if memory.total <= self.memory_budget_bytes:
-                        batch.append(unit)
-                        continue
-                batch = [unit]
-                open_batches[key] = batch
-                batches.append(batch)
-        return batches
-
-    def _batch_memory(
-        self, plans: Sequence[Plan], batch: list[tuple[int, int]]
-    ) -> tuple[MemoryEstimate, int]:
-        """The memory estimate of a batch of runs (padded to its largest member) and the
-        budget it leaves for chunks."""
-        if len(batch) == 1:
-            plan = plans[batch[0][0]]
-            return plan.memory, plan.chunk_budget
-        members = [plans[i] for i, _ in batch]
-        return estimate(
-            self.shape,
-            rows=max(p.components for p in members) + 1,
-            length=max(p.num_tokens for p in members),
-            positions=max(len(p.positions) for p in members),
-            snapshots=max(p.snapshots for p in members),
-            targets=max(p.targets for p in members),
-            members=len(members),
-            late_starts=all(p.late_starts for p in members),
-            budget_bytes=self.memory_budget_bytes,
-        )
+    def _batch_memory(self, plans: Sequence[Plan], batch: list[Run]) -> tuple[MemoryEstimate, int]:
+        return batch_estimate(self.shape, plans, batch, self.memory_budget_bytes)
 
     def _run_batch(
         self,
@@ -657,15 +458,6 @@ class DePassEngine:
         }
         return result
 
-    def _check_ids(self, ids: Sequence[int], field: str) -> None:
-        if not ids:
-            raise RequestError(field, "tokenizes to no tokens")
-        bad = [i for i in ids if not 0 <= i < self.info.vocab_size]
-        if bad:
-            raise RequestError(
-                field, f"token ids {bad[:5]} are outside the vocabulary [0, {self.info.vocab_size})"
-            )
-
     def _check_layers(
         self, kind: Granularity, request: AttributionRequest, layers: list[int]
     ) -> int:
@@ -687,8 +479,7 @@ class DePassEngine:
 
     def neuron_width(self, layer: int) -> int:
         """Neurons of ``layer``'s MLP (a mixture's: every expert's, then the shared one's)."""
-        module = self.family.layer(self.model, layer)
-        return self.family.mlp.for_layer(module).width(module)
+        return self.family.neuron_width(self.model, layer)
 
 
 @dataclass
@@ -701,35 +492,6 @@ class _RunOutcome:
     views: list[View]
     batch_size: int  # runs propagated together with this one (1: alone)
     timings: dict[str, float]
-
-
-def _batch_key(request: AttributionRequest, plan: Plan, layer: int) -> tuple:
-    """Runs with equal keys may share a batch: the same start stage, end, split and
-    snapshots (their start facts are compared again once the starts are built)."""
-    return (
-        layer,
-        plan.end,
-        request.granularity,
-        request.module,
-        request.mlp_split,
-        request.temperature,
-        request.first_token_rule,
-        request.all_layers,
-        request.end_layer is None,
-    )
-
-
-def _normalise_positions(values: Sequence[int] | None, length: int, field: str) -> list[int]:
-    if values is None:
-        return list(range(length))
-    out = []
-    for p in values:
-        if not -length <= p < length:
-            raise RequestError(field, f"position {p} is outside [-{length}, {length})")
-        out.append(p % length)
-    if not out:
-        raise RequestError(field, "must name at least one position")
-    return out
 
 
 def _require_eager(model: nn.Module) -> None:

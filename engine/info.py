@@ -4,7 +4,12 @@ service's ``GET /v1/model`` (whose schema is built from this class)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from engine.families import Family
 
 
 def _fact(description: str) -> Any:
@@ -32,4 +37,29 @@ class ModelInfo:
     device: str = _fact("Where the embedding is (cuda:0, cpu, ...).")
     logit_softcap: float | None = _fact(
         "The final soft-cap c of c tanh(z / c) on the logits (Gemma 2), or null."
+    )
+
+
+def model_info(model: nn.Module, family: Family) -> ModelInfo:
+    """The facts of ``model``, read from its family's parts' weights (configs name them
+    differently)."""
+    config = model.config
+    heads = int(config.num_attention_heads)
+    first = family.layer(model, 0)
+    head_dim = family.attention.output(first, config).weight.shape[1] // heads  # H d_h / H
+    embed = family.embeddings(model)
+    num_layers = len(family.decoder_layers(model))
+    return ModelInfo(
+        architecture=type(model).__name__,
+        family=family.name,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=family.attention.value(first, config).weight.shape[0] // head_dim,
+        head_dim=head_dim,
+        hidden_size=int(embed.weight.shape[1]),
+        intermediate_size=max(family.neuron_width(model, i) for i in range(num_layers)),
+        vocab_size=int(family.unembed(model).weight.shape[0]),
+        dtype=str(embed.weight.dtype).removeprefix("torch."),
+        device=str(embed.weight.device),
+        logit_softcap=family.readout.softcap(config),
     )

@@ -156,3 +156,45 @@ def require_resident(model: nn.Module) -> None:
             f"the device map offloads {len(offloaded)} tensors (e.g. {offloaded[0]}) to the CPU "
             "or disk; DePass reads every layer's weights, so they must be resident on a device"
         )
+
+
+def load_pretrained(
+    path_or_id: str,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    device_map: str | dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    gguf_file: str | None = None,
+    gguf_cache_dir: str | Path | None = None,
+) -> tuple[nn.Module, Any]:
+    """A supported causal LM with eager attention, and its tokenizer, from a hub id, a
+    model folder or a GGUF file (:meth:`engine.DePassEngine.from_pretrained` documents
+    the arguments). Unsupported families fail before any weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.families import family_named
+
+    gguf = gguf_location(path_or_id, gguf_file)
+    if gguf is not None:
+        metadata = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        family_named([causal_lm_class_name(metadata) or metadata.model_type])
+        path_or_id = str(dequantised_folder(gguf, gguf_cache_dir))
+    config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+    # fail fast, before loading weights, on unsupported families
+    family_named([causal_lm_class_name(config) or str(config.model_type)])
+    if device_map is not None and torch.cuda.is_available():
+        device = "cuda"
+    load = {
+        "dtype": resolve_dtype(dtype, device),
+        "attn_implementation": "eager",
+        "trust_remote_code": trust_remote_code,
+        **(model_kwargs or {}),
+    }
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, **load).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, device_map=device_map, **load)
+        require_resident(model)
+    tokenizer = load_tokenizer(path_or_id, trust_remote_code=trust_remote_code)
+    return model, tokenizer

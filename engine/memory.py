@@ -23,11 +23,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.errors import RequestError
 from engine.info import ModelInfo
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from engine.families import Family
 
 GiB = 1024**3
 
@@ -76,6 +82,32 @@ class Shape:
     # (a mixture keeps only the chosen experts'); ``None``: the MLP width.
     split_width: int | None = None
     trace_width: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        info: ModelInfo,
+        family: Family,
+        model: nn.Module,
+        compute_dtype: torch.dtype,
+        matmul_dtype: torch.dtype,
+    ) -> Shape:
+        """The shape of ``model`` (facts ``info``) as its family's parts lay it out."""
+        size = lambda dtype: torch.finfo(dtype).bits // 8  # noqa: E731
+        mlps = [(layer, family.mlp.for_layer(layer)) for layer in family.decoder_layers(model)]
+        return cls(
+            model=info,
+            model_bytes=size(getattr(torch, info.dtype)),
+            compute_bytes=size(compute_dtype),
+            matmul_bytes=size(matmul_dtype),
+            frozen_norms=family.frozen_norms,
+            post_norms=family.post_norms,
+            attention_temporaries=family.attention_temporaries,
+            mlp_temporaries=family.mlp_temporaries,
+            parallel=family.parallel,
+            split_width=max(part.split_width(layer) for layer, part in mlps),
+            trace_width=max(part.trace_width(layer) for layer, part in mlps),
+        )
 
     @property
     def split(self) -> int:

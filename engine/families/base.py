@@ -68,6 +68,12 @@ class Family:
     def layer(self, model: nn.Module, index: int) -> nn.Module:
         return self.decoder_layers(model)[index]
 
+    def neuron_width(self, model: nn.Module, index: int) -> int:
+        """Neurons of layer ``index``'s MLP (a mixture's: every expert's, then a shared
+        expert's)."""
+        layer = self.layer(model, index)
+        return self.mlp.for_layer(layer).width(layer)
+
     def norms(self) -> list[tuple[str, NormPart]]:
         """The layer's norms as ``(role, part)``, those it has, in forward order."""
         found = ((role, getattr(self, role)) for role in NORM_ROLES)
