@@ -47,6 +47,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--splits", default="softmax,relu,max,linear,taylor", help="DePass split rules")
     g.add_argument("--temperatures", default="0.1", help="softmax temperatures")
     g.add_argument("--first-token-rule", choices=["on", "off", "both"], default="on")
+    g.add_argument(
+        "--margin",
+        choices=["on", "off", "both"],
+        default="off",
+        help="DePass scores the answer's logit minus the runner-up token's (on), or the"
+        " answer's logit (off)",
+    )
     g.add_argument("--baselines", default="all", help="'all', 'none' or a comma list")
     g.add_argument("--ig-steps", type=int, default=16, help="integrated-gradients steps")
     g.add_argument(
@@ -95,6 +102,7 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
         "splits": [s.strip() for s in args.splits.split(",") if s.strip()],
         "temperatures": [float(t) for t in args.temperatures.split(",")],
         "first_token_rule": args.first_token_rule,
+        "margin": args.margin,
         "baselines": chosen,
         "ig_steps": args.ig_steps,
         "tuning_slice": args.tuning_slice,

@@ -22,24 +22,32 @@ class Split:
     rule: str = "softmax"
     temperature: float = 0.1
     ignore_bos: bool = True
+    # Score each token by its share of the answer's logit minus the model's runner-up
+    # token's (what sets the answer apart), not of the answer's logit alone.
+    margin: bool = False
 
     @property
     def label(self) -> str:
         """Method name in tables and plots, e.g. ``depass-softmax`` or
-        ``depass-softmax-T0.5-bos``."""
+        ``depass-softmax-T0.5-bos-margin``."""
         name = f"depass-{self.rule}"
         if self.rule == "softmax" and self.temperature != 0.1:
             name += f"-T{self.temperature:g}"
         if not self.ignore_bos:
             name += "-bos"
+        if self.margin:
+            name += "-margin"
         return name
 
 
 class DePassSource(Protocol):
     """The DePass questions the protocols ask."""
 
-    def token_scores(self, ids: list[int], target: int, split: Split) -> np.ndarray:
-        """(N,) logit contribution of each input token to ``target`` at the last position."""
+    def token_scores(
+        self, ids: list[int], target: int, split: Split, against: int | None = None
+    ) -> np.ndarray:
+        """(N,) logit contribution of each input token to ``target`` at the last position
+        (``against``: to the logit of ``target`` minus that of ``against``)."""
         ...
 
     def token_states(self, ids: list[int], end_layer: int, split: Split) -> np.ndarray:
@@ -95,9 +103,13 @@ class _DePassCalls:
         self.calls += 1
         return self._run(**fields)
 
-    def token_scores(self, ids: list[int], target: int, split: Split) -> np.ndarray:
-        result = self._ask(**_request_fields(ids, targets=[target]), **_split_fields(split))
-        return np.asarray(result.scores)[0, :, 0]
+    def token_scores(
+        self, ids: list[int], target: int, split: Split, against: int | None = None
+    ) -> np.ndarray:
+        targets = [target] if against is None else [target, against]
+        result = self._ask(**_request_fields(ids, targets=targets), **_split_fields(split))
+        scores = np.asarray(result.scores)[0]  # (N, T): scores add up per target
+        return scores[:, 0] if against is None else scores[:, 0] - scores[:, 1]
 
     def token_states(self, ids: list[int], end_layer: int, split: Split) -> np.ndarray:
         result = self._ask(

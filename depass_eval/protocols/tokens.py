@@ -16,6 +16,7 @@ import numpy as np
 
 from depass_eval import baselines, perturb
 from depass_eval.data import load_cases
+from depass_eval.model import EvalModel
 from depass_eval.report import line_plot, mean, sem, table
 from depass_eval.runner import Context, Timer, run_correct
 from depass_eval.source import Split
@@ -25,16 +26,28 @@ NAME = "tokens"
 
 def splits_of(options: dict[str, Any]) -> list[Split]:
     """The DePass variants of a run: each split rule, each softmax temperature, the
-    first-token rule on and/or off."""
+    first-token rule on and/or off, scoring the answer's logit and/or its margin over the
+    runner-up."""
     rules = options.get("splits", ["softmax", "relu", "max", "linear", "taylor"])
     temperatures = options.get("temperatures", [0.1])
-    first = options.get("first_token_rule", "on")
-    bos = {"on": [True], "off": [False], "both": [True, False]}[first]
+    switch = {"on": [True], "off": [False], "both": [True, False]}
+    bos = switch[options.get("first_token_rule", "on")]
+    margins = switch[options.get("margin", "off")]
     variants = []
     for rule in rules:
         for temperature in temperatures if rule == "softmax" else [0.1]:
-            variants += [Split(rule, temperature, ignore) for ignore in bos]
+            variants += [
+                Split(rule, temperature, ignore, margin) for ignore in bos for margin in margins
+            ]
     return variants
+
+
+def runner_up(model: EvalModel, ids: list[int], answer: int) -> int:
+    """The model's most likely next token other than ``answer`` (what a margin score
+    sets the answer against: in IOI, usually the other name)."""
+    logits = model.last_logits([ids])[0].clone()
+    logits[answer] = float("-inf")
+    return int(logits.argmax())
 
 
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
@@ -50,9 +63,12 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
     prob = float(model.answer_probs([ids], answer)[0])
     scores: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
-    for split in splits_of(ctx.options):
+    splits = splits_of(ctx.options)
+    other = runner_up(model, ids, answer) if any(s.margin for s in splits) else None
+    for split in splits:
         with Timer() as clock:
-            scores[split.label] = ctx.depass.token_scores(ids, answer, split)
+            against = other if split.margin else None
+            scores[split.label] = ctx.depass.token_scores(ids, answer, split, against)
         seconds[split.label] = clock.seconds
     wanted = ctx.options.get("baselines", list(baselines.BASELINES))
     ig_delta = None
@@ -70,6 +86,7 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
         "answer": case["answer"],
         "tokens": model.token_texts(ids),
         "answer_prob": prob,
+        "runner_up": None if other is None else model.token_texts([other])[0],
         "curves": results,
         "scores": {m: np.round(v.astype(np.float64), 5).tolist() for m, v in scores.items()},
         "seconds": seconds,

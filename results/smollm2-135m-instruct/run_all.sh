@@ -12,6 +12,7 @@ EVAL="nice -n 10 .venv/bin/depass-eval --model $MODEL --threads 1 --seed 0 --no-
 case $GROUP in
   tokens-known) $EVAL --protocol tokens --dataset known --size 200 --out $OUT/tokens-known ;;
   tokens-ioi) $EVAL --protocol tokens --dataset ioi --size 200 --out $OUT/tokens-ioi ;;
+  tokens-longra) $EVAL --protocol tokens --dataset longra --size 100 --out $OUT/tokens-longra ;;
   components) $EVAL --protocol components --dataset counterfact --size 100 --out $OUT/components-counterfact
               $EVAL --protocol components --dataset ioi-component --size 100 --out $OUT/components-ioi ;;
   truth) $EVAL --protocol truth --size 20 --out $OUT/truth ;;
@@ -24,6 +25,18 @@ case $GROUP in
   tune-ioi) $EVAL --protocol tokens --dataset ioi --size 20 --tuning-slice \
                 --exclude $OUT/tokens-ioi --baselines none --splits softmax,relu,max,linear,taylor \
                 --temperatures 0.1,1.0 --first-token-rule both --out $OUT/tuning-ioi ;;
+  # The margin variants (the answer's logit minus the runner-up token's), chosen on the
+  # tuning slice, then on the test prompts of tokens-known / tokens-ioi (DePass only).
+  tune-margin)
+    $EVAL --protocol tokens --dataset known --size 30 --tuning-slice --exclude $OUT/tokens-known \
+      --baselines none --splits softmax,taylor --margin both --out $OUT/tuning-known-margin
+    $EVAL --protocol tokens --dataset ioi --size 20 --tuning-slice --exclude $OUT/tokens-ioi \
+      --baselines none --splits softmax,taylor --margin both --out $OUT/tuning-ioi-margin ;;
+  tokens-margin)
+    $EVAL --protocol tokens --dataset ioi --size 200 --baselines none --splits softmax,taylor \
+      --margin on --out $OUT/tokens-ioi-margin
+    $EVAL --protocol tokens --dataset known --size 200 --baselines none --splits softmax,taylor \
+      --margin on --out $OUT/tokens-known-margin ;;
   rest) for g in truth language tune-known tune-ioi; do bash "$0" "$MODEL" $g; done ;;
   # Rewrite every report from the rows there (e.g. after stopping the runs), and the
   # headline table of README.md.
@@ -34,6 +47,10 @@ case $GROUP in
         "import json,sys; i=json.load(open(sys.argv[1])); print(i['protocol'], i['dataset'])" "$run/run.json")
       $EVAL --protocol "$protocol" --dataset "$dataset" --out "$run" --report-only
     done
-    .venv/bin/python -m depass_eval.headline $OUT/tokens-known $OUT/tokens-ioi > $OUT/headline.md ;;
+    runs=()
+    for run in tokens-known tokens-known-margin tokens-ioi tokens-ioi-margin tokens-longra; do
+      [ -f "$OUT/$run/results.json" ] && runs+=("$OUT/$run")
+    done
+    .venv/bin/python -m depass_eval.headline "${runs[@]}" > $OUT/headline.md ;;
   *) echo "unknown group $GROUP"; exit 2 ;;
 esac

@@ -27,7 +27,7 @@ from depass_eval.model import EvalModel, load_model
 from depass_eval.probes import fit_probe, texts_and_labels
 from depass_eval.runner import Context, run_rows, select_correct
 from depass_eval.source import LocalDePass, RemoteDePass, Split
-from engine import DePassEngine
+from engine import AttributionRequest, DePassEngine
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "models" / "depass-tiny"
@@ -143,6 +143,36 @@ def test_patch_top_of_the_decisive_token_drops_the_answer(
     # the last-ranked token is often the repeated name B, whose deletion breaks the task;
     # typically another token's deletion barely moves the answer
     assert np.median(others) < 0.05 and np.mean(drops) > np.mean(others) + 0.5
+
+
+def test_margin_scores_are_the_answer_minus_the_runner_up(
+    tiny: EvalModel, depass: LocalDePass
+) -> None:
+    """The margin variant scores each token's share of logit(answer) - logit(runner-up):
+    the difference of the two targets' scores (each adds up to its own logit), so the
+    margins add up to the model's logit margin; on the name mover the runner-up is the
+    other name, and the margin still ranks A first."""
+    from depass_eval.protocols.tokens import runner_up, splits_of
+
+    case = tasks.held_out_ioi(1)[0]
+    ids = tiny.encode(case.prompt)
+    answer = tiny.answer_id(case.answer)
+    other = runner_up(tiny, ids, answer)
+    assert other != answer
+    plain = depass.token_scores(ids, answer, Split())
+    against = depass.token_scores(ids, other, Split())
+    margin = depass.token_scores(ids, answer, Split(margin=True), other)
+    np.testing.assert_allclose(margin, plain - against, atol=1e-5)
+    logits = tiny.last_logits([ids])[0]
+    result = depass.engine.attribute(
+        AttributionRequest(input_ids=ids, positions=[-1], targets=[answer, other])
+    )
+    remainder = result.remainder_scores[0]  # (T,)
+    total = margin.sum() + float(remainder[0] - remainder[1])
+    assert total == pytest.approx(float(logits[answer] - logits[other]), abs=1e-3)
+    assert tiny.token_texts([ids[perturb.ranked_middle(margin)[0]]])[0] == case.answer
+    labels = [s.label for s in splits_of({"splits": ["softmax"], "margin": "both"})]
+    assert labels == ["depass-softmax-margin", "depass-softmax"]
 
 
 def test_edits_keep_first_and_last_tokens() -> None:
@@ -378,3 +408,27 @@ def _one_case_file(tmp_path: Path, case: Any) -> Path:
     path = tmp_path / "one.json"
     path.write_text(json.dumps([{"prompt": case.prompt, "answer": case.answer}]))
     return path
+
+
+def test_headline_merges_runs_on_the_same_prompts(tmp_path: Path) -> None:
+    """Two runs on one data set and the same prompts share its columns (a run of more
+    DePass variants beside the baselines' run); another data set gets its own."""
+    from depass_eval.headline import headline
+
+    def entry(patch: float, recover: float) -> dict[str, Any]:
+        return {"patch": {"auc": patch}, "recover": {"auc": recover}, "seconds_per_prompt": 1.0}
+
+    runs = {
+        "base": ("ioi", {"depass-softmax": entry(0.9, 0.5), "gradient-norm": entry(0.8, 0.4)}),
+        "more": ("ioi", {"depass-softmax-margin": entry(0.95, 0.3)}),
+        "other": ("known", {"depass-softmax": entry(0.7, 0.6)}),
+    }
+    for name, (dataset, methods) in runs.items():
+        (tmp_path / name).mkdir()
+        result = {"dataset": dataset, "prompts": 3, "methods": methods}
+        (tmp_path / name / "results.json").write_text(json.dumps(result))
+    lines = headline([tmp_path / name for name in runs]).splitlines()
+    assert lines[0].count("ioi (n=3)") == 2 and lines[0].count("known (n=3)") == 2
+    rows = {line.split("|")[1].strip(): line for line in lines[2:]}
+    assert list(rows) == ["depass-softmax", "depass-softmax-margin", "gradient-norm"]
+    assert "0.95" in rows["depass-softmax-margin"] and "0.7" in rows["depass-softmax"]
