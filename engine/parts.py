@@ -294,6 +294,9 @@ class GatedMLP:
         """(D, I) the output projection."""
         return _linear(layer.get_submodule(self.down), self.transposed)
 
+    #: (.., D) temporaries per row and position an MLP chunk holds beyond a dense MLP's.
+    temporaries = 0
+
     def for_layer(self, layer: nn.Module) -> GatedMLP:
         """The part that serves ``layer``'s MLP (a dense MLP serves every layer)."""
         return self
@@ -362,6 +365,9 @@ class MixtureMLP:
     shared_up: str | None = None
     shared_gate: str | None = None
     dense: GatedMLP = field(default_factory=GatedMLP)
+
+    #: An expert's output at its positions, and the chunk's sum over experts.
+    temporaries = 2
 
     def for_layer(self, layer: nn.Module) -> MixtureMLP | GatedMLP:
         """This part for a layer whose MLP has experts, else :attr:`dense`."""

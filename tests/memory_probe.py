@@ -1,6 +1,6 @@
 """Measure the peak memory of one attribution in a fresh process (used by test_memory.py).
 
-    python tests/memory_probe.py '{"granularity": "token"}' [budget_bytes | smallest]
+    python tests/memory_probe.py '{"granularity": "token"}' [budget_bytes | smallest] [family]
 
 Prints one JSON line: the engine's estimate (``Plan.working_bytes()``) and the measured
 peak resident memory above the level before the request (Linux ``VmHWM``, reset through
@@ -34,9 +34,12 @@ def _status(field: str) -> int:
 def main() -> None:
     fields = json.loads(sys.argv[1])
     budget_arg = sys.argv[2] if len(sys.argv) > 2 else str(1 << 32)
+    family = sys.argv[3] if len(sys.argv) > 3 else "llama"
     torch.set_num_threads(1)
+    # a mixture: four experts of 688 neurons, two chosen per position
+    experts = {"num_local_experts": 4, "num_experts_per_tok": 2} if family == "mixtral" else {}
     model = tiny_model(
-        "llama",
+        family,
         seed=0,
         hidden_size=256,
         intermediate_size=688,
@@ -44,6 +47,7 @@ def main() -> None:
         num_attention_heads=8,
         num_key_value_heads=4,
         vocab_size=512,
+        **experts,
     )
     ids = torch.randint(4, 512, (TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
     request = AttributionRequest(input_ids=ids, **fields)

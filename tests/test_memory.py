@@ -22,10 +22,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _probe(fields: dict[str, object], budget: str) -> dict[str, float]:
+def _probe(fields: dict[str, object], budget: str, family: str = "llama") -> dict[str, float]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, str(PROBE), json.dumps(fields), budget],
+        [sys.executable, str(PROBE), json.dumps(fields), budget, family],
         capture_output=True,
         text=True,
         env=env,
@@ -55,4 +55,21 @@ def test_estimate_bounds_measured_peak(fields: dict[str, object], budget: str) -
     assert measured["error"] <= 1e-5
     assert measured["peak"] <= measured["estimate"] <= measured["budget"]
     # and a bound that says something: within a small factor of the truth
+    assert measured["estimate"] <= 4 * measured["peak"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"granularity": "token", "outputs": ["states"]}, {"granularity": "neuron", "start_layer": 1}],
+    ids=["token", "neurons"],
+)
+@pytest.mark.parametrize("budget", ["4294967296", "smallest"], ids=["roomy", "smallest"])
+def test_estimate_bounds_a_mixtures_measured_peak(fields: dict[str, object], budget: str) -> None:
+    """The same bound on a Mixtral (four experts, two chosen): the estimate follows the
+    mixture part (its neuron axis, its trace of the chosen experts only, and the experts'
+    outputs an MLP chunk holds)."""
+    measured = _probe(fields, budget, "mixtral")
+    print(f"mixtral {fields} budget={budget}: {measured}")
+    assert measured["error"] <= 1e-5
+    assert measured["peak"] <= measured["estimate"] <= measured["budget"]
     assert measured["estimate"] <= 4 * measured["peak"]

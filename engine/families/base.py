@@ -114,4 +114,4 @@ class Family:
     def mlp_temporaries(self) -> int:
         """(.., D) temporaries per row and position beyond Llama's in an MLP chunk."""
         centred = self.mlp_norm is not None and self.mlp_norm.centred
-        return (self.mlp_post_norm is not None) + centred
+        return (self.mlp_post_norm is not None) + centred + self.mlp.temporaries
