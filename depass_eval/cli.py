@@ -51,8 +51,14 @@ def parser() -> argparse.ArgumentParser:
         "--margin",
         choices=["on", "off", "both"],
         default="off",
-        help="DePass scores the answer's logit minus the runner-up token's (on), or the"
-        " answer's logit (off)",
+        help="DePass scores the answer's logit minus a competitor's (on), or the answer's"
+        " logit (off)",
+    )
+    g.add_argument(
+        "--margin-against",
+        choices=["runner-up", "other-name"],
+        default="runner-up",
+        help="the competitor: the model's runner-up token, or the prompt's other name (IOI)",
     )
     g.add_argument("--baselines", default="all", help="'all', 'none' or a comma list")
     g.add_argument("--ig-steps", type=int, default=16, help="integrated-gradients steps")
@@ -103,6 +109,7 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
         "temperatures": [float(t) for t in args.temperatures.split(",")],
         "first_token_rule": args.first_token_rule,
         "margin": args.margin,
+        "margin_against": args.margin_against,
         "baselines": chosen,
         "ig_steps": args.ig_steps,
         "tuning_slice": args.tuning_slice,

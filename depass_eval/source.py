@@ -22,9 +22,10 @@ class Split:
     rule: str = "softmax"
     temperature: float = 0.1
     ignore_bos: bool = True
-    # Score each token by its share of the answer's logit minus the model's runner-up
-    # token's (what sets the answer apart), not of the answer's logit alone.
-    margin: bool = False
+    # Score each token by its share of the answer's logit minus a competitor's (what sets
+    # the answer apart), not of the answer's logit alone: ``runner-up`` (the model's next
+    # most likely token) or ``other-name`` (the prompt's other name); None: no margin.
+    margin: str | None = None
 
     @property
     def label(self) -> str:
@@ -35,8 +36,8 @@ class Split:
             name += f"-T{self.temperature:g}"
         if not self.ignore_bos:
             name += "-bos"
-        if self.margin:
-            name += "-margin"
+        if self.margin is not None:
+            name += {"runner-up": "-margin", "other-name": "-margin-name"}[self.margin]
         return name
 
 

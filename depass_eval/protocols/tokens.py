@@ -32,7 +32,8 @@ def splits_of(options: dict[str, Any]) -> list[Split]:
     temperatures = options.get("temperatures", [0.1])
     switch = {"on": [True], "off": [False], "both": [True, False]}
     bos = switch[options.get("first_token_rule", "on")]
-    margins = switch[options.get("margin", "off")]
+    against = options.get("margin_against", "runner-up")
+    margins = [against if on else None for on in switch[options.get("margin", "off")]]
     variants = []
     for rule in rules:
         for temperature in temperatures if rule == "softmax" else [0.1]:
@@ -43,11 +44,29 @@ def splits_of(options: dict[str, Any]) -> list[Split]:
 
 
 def runner_up(model: EvalModel, ids: list[int], answer: int) -> int:
-    """The model's most likely next token other than ``answer`` (what a margin score
-    sets the answer against: in IOI, usually the other name)."""
+    """The model's most likely next token other than ``answer``."""
     logits = model.last_logits([ids])[0].clone()
     logits[answer] = float("-inf")
     return int(logits.argmax())
+
+
+def other_name(model: EvalModel, prompt: str, answer: str) -> int:
+    """The first token of the prompt's other name: its most frequent capitalised word
+    other than the answer (in IOI, the subject, named twice), after a space."""
+    words = [w.strip(".,;:!?\"'") for w in prompt.split()]
+    names = [w for w in words[1:] if w[:1].isupper() and w != answer.strip()]
+    if not names:
+        raise ValueError(f"no other name in {prompt!r}")
+    return model.answer_id(max(dict.fromkeys(names), key=names.count))
+
+
+def competitor(
+    model: EvalModel, case: dict[str, Any], ids: list[int], answer: int, kind: str
+) -> int:
+    """The token a margin score sets the answer against (``Split.margin``)."""
+    if kind == "other-name":
+        return other_name(model, case["prompt"], case["answer"])
+    return runner_up(model, ids, answer)
 
 
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
@@ -64,10 +83,11 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
     scores: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     splits = splits_of(ctx.options)
-    other = runner_up(model, ids, answer) if any(s.margin for s in splits) else None
+    kinds = {s.margin for s in splits if s.margin is not None}
+    others = {kind: competitor(model, case, ids, answer, kind) for kind in kinds}
     for split in splits:
         with Timer() as clock:
-            against = other if split.margin else None
+            against = None if split.margin is None else others[split.margin]
             scores[split.label] = ctx.depass.token_scores(ids, answer, split, against)
         seconds[split.label] = clock.seconds
     wanted = ctx.options.get("baselines", list(baselines.BASELINES))
@@ -86,7 +106,7 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
         "answer": case["answer"],
         "tokens": model.token_texts(ids),
         "answer_prob": prob,
-        "runner_up": None if other is None else model.token_texts([other])[0],
+        "margin_against": {kind: model.token_texts([t])[0] for kind, t in others.items()},
         "curves": results,
         "scores": {m: np.round(v.astype(np.float64), 5).tolist() for m, v in scores.items()},
         "seconds": seconds,

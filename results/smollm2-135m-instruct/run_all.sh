@@ -32,6 +32,10 @@ case $GROUP in
       --baselines none --splits softmax,taylor --margin both --out $OUT/tuning-known-margin
     $EVAL --protocol tokens --dataset ioi --size 20 --tuning-slice --exclude $OUT/tokens-ioi \
       --baselines none --splits softmax,taylor --margin both --out $OUT/tuning-ioi-margin ;;
+  tune-margin-name)
+    $EVAL --protocol tokens --dataset ioi --size 20 --tuning-slice --exclude $OUT/tokens-ioi \
+      --baselines none --splits softmax,taylor --margin on --margin-against other-name \
+      --out $OUT/tuning-ioi-margin-name ;;
   tokens-margin)
     $EVAL --protocol tokens --dataset ioi --size 200 --baselines none --splits softmax,taylor \
       --margin on --out $OUT/tokens-ioi-margin

@@ -161,7 +161,7 @@ def test_margin_scores_are_the_answer_minus_the_runner_up(
     assert other != answer
     plain = depass.token_scores(ids, answer, Split())
     against = depass.token_scores(ids, other, Split())
-    margin = depass.token_scores(ids, answer, Split(margin=True), other)
+    margin = depass.token_scores(ids, answer, Split(margin="runner-up"), other)
     np.testing.assert_allclose(margin, plain - against, atol=1e-5)
     logits = tiny.last_logits([ids])[0]
     result = depass.engine.attribute(
@@ -173,6 +173,16 @@ def test_margin_scores_are_the_answer_minus_the_runner_up(
     assert tiny.token_texts([ids[perturb.ranked_middle(margin)[0]]])[0] == case.answer
     labels = [s.label for s in splits_of({"splits": ["softmax"], "margin": "both"})]
     assert labels == ["depass-softmax-margin", "depass-softmax"]
+    named = splits_of({"splits": ["taylor"], "margin": "on", "margin_against": "other-name"})
+    assert [s.label for s in named] == ["depass-taylor-margin-name"]
+
+
+def test_other_name_is_the_ioi_subject(tiny: EvalModel) -> None:
+    """The IOI competitor: the name the prompt gives twice, not the answer."""
+    from depass_eval.protocols.tokens import other_name
+
+    prompt = "Then, Eleanor and Deanna were thinking about going. Eleanor wanted to give it to"
+    assert other_name(tiny, prompt, "Deanna") == tiny.answer_id("Eleanor")
 
 
 def test_edits_keep_first_and_last_tokens() -> None:
