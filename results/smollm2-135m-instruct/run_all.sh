@@ -25,8 +25,9 @@ case $GROUP in
   tune-ioi) $EVAL --protocol tokens --dataset ioi --size 20 --tuning-slice \
                 --exclude $OUT/tokens-ioi --baselines none --splits softmax,relu,max,linear,taylor \
                 --temperatures 0.1,1.0 --first-token-rule both --out $OUT/tuning-ioi ;;
-  # The margin variants (the answer's logit minus the runner-up token's), chosen on the
-  # tuning slice, then on the test prompts of tokens-known / tokens-ioi (DePass only).
+  # The margin variants (the answer's logit minus the runner-up token's, or, IOI, minus
+  # the other name's), on the tuning slice only: they lose there, so the test runs keep
+  # the plain variants.
   tune-margin)
     $EVAL --protocol tokens --dataset known --size 30 --tuning-slice --exclude $OUT/tokens-known \
       --baselines none --splits softmax,taylor --margin both --out $OUT/tuning-known-margin
@@ -36,11 +37,6 @@ case $GROUP in
     $EVAL --protocol tokens --dataset ioi --size 20 --tuning-slice --exclude $OUT/tokens-ioi \
       --baselines none --splits softmax,taylor --margin on --margin-against other-name \
       --out $OUT/tuning-ioi-margin-name ;;
-  tokens-margin)
-    $EVAL --protocol tokens --dataset ioi --size 200 --baselines none --splits softmax,taylor \
-      --margin on --out $OUT/tokens-ioi-margin
-    $EVAL --protocol tokens --dataset known --size 200 --baselines none --splits softmax,taylor \
-      --margin on --out $OUT/tokens-known-margin ;;
   rest) for g in truth language tune-known tune-ioi; do bash "$0" "$MODEL" $g; done ;;
   # Rewrite every report from the rows there (e.g. after stopping the runs), and the
   # headline table of README.md.
@@ -52,7 +48,7 @@ case $GROUP in
       $EVAL --protocol "$protocol" --dataset "$dataset" --out "$run" --report-only
     done
     runs=()
-    for run in tokens-known tokens-known-margin tokens-ioi tokens-ioi-margin tokens-longra; do
+    for run in tokens-known tokens-ioi tokens-longra; do
       [ -f "$OUT/$run/results.json" ] && runs+=("$OUT/$run")
     done
     .venv/bin/python -m depass_eval.headline "${runs[@]}" > $OUT/headline.md ;;
