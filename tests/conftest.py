@@ -69,7 +69,10 @@ def llama_engine() -> DePassEngine:
 def golden_or_skip() -> Path:
     """The golden folder, or skip the calling test module when ../shared is absent."""
     if not (GOLDEN / "manifest.json").exists():
-        pytest.skip(f"golden reference outputs not found at {GOLDEN} (set DEPASS_SHARED)")
+        pytest.skip(
+            f"golden reference outputs not found at {GOLDEN} (set DEPASS_SHARED)",
+            allow_module_level=True,
+        )
     return GOLDEN
 
 
