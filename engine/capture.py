@@ -212,7 +212,7 @@ def trace_forward_many(
         for index, layer in enumerate(family.decoder_layers(model)):
             part = family.mlp.for_layer(layer)
             kept = {hook.key: store.pop((index, hook.key)) for hook in part.hooks()}
-            frozen_mlps.append(part.frozen(layer, kept))
+            frozen_mlps.append(part.frozen(layer, kept, (len(prompts), length)))
     traces = []
     for r, (ids, n) in enumerate(zip(prompts, lengths, strict=True)):
         own = slice(length - n, length)

@@ -29,7 +29,7 @@ Each part lists the hooks it needs (:meth:`hooks`) as ``(path, kind, key)`` trip
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -323,8 +323,9 @@ class GatedMLP:
         """The label of neuron ``index`` of the axis."""
         return f"N{index}"
 
-    def frozen(self, layer: nn.Module, kept: dict[str, torch.Tensor]) -> FrozenMLP:
-        """What the forward pass left, from the tensors :meth:`hooks` kept (batch first)."""
+    def frozen(self, layer: nn.Module, kept: dict[str, Any], batch: tuple[int, int]) -> FrozenMLP:
+        """What the forward pass left, from what :meth:`hooks` kept; ``batch``: the
+        forward's (prompts, positions), which these tensors already lead with."""
         return FrozenMLP(gate=kept["gate"], act=kept["act"])
 
     def on_axis(self, layer: nn.Module, frozen: FrozenMLP) -> FrozenMLP:
@@ -378,9 +379,8 @@ class MixtureMLP:
         return self
 
     def hooks(self) -> list[Hook]:
-        # the experts' inputs (flattened positions, chosen experts, weights); the MLP's
-        # input only for the batch shape
-        return [Hook(self.experts, "arguments", "routed"), Hook(self.module, "input", "shape")]
+        # the experts' inputs: flattened positions, chosen experts, their weights
+        return [Hook(self.experts, "arguments", "routed")]
 
     def _experts(self, layer: nn.Module) -> nn.Module:
         return layer.get_submodule(self.experts)
@@ -390,18 +390,19 @@ class MixtureMLP:
         down = self._experts(layer).down_proj  # (E, D, I)
         return int(down.shape[0]), int(down.shape[2])
 
+    def _shared_width(self, layer: nn.Module) -> int:
+        return 0 if self.shared is None else self.shared.width(layer)
+
     def width(self, layer: nn.Module) -> int:
         experts, per_expert = self._expert_counts(layer)
-        shared = 0 if self.shared is None else self.shared.width(layer)
-        return experts * per_expert + shared
+        return experts * per_expert + self._shared_width(layer)
 
     def split_width(self, layer: nn.Module) -> int:
-        shared = 0 if self.shared is None else self.shared.width(layer)
-        return max(self._expert_counts(layer)[1], shared)
+        return max(self._expert_counts(layer)[1], self._shared_width(layer))
 
     def trace_width(self, layer: nn.Module) -> int:
-        shared = 0 if self.shared is None else self.shared.width(layer)
-        return int(layer.get_submodule(self.router).top_k) * self._expert_counts(layer)[1] + shared
+        chosen = int(layer.get_submodule(self.router).top_k)
+        return chosen * self._expert_counts(layer)[1] + self._shared_width(layer)
 
     def blocks(self, layer: nn.Module) -> list[NeuronBlock]:
         """One block per expert (its gate rows and down projection), then the shared one."""
@@ -431,10 +432,11 @@ class MixtureMLP:
             return f"S.N{index - experts * size}"
         return f"E{index // size}.N{index % size}"
 
-    def frozen(self, layer: nn.Module, kept: dict[str, torch.Tensor]) -> FrozenMLP:
+    def frozen(self, layer: nn.Module, kept: dict[str, Any], batch: tuple[int, int]) -> FrozenMLP:
         """The chosen experts' (and the shared expert's) pre-activations and weighted
         activations at each position, recomputed from the experts' input with the routing
-        the forward pass chose: (B, T, k I [+ I_s]) slot by slot."""
+        the forward pass chose: (B, T, k I [+ I_s]) slot by slot (the experts' input is
+        flattened over the ``batch`` of (prompts, positions))."""
         x, routes, weights = kept["routed"][:3]  # (B T, D), (B T, k), (B T, k)
         module = self._experts(layer)
         size = module.down_proj.shape[2]
@@ -456,7 +458,6 @@ class MixtureMLP:
                 act = act * torch.sigmoid(layer.get_submodule(self.shared_gate)(x))
             gates.append(g)
             acts.append(act)
-        batch = kept["shape"].shape[:-1]
         return FrozenMLP(
             gate=torch.cat(gates, -1).view(*batch, -1),
             act=torch.cat(acts, -1).view(*batch, -1),

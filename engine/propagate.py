@@ -192,7 +192,7 @@ class LayerWeights:
         self.device = output.weight.device
         self.dtype = dtype
         self.matmul_dtype = matmul_dtype
-        cast = lambda t, to=dtype: t.detach().to(self.device, to)  # noqa: E731
+        cast = self._cast
         stack = lambda ts, to=dtype: _stack_padded([cast(t, to) for t in ts], length)  # noqa: E731
 
         # Each norm frozen at its true input's scale: (R, N, D) inverse scale times gain.
@@ -241,9 +241,7 @@ class LayerWeights:
         self.neuron_name = lambda index: part.neuron_name(module, index)
         blocks = part.blocks(module)
         routes = [f.routes for f in on_axis]
-        self.neuron_blocks = [
-            self._neuron_block(block, routes, length, matmul_dtype) for block in blocks
-        ]
+        self.neuron_blocks = [self._neuron_block(block, routes, length) for block in blocks]
         self.split_width = max(b.w_gate.shape[0] for b in self.neuron_blocks)
         down_bias = _optional_sum(
             *(cast(b.output.bias) for b in blocks if b.output.bias is not None)
@@ -257,16 +255,16 @@ class LayerWeights:
         self.act = stack([f.act for f in on_axis], SPLIT_DTYPE)
         self.gate = stack([f.gate for f in on_axis], SPLIT_DTYPE)
 
+    def _cast(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``tensor`` on this layer's device, in ``dtype`` (default: the compute dtype)."""
+        return tensor.detach().to(self.device, dtype or self.dtype)
+
     def _neuron_block(
-        self,
-        block: NeuronBlock,
-        routes: list[torch.Tensor | None],
-        length: int,
-        matmul_dtype: torch.dtype,
+        self, block: NeuronBlock, routes: list[torch.Tensor | None], length: int
     ) -> NeuronBlockWeights:
         if block.expert is not None and block.output.bias is not None:
             raise ValueError("an expert's output bias would need its routing weight")
-        cast = lambda t, to=self.dtype: t.detach().to(self.device, to)  # noqa: E731
+        cast, matmul_dtype = self._cast, self.matmul_dtype
         split_input = block.split_input
         routed = None
         if block.expert is not None:

@@ -96,6 +96,26 @@ def real_model_path(name: str) -> Path:
     return path
 
 
+def served_attribution(name: str, prompt: str, tmp_path: Path) -> tuple[Path, dict, dict]:
+    """Serve the real model ``name`` with ``DEPASS_MODEL=<file>.gguf python -m service``
+    over real HTTP: its file, the service's model card, and the JSON attribution of
+    ``prompt`` at the last position (answered 200)."""
+    import httpx
+
+    from tests.service.support import load_test_module
+
+    path = real_model_path(name)
+    with load_test_module().serve(path, tmp_path / "service.log", OMP_NUM_THREADS="2") as served:
+        card = httpx.get(f"{served.url}/v1/model", timeout=30).json()
+        reply = httpx.post(
+            f"{served.url}/v1/attributions",
+            json={"prompt": prompt, "positions": [-1], "array_encoding": "list"},
+            timeout=300,
+        )
+    assert reply.status_code == 200, reply.text
+    return path, card, reply.json()
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> DePassEngine:
     """SmolLM2-135M-Instruct (a Llama with a chat template), float32 on the CPU."""

@@ -149,9 +149,10 @@ def _wrong(family: Family) -> dict[str, Family]:
 class _Unweighted(MixtureMLP):
     """Each chosen expert's activations at full weight, not times its routing weight."""
 
-    def frozen(self, layer: torch.nn.Module, kept: dict) -> FrozenMLP:
+    def frozen(self, layer: torch.nn.Module, kept: dict, batch: tuple[int, int]) -> FrozenMLP:
         x, routes, weights = kept["routed"][:3]
-        return super().frozen(layer, {**kept, "routed": (x, routes, torch.ones_like(weights))})
+        unweighted = {**kept, "routed": (x, routes, torch.ones_like(weights))}
+        return super().frozen(layer, unweighted, batch)
 
 
 @dataclass(frozen=True)

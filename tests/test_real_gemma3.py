@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
 from engine import AttributionRequest, DePassEngine
-from tests.conftest import real_model_path
+from tests.conftest import served_attribution
 from tests.test_families import _preactivation_errors
 
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -94,25 +93,11 @@ def test_the_service_serves_gemma3(tmp_path: Path) -> None:
     """``DEPASS_MODEL=<gemma-3 file>.gguf python -m service`` over real HTTP: the card
     names the family, and the Eiffel fact comes back conserved, answered " Paris", with
     " Eiffel" among the two top-scoring tokens."""
-    from tests.service.support import load_test_module
-
-    path = real_model_path("gemma3")
-    with load_test_module().serve(path, tmp_path / "service.log", OMP_NUM_THREADS="2") as served:
-        card = httpx.get(f"{served.url}/v1/model", timeout=30).json()
-        assert (card["family"], card["architecture"], card["num_layers"]) == (
-            "gemma3",
-            "Gemma3ForCausalLM",
-            18,
-        )
-        reply = httpx.post(
-            f"{served.url}/v1/attributions",
-            json={"prompt": EIFFEL, "positions": [-1], "array_encoding": "list"},
-            timeout=300,
-        )
-        assert reply.status_code == 200, reply.text
-        body = reply.json()
-        assert body["target_tokens"] == [" Paris"]
-        assert body["relative_conservation_error"] <= LIMIT
-        scores = [row[0] for row in body["scores"]["data"][0]]
-        top = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)[:2]
-        assert " Eiffel" in [body["tokens"][k] for k in top], body["tokens"]
+    _, card, body = served_attribution("gemma3", EIFFEL, tmp_path)
+    family = (card["family"], card["architecture"], card["num_layers"])
+    assert family == ("gemma3", "Gemma3ForCausalLM", 18)
+    assert body["target_tokens"] == [" Paris"]
+    assert body["relative_conservation_error"] <= LIMIT
+    scores = [row[0] for row in body["scores"]["data"][0]]
+    top = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)[:2]
+    assert " Eiffel" in [body["tokens"][k] for k in top], body["tokens"]

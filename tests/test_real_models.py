@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from engine import SPLIT_RULES, AttributionRequest, DePassEngine
 from engine.loading import file_sha256, gguf_location
-from tests.conftest import real_model_path
+from tests.conftest import real_model_path, served_attribution
 from tests.test_causality import assert_causal, projection_subspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,21 +150,10 @@ def test_bfloat16_weights_stay_close_to_float32(smollm2: DePassEngine) -> None:
 
 def test_the_service_serves_the_gguf_file(tmp_path: Path) -> None:
     """``DEPASS_MODEL=<file>.gguf python -m service`` over real HTTP (reads the cache)."""
-    from tests.service.support import load_test_module
-
-    path = real_model_path("smollm2")
-    with load_test_module().serve(path, tmp_path / "service.log", OMP_NUM_THREADS="2") as served:
-        card = httpx.get(f"{served.url}/v1/model", timeout=30).json()
-        assert (card["id"], card["family"], card["num_layers"]) == (path.stem, "llama", 30)
-        reply = httpx.post(
-            f"{served.url}/v1/attributions",
-            json={"prompt": PROMPT, "positions": [-1], "array_encoding": "list"},
-            timeout=300,
-        )
-        assert reply.status_code == 200, reply.text
-        body = reply.json()
-        assert body["target_tokens"] == [" Paris"]
-        assert body["tokens"] == ["The", " capital", " of", " France", " is"]
-        assert body["relative_conservation_error"] <= LIMIT
-        scores = [row[0] for row in body["scores"]["data"][0]]
-        assert scores.index(max(scores)) in (1, 3)  # " capital" or " France"
+    path, card, body = served_attribution("smollm2", PROMPT, tmp_path)
+    assert (card["id"], card["family"], card["num_layers"]) == (path.stem, "llama", 30)
+    assert body["target_tokens"] == [" Paris"]
+    assert body["tokens"] == ["The", " capital", " of", " France", " is"]
+    assert body["relative_conservation_error"] <= LIMIT
+    scores = [row[0] for row in body["scores"]["data"][0]]
+    assert scores.index(max(scores)) in (1, 3)  # " capital" or " France"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from depass_eval import baselines, perturb
 from depass_eval.data import load_cases
@@ -43,11 +44,11 @@ def splits_of(options: dict[str, Any]) -> list[Split]:
     return variants
 
 
-def runner_up(model: EvalModel, ids: list[int], answer: int) -> int:
-    """The model's most likely next token other than ``answer``."""
-    logits = model.last_logits([ids])[0].clone()
-    logits[answer] = float("-inf")
-    return int(logits.argmax())
+def runner_up(logits: torch.Tensor, answer: int) -> int:
+    """The most likely next token other than ``answer`` under ``logits`` (V,)."""
+    others = logits.clone()
+    others[answer] = float("-inf")
+    return int(others.argmax())
 
 
 def other_name(model: EvalModel, prompt: str, answer: str) -> int:
@@ -61,12 +62,13 @@ def other_name(model: EvalModel, prompt: str, answer: str) -> int:
 
 
 def competitor(
-    model: EvalModel, case: dict[str, Any], ids: list[int], answer: int, kind: str
+    model: EvalModel, case: dict[str, Any], logits: torch.Tensor, answer: int, kind: str
 ) -> int:
-    """The token a margin score sets the answer against (``Split.margin``)."""
+    """The token a margin score sets the answer against (``Split.margin``); ``logits``:
+    the model's next-token logits after the prompt."""
     if kind == "other-name":
         return other_name(model, case["prompt"], case["answer"])
-    return runner_up(model, ids, answer)
+    return runner_up(logits, answer)
 
 
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
@@ -79,12 +81,13 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
     model = ctx.model
     ids = model.encode(case["prompt"])
     answer = model.answer_id(case["answer"])
-    prob = float(model.answer_probs([ids], answer)[0])
+    logits = model.last_logits([ids])[0]
+    prob = float(torch.softmax(logits, dim=-1)[answer])
     scores: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     splits = splits_of(ctx.options)
     kinds = {s.margin for s in splits if s.margin is not None}
-    others = {kind: competitor(model, case, ids, answer, kind) for kind in kinds}
+    others = {kind: competitor(model, case, logits, answer, kind) for kind in kinds}
     for split in splits:
         with Timer() as clock:
             against = None if split.margin is None else others[split.margin]

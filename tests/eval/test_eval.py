@@ -157,13 +157,13 @@ def test_margin_scores_are_the_answer_minus_the_runner_up(
     case = tasks.held_out_ioi(1)[0]
     ids = tiny.encode(case.prompt)
     answer = tiny.answer_id(case.answer)
-    other = runner_up(tiny, ids, answer)
+    logits = tiny.last_logits([ids])[0]
+    other = runner_up(logits, answer)
     assert other != answer
     plain = depass.token_scores(ids, answer, Split())
     against = depass.token_scores(ids, other, Split())
     margin = depass.token_scores(ids, answer, Split(margin="runner-up"), other)
     np.testing.assert_allclose(margin, plain - against, atol=1e-5)
-    logits = tiny.last_logits([ids])[0]
     result = depass.engine.attribute(
         AttributionRequest(input_ids=ids, positions=[-1], targets=[answer, other])
     )
