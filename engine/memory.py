@@ -308,3 +308,50 @@ def auto_budget_bytes(devices: Iterable[torch.device]) -> int:
 
 def _gib(value: int) -> str:
     return f"{value / GiB:.2f} GiB" if value >= GiB / 100 else f"{value / 1024**2:.1f} MiB"
+
+
+def reverse_estimate(
+    shape: Shape,
+    *,
+    length: int,
+    stages: int,
+    kept_stages: int,
+    scored: int,
+    start_rows: int,
+    result_rows: int,
+    positions: int,
+    targets: int,
+    runs: int,
+) -> MemoryEstimate:
+    """The memory of a reverse-strategy request (:mod:`engine.reverse`).
+
+    Args:
+        stages: stages the frozen pass runs (each keeps what its backward reads).
+        kept_stages: stages whose (K, N, D) gradient is kept (the runs' starts).
+        scored: K, the scored (position, target) logits (one cotangent each).
+        start_rows: rows (M + 1) of the largest start one run builds (its components,
+            or for neurons the (K, N, I) gradient at the down-projection input).
+        result_rows: M + 1 of one run's result.
+        runs: start layers (each leaves a (P, M + 1, T) view).
+    """
+    m, c, n, d = shape.model, shape.compute_bytes, length, shape.model.hidden_size
+    trace = trace_bytes(shape, n) + forward_transient_bytes(shape, n)
+    kv, heads = m.num_kv_heads * m.head_dim, m.num_heads * m.head_dim
+    # per stage pair (a layer): the attention's normalised input, values, contexts and
+    # output; the MLP's two rows of input, gates, shares and output (float32 split); the
+    # state itself; the norms' frozen scales
+    per_layer = n * c * (6 * d + 2 * kv + 2 * heads) + 2 * n * 4 * 3 * shape.split
+    norms = (shape.frozen_norms + shape.post_norms) * n * d * c
+    graph = (stages + 1) // 2 * (per_layer + norms)
+    # the gradients kept, and those one backward step holds at once
+    gradients = scored * n * d * c * (kept_stages + 4)
+    start = max(start_rows * n * d * c, scored * n * shape.model.intermediate_size * 4 * 2)
+    result = runs * positions * result_rows * targets * c * 3
+    frozen = 2 * n * shape.model.intermediate_size * 4 + m.num_heads * n * n * shape.matmul_bytes
+    return MemoryEstimate(
+        trace=trace,
+        components=start,
+        frozen_layer=frozen + graph,
+        snapshots=result,
+        working=gradients,
+    )
