@@ -203,12 +203,12 @@ def trace_forward_many(
     inputs: dict[str, torch.Tensor] = {"input_ids": batch.to(device)}
     if len(prompts) > 1:  # one prompt: the plain call, with no mask at all
         inputs |= {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
-    with _hooks(handles), torch.inference_mode():
+    with _hooks(handles), torch.no_grad():
         output = model(**inputs, use_cache=False, logits_to_keep=1)
 
     roles = [role for role, _ in family.norms()]
     frozen_mlps = []
-    with torch.inference_mode():  # a mixture recomputes its experts from what it kept
+    with torch.no_grad():  # a mixture recomputes its experts from what it kept
         for index, layer in enumerate(family.decoder_layers(model)):
             part = family.mlp.for_layer(layer)
             kept = {hook.key: store.pop((index, hook.key)) for hook in part.hooks()}

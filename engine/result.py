@@ -48,9 +48,9 @@ class AttributionResult:
     capped_logits: torch.Tensor | None = None  # ([layers,] P, T)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     strategy: str = "forward"  # how the scores were computed: "forward" or "reverse"
-    # with ``top_k``: the k kept per position and target (the component axis then holds
-    # the union of those, in the model's order)
-    top_k: int | None = None
+    # the request's ``top_k``: the component axis holds only the components among the k
+    # largest |score| of some position and target (their union, in the original order)
+    kept_top_k: int | None = None
 
     def labels(self, layer: int = -1) -> list[str]:
         """The component labels at one index of the layer axis (``components`` without one)."""
@@ -99,5 +99,5 @@ class AttributionResult:
             else [[names[i] for i in kept] for names in self.layer_components],
             first_positions=[self.first_positions[i] for i in kept],
             scores=picked,
-            top_k=k,
+            kept_top_k=k,
         )
