@@ -11,6 +11,7 @@ the results (:mod:`engine.readout`). Loading is :mod:`engine.loading`, token han
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.capture import ForwardTrace
+from engine.capture import ForwardTrace, trace_forward_many
 from engine.families import Family, family_for
 from engine.granularity import GRANULARITY_KINDS, Granularity, RunStart
 from engine.info import model_info
@@ -255,10 +256,22 @@ class DePassEngine:
             budget_bytes=self.memory_budget_bytes,
         )
         strategy = self._strategy(request, kind, layers, end, count, len(positions), target_ids)
+        light = False
         if strategy == "reverse":
-            memory = self._reverse_memory(
-                request, kind, layers, end, count, length, len(positions), target_ids
+            reverse_memory = functools.partial(
+                self._reverse_memory,
+                request,
+                kind,
+                layers,
+                end,
+                count,
+                length,
+                len(positions),
+                target_ids,
             )
+            memory = reverse_memory(light_trace=False)
+            if memory.total > self.memory_budget_bytes:  # recompute probabilities per layer
+                light, memory = True, reverse_memory(light_trace=True)
         if memory.total > self.memory_budget_bytes:
             raise MemoryBudgetError(input_field, memory, self.memory_budget_bytes)
         return Plan(
@@ -278,6 +291,7 @@ class DePassEngine:
             chunk_budget=chunk_budget,
             late_starts=kind.late_starts(count),
             strategy=strategy,
+            light_trace=light,
         )
 
     def _strategy(
@@ -311,6 +325,7 @@ class DePassEngine:
         length: int,
         positions: int,
         target_ids: list[int] | None,
+        light_trace: bool,
     ) -> MemoryEstimate:
         """The memory estimate of a reverse run of ``request`` (:func:`reverse_estimate`)."""
         targets = 1 if target_ids is None else len(target_ids)
@@ -328,6 +343,7 @@ class DePassEngine:
             positions=positions,
             targets=targets,
             runs=len(layers),
+            light_trace=light_trace,
         )
 
     def attribute(
@@ -510,9 +526,13 @@ class DePassEngine:
         clock = time.perf_counter()
         key = tuple(plan.input_ids)
         self.traces.make_room(plan.memory.total, self.memory_budget_bytes, {key} | set(held))
-        if key not in held:
-            held[key] = self.trace_many([key])[0]
-        trace = held[key]
+        if key in held:
+            trace = held[key]
+        elif plan.light_trace:  # not cached: other requests need the probabilities
+            ids = torch.tensor(key, dtype=torch.long)
+            trace = trace_forward_many(self.model, self.family, [ids], keep_probs=False)[0]
+        else:
+            trace = held[key] = self.trace_many([key])[0]
         forward_s = time.perf_counter() - clock
         clock = time.perf_counter()
         kind = GRANULARITY_KINDS[request.granularity]

@@ -322,6 +322,7 @@ def reverse_estimate(
     positions: int,
     targets: int,
     runs: int,
+    light_trace: bool = False,
 ) -> MemoryEstimate:
     """The memory of a reverse-strategy request (:mod:`engine.reverse`).
 
@@ -333,14 +334,18 @@ def reverse_estimate(
             or for neurons the (K, N, I) gradient at the down-projection input).
         result_rows: M + 1 of one run's result.
         runs: start layers (each leaves a (P, M + 1, T) view).
+        light_trace: the trace keeps no attention probabilities (each layer's are
+            recomputed when needed: one layer's more at a time).
     """
     m, c, n, d = shape.model, shape.compute_bytes, length, shape.model.hidden_size
     trace = trace_bytes(shape, n) + forward_transient_bytes(shape, n)
+    if light_trace:
+        trace -= (m.num_layers - 1) * m.num_heads * n * n * shape.model_bytes
     kv, heads = m.num_kv_heads * m.head_dim, m.num_heads * m.head_dim
-    # per stage pair (a layer): the attention's normalised input, values, contexts and
-    # output; the MLP's two rows of input, gates, shares and output (float32 split); the
-    # state itself; the norms' frozen scales
-    per_layer = n * c * (6 * d + 2 * kv + 2 * heads) + 2 * n * 4 * 3 * shape.split
+    # per layer, what its backward reads: the states, the attention's normalised input,
+    # values and contexts; the MLP's normalised input and frozen a / g (float32), and the
+    # split's temporaries of the layer being built; the norms' frozen scales
+    per_layer = n * c * (4 * d + 2 * kv + heads) + 2 * n * 4 * shape.split
     norms = (shape.frozen_norms + shape.post_norms) * n * d * c
     graph = (stages + 1) // 2 * (per_layer + norms)
     # the gradients kept, and those one backward step holds at once

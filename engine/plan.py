@@ -39,6 +39,9 @@ class Plan:
     chunk_budget: int  # what the estimate leaves for attention blocks and MLP chunks
     late_starts: bool  # components start at different positions (causal skipping pays)
     strategy: str = "forward"  # "forward" or "reverse", as chosen for this request
+    # reverse: the trace keeps no attention probabilities (recomputed layer by layer), as
+    # a long prompt's would not fit the budget otherwise
+    light_trace: bool = False
 
     @property
     def num_tokens(self) -> int:

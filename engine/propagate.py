@@ -213,7 +213,9 @@ class LayerWeights:
         self.w_v = cast(value.weight, matmul_dtype)  # (H_kv * d_h, D)
         self.w_o = cast(output.weight, matmul_dtype)  # (D, H * d_h)
         # (R, H, N, N): padded with zero rows and columns
-        self.probs = torch.stack([_pad_square(cast(f.probs, matmul_dtype), length) for f in frozen])
+        self.probs = torch.stack(
+            [_pad_square(cast(f.attention_probs(), matmul_dtype), length) for f in frozen]
+        )
         self.num_heads = int(self.probs.shape[1])
         self.head_dim = self.w_o.shape[1] // self.num_heads
         self.num_kv_heads = self.w_v.shape[0] // self.head_dim
@@ -691,6 +693,7 @@ class Propagator:
         at_zero: bool,
         spec: SplitSpec,
         layer: int = -1,
+        biased: bool = True,
     ) -> torch.Tensor | None:
         """Each component's share of the MLP block's output at a chunk of positions.
 
@@ -699,6 +702,8 @@ class Propagator:
                 (row 0 the remainder, which takes the pre-activation biases).
             at_zero: the chunk starts at position 0.
             spec: the split of this chunk (anchor and floored rows among ``live``).
+            biased: add the pre-activation biases to row 0 (``False``: every row is a
+                component without them; the reverse pass adds them apart).
 
         Returns:
             (live, R, P, D) through the frozen post-norm (the output bias apart), or
@@ -716,7 +721,7 @@ class Propagator:
             if len(w.neuron_blocks) > 1:  # a mixture's experts: each a unit of work
                 self.check()
             part = self._neuron_block_output(
-                w, neurons, normed, present, where, at_zero, spec, layer
+                w, neurons, normed, present, where, at_zero, spec, layer, biased
             )
             if part is not None:
                 output = part if output is None else output.add_(part)
@@ -734,6 +739,7 @@ class Propagator:
         at_zero: bool,
         spec: SplitSpec,
         layer: int,
+        biased: bool = True,
     ) -> torch.Tensor | None:
         """The components' share (live, R, P, D) of one run of neurons' output at a chunk
         of positions ``where`` (``at_zero``: the chunk starts at position 0), computed only
@@ -750,7 +756,7 @@ class Propagator:
             act, true_gate = act[:, local], true_gate[:, local]
             at_zero = at_zero and int(local[0]) == 0
         gates = project(normed, neurons.w_gate, SPLIT_DTYPE)  # (live, R, P', I_b)
-        if neurons.gate_bias is not None:
+        if neurons.gate_bias is not None and biased:
             gates[0] += neurons.gate_bias * spec.gate_scale
         if self.on_mlp is not None:
             self.on_mlp(layer, gates.sum(0) / spec.gate_scale, true_gate)

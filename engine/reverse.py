@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.utils.checkpoint
 
 from engine.capture import ForwardTrace
-from engine.propagate import Propagator, Snapshot
+from engine.propagate import LayerWeights, Propagator, Snapshot
 from engine.splits import SplitSpec
 
 if TYPE_CHECKING:
@@ -110,6 +111,29 @@ class FrozenPass:
         self.end_layer = end_layer
         self.parallel = propagator.family.parallel
 
+    def _attention(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The frozen attention block's output for the state ``x`` (N, D). A trace that
+        keeps no probabilities recomputes them (:class:`engine.capture.AttentionCall`),
+        and the block is checkpointed so that the backward pass recomputes them once more
+        instead of holding every layer's: one layer's (H, N, N) at a time."""
+        prop = self.propagator
+
+        def attend(state: torch.Tensor) -> torch.Tensor:
+            return prop.weights(layer).attend(state[None, None])[0, 0]
+
+        if self.trace.layers[layer].probs is not None:
+            return attend(x)
+        return torch.utils.checkpoint.checkpoint(attend, x, use_reentrant=False)
+
+    def _split_bias(self, w: LayerWeights, layer: int, zero: torch.Tensor) -> torch.Tensor:
+        """(N, D) what the split's pre-activation biases add to the MLP's output (the
+        output of a zero input, whose gates are those biases alone); zero without them."""
+        if all(block.gate_bias is None for block in w.neuron_blocks):
+            return zero[0, 0]
+        with torch.no_grad():
+            split = self.propagator.mlp_output(w, zero, slice(None), True, TAYLOR, layer)
+        return zero[0, 0] if split is None else split[0, 0]
+
     def _true_state(self, stage: int) -> torch.Tensor:
         """(N, D) the model's own state entering ``stage``, in the compute dtype."""
         layer = stage // 2
@@ -152,6 +176,7 @@ class FrozenPass:
         if self.parallel and self.stage0 % 2:  # the MLP of this layer reads h^l
             entering = self.trace.resid(self.stage0 // 2).to(x.dtype).detach().clone()
         zero = x.new_zeros(1, 1, length, hidden)
+        whole = slice(0, length)
         for stage in range(self.stage0, 2 * self.end_layer):
             prop.check()
             nodes[stage] = x
@@ -160,7 +185,7 @@ class FrozenPass:
             if stage % 2 == 0:
                 if self.parallel:
                     entering = x
-                out = w.attend(x[None, None])[0, 0]  # (N, D), linear in x
+                out = self._attention(layer, x)  # (N, D), linear in x
                 constant = w.bias_of(w.attn_bias, 0, x)
             else:
                 source = x
@@ -169,13 +194,9 @@ class FrozenPass:
                     if not source.requires_grad:
                         source.requires_grad_(True)
                     mlp_nodes[layer] = source
-                # row 0 (zero input) takes the pre-activation biases: the constant part
-                rows = torch.cat([zero, source[None, None]])  # (2, 1, N, D)
-                split = prop.mlp_output(w, rows, slice(0, length), True, TAYLOR, layer)
-                out = split[1, 0] if split is not None else torch.zeros_like(x)
-                constant = w.bias_of(w.mlp_bias, 0, x)
-                if split is not None:
-                    constant = constant + split[0, 0].detach()
+                split = prop.mlp_output(w, source[None, None], whole, True, TAYLOR, layer, False)
+                out = torch.zeros_like(x) if split is None else split[0, 0]
+                constant = w.bias_of(w.mlp_bias, 0, x) + self._split_bias(w, layer, zero)
                 entering = None
             gate = x.new_ones(()).requires_grad_(True)
             gates[stage], constants[stage] = gate, constant

@@ -224,3 +224,27 @@ def test_real_weights(name: str, request: pytest.FixtureRequest) -> None:
             for s in ("forward", "reverse")
         ]
         assert_same_scores(*both)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neox"])
+def test_long_prompt_trace_recomputes_probabilities(family: str) -> None:
+    """A request whose trace with every layer's probabilities would not fit runs on a
+    trace without them (each layer's recomputed by the model's attention module, the
+    backward pass checkpointed) and gives the same scores."""
+    from tests.conftest import family_engine_for
+
+    fields = {"input_ids": IDS, "mlp_split": "taylor", "strategy": "reverse"}
+    fields |= {"granularity": "head", "start_layer": [0, 1], "positions": [-1, 4]}
+    roomy = family_engine_for(family)
+    full_plan = roomy.plan(AttributionRequest(**fields))
+    assert not full_plan.light_trace
+    tight = family_engine_for(family, memory_budget_bytes=full_plan.memory.total - 1)
+    plan = tight.plan(AttributionRequest(**fields))
+    assert plan.light_trace and plan.memory.total < full_plan.memory.total
+    want = roomy.attribute(AttributionRequest(**fields))
+    got = tight.attribute(AttributionRequest(**fields))
+    assert len(tight.traces) == 0  # a trace without probabilities is not cached
+    assert_same_scores(
+        roomy.attribute(AttributionRequest(**{**fields, "strategy": "forward"})), got
+    )
+    torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-6)
