@@ -196,11 +196,8 @@ def _attribute(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         return 0
     colour = _wants_colour(out)
     layer = "" if args.layer is None else f", layer {args.layer}"
-    print(
-        f"model {result.model}, granularity {result.granularity}{layer}, "
-        f"strategy {result.strategy}",
-        file=out,
-    )
+    how = ", strategy reverse" if result.strategy == "reverse" else ""
+    print(f"model {result.model}, granularity {result.granularity}{layer}{how}", file=out)
     print("tokens: " + _tokens_line(result, colour), file=out)
     # one table per layer of a list of head layers, each with that layer's labels
     tables = [-1] if result.layers is None else list(range(len(result.layers)))
