@@ -312,7 +312,7 @@ class DePassEngine:
             return "forward"
         scored = positions * (1 if target_ids is None else len(target_ids))
         stages = [kind.start_stage(layer, request) for layer in layers]
-        cheaper = reverse_is_cheaper(count + 1, layers, stages, 2 * end, scored)
+        cheaper = reverse_is_cheaper(count + 1, stages, 2 * end, scored)
         return "reverse" if cheaper else "forward"
 
     def _reverse_memory(

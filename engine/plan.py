@@ -161,9 +161,7 @@ def schedule(
     return batches
 
 
-def reverse_is_cheaper(
-    plan_rows: int, layers: Sequence[int], stages: Sequence[int], end_stage: int, scored: int
-) -> bool:
+def reverse_is_cheaper(plan_rows: int, stages: Sequence[int], end_stage: int, scored: int) -> bool:
     """Whether the reverse strategy costs less than the forward one, counted in
     (row x stage) units of the same per-position work.
 
@@ -175,5 +173,4 @@ def reverse_is_cheaper(
     """
     forward = sum(plan_rows * (end_stage - stage) for stage in stages)
     reverse = (3 + 2 * scored) * (end_stage - min(stages))
-    del layers
     return reverse < forward
