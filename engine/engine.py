@@ -255,19 +255,25 @@ class DePassEngine:
             late_starts=kind.late_starts(count),
             budget_bytes=self.memory_budget_bytes,
         )
-        strategy = self._strategy(request, kind, layers, end, count, len(positions), target_ids)
+        stages = [kind.start_stage(layer, request) for layer in layers]
+        targets = 1 if target_ids is None else len(target_ids)
+        scored = len(positions) * targets  # one cotangent each in a reverse pass
+        strategy = self._strategy(request, count, stages, end, scored)
         light = False
         if strategy == "reverse":
             reverse_memory = functools.partial(
-                self._reverse_memory,
-                request,
-                kind,
-                layers,
-                end,
-                count,
-                length,
-                len(positions),
-                target_ids,
+                reverse_estimate,
+                self.shape,
+                length=length,
+                stages=2 * end - min(stages),
+                kept_stages=len(set(stages)),
+                scored=scored,
+                # token and neuron runs score without building their (M + 1, N, D) start
+                start_rows=1 if request.granularity in ("token", "neuron") else count + 1,
+                result_rows=count + 1,
+                positions=len(positions),
+                targets=targets,
+                runs=len(layers),
             )
             memory = reverse_memory(light_trace=False)
             if memory.total > self.memory_budget_bytes:  # recompute probabilities per layer
@@ -297,12 +303,10 @@ class DePassEngine:
     def _strategy(
         self,
         request: AttributionRequest,
-        kind: Granularity,
-        layers: list[int],
-        end: int,
         count: int,
-        positions: int,
-        target_ids: list[int] | None,
+        stages: list[int],
+        end: int,
+        scored: int,
     ) -> str:
         """``forward`` or ``reverse`` for this request (``auto``: reverse when it applies
         and :func:`engine.plan.reverse_is_cheaper`)."""
@@ -310,41 +314,8 @@ class DePassEngine:
             return request.strategy
         if request.reverse_refusal is not None:
             return "forward"
-        scored = positions * (1 if target_ids is None else len(target_ids))
-        stages = [kind.start_stage(layer, request) for layer in layers]
         cheaper = reverse_is_cheaper(count + 1, stages, 2 * end, scored)
         return "reverse" if cheaper else "forward"
-
-    def _reverse_memory(
-        self,
-        request: AttributionRequest,
-        kind: Granularity,
-        layers: list[int],
-        end: int,
-        count: int,
-        length: int,
-        positions: int,
-        target_ids: list[int] | None,
-        light_trace: bool,
-    ) -> MemoryEstimate:
-        """The memory estimate of a reverse run of ``request`` (:func:`reverse_estimate`)."""
-        targets = 1 if target_ids is None else len(target_ids)
-        stages = [kind.start_stage(layer, request) for layer in layers]
-        # token and neuron runs score without building their (M + 1, N, D) start
-        builds_start = request.granularity not in ("token", "neuron")
-        return reverse_estimate(
-            self.shape,
-            length=length,
-            stages=2 * end - min(stages),
-            kept_stages=len(set(stages)),
-            scored=positions * targets,
-            start_rows=count + 1 if builds_start else 1,
-            result_rows=count + 1,
-            positions=positions,
-            targets=targets,
-            runs=len(layers),
-            light_trace=light_trace,
-        )
 
     def attribute(
         self, request: AttributionRequest, should_stop: Callable[[], bool] | None = None

@@ -140,6 +140,7 @@ class FrozenPass:
         state = self.trace.resid(layer) if stage % 2 == 0 else self.trace.layers[layer].resid_mid
         return state.to(self.propagator.dtype)
 
+    @torch.enable_grad()
     def gradients(
         self,
         readout: Readout,
@@ -154,17 +155,6 @@ class FrozenPass:
         ``stages``: the stages whose entering gradient is kept (the runs' starts; more
         cost memory, not time).
         """
-        with torch.enable_grad():
-            return self._gradients(readout, head, positions, scaled_output, stages)
-
-    def _gradients(
-        self,
-        readout: Readout,
-        head: TargetHead,
-        positions: torch.Tensor,
-        scaled_output: bool,
-        stages: Sequence[int],
-    ) -> StageGradients:
         prop = self.propagator
         x = self._true_state(self.stage0).detach().clone().requires_grad_(True)  # (N, D)
         length, hidden = x.shape
