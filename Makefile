@@ -16,9 +16,10 @@ $(VENV)/.serving: pyproject.toml clients/python/pyproject.toml Makefile
 	$(PY) -m pip install -q -e . -e clients/python
 	touch $@
 
-# Everything: the above with the test and lint tools (.[dev]).
+# Everything: the above with the test and lint tools (.[dev]) and Ray (.[ray]: depass-batch
+# --ray and the Ray Serve deployment, whose tests run on a local Ray cluster).
 $(VENV)/.installed: $(VENV)/.serving
-	$(PY) -m pip install -q -e ".[dev]" -e "clients/python[plot]"
+	$(PY) -m pip install -q -e ".[dev,ray]" -e "clients/python[plot,parquet]"
 	touch $@
 
 install: $(VENV)/.installed
