@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from depass_batch.io import ShardWriter, read_requests
 from depass_batch.runner import PoolError, RayOptions, Summary, run
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _progress_bar(total: int, done: int, disabled: bool):
+def _progress_bar(total: int, done: int, disabled: bool) -> Any:
     """rows written, rows/s and the ETA (tqdm's own), on stderr."""
     from tqdm import tqdm
 

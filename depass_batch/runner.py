@@ -26,6 +26,8 @@ from typing import Any
 from depass_batch.io import ShardWriter, input_table
 from depass_batch.worker import AttributionWorker, EngineSpec
 
+#: Set to "0" before Ray is imported, Ray keeps a single-node cluster on 127.0.0.1.
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 #: Called with the number of new rows after each batch is written.
 Progress = Callable[[int], None]
 
@@ -113,12 +115,12 @@ def _local_batches(items: list[dict[str, str]], spec: EngineSpec, batch_size: in
 def _ray_batches(
     items: list[dict[str, str]], spec: EngineSpec, batch_size: int, options: RayOptions
 ) -> Any:
-    import ray
-    import ray.data
-
     if not items:
         return
     connect(options.address)
+    import ray
+    import ray.data
+
     check_pool(options, ray.cluster_resources())
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts rows, with the rate and ETA
@@ -133,9 +135,11 @@ def _ray_batches(
             max(1, int(cpus // options.actors)),
             spec.engine_kwargs,
         )
-    # One block per batch, so that every actor gets work from the start.
-    blocks = [input_table(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
-    dataset = ray.data.from_arrow(blocks).map_batches(
+    # One block per batch, so that every actor has work from the start; from_items builds
+    # the blocks here, with no Ray task (from_arrow runs one per block, which needs a
+    # whole free CPU beside the actors).
+    blocks = -(-len(items) // batch_size)
+    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         AttributionWorker,
         fn_constructor_kwargs={"spec": spec},
         batch_size=batch_size,
@@ -146,19 +150,25 @@ def _ray_batches(
     )
     try:
         yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
-    except ray.exceptions.GetTimeoutError as exc:
+    except ray.exceptions.GetTimeoutError:
         raise PoolError(
-            f"the {options.actors} actors did not all start within "
-            f"{options.start_timeout_s} s ({exc}); the cluster has "
-            f"{_describe(ray.available_resources())} free"
+            f"the {options.actors} actors ({options.cpus_per_actor:g} CPU, "
+            f"{options.gpus_per_actor:g} GPU each) did not all start within "
+            f"{options.start_timeout_s} s: the cluster has "
+            f"{_describe(ray.available_resources())} free of {_describe(ray.cluster_resources())} "
+            "(other jobs hold the rest?); use fewer --actors or wait for room"
         ) from None
 
 
 def connect(address: str | None) -> None:
     """Join (or start, with ``address=None``) a Ray cluster, unless already joined.
 
-    A local cluster listens on 127.0.0.1 only.
+    A local cluster is a single-node one on 127.0.0.1: without
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray swaps 127.0.0.1 for the machine's outward
+    address, and its processes would listen and connect there.
     """
+    if address is None:
+        os.environ.setdefault(LOOPBACK_ONLY, "0")
     import ray
 
     if ray.is_initialized():
