@@ -32,7 +32,8 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 
 from depass_batch.io import ShardWriter  # noqa: E402
-from depass_batch.runner import RayOptions, connect, run  # noqa: E402
+from depass_batch.options import RayOptions  # noqa: E402
+from depass_batch.runner import connect, run  # noqa: E402
 from depass_batch.worker import EngineSpec  # noqa: E402
 
 WORDS = "the cat sat on a mat with one dog and two birds near an old house by the river".split()

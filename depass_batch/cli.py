@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from depass_batch.io import ShardWriter, read_requests
-from depass_batch.runner import PoolError, RayOptions, Summary, run
+from depass_batch.options import add_ray_arguments, ray_options
+from depass_batch.runner import PoolError, Summary, run
 from depass_batch.worker import EngineSpec
 
 
@@ -37,23 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="Output folder (shards, manifest).")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu).")
     p.add_argument("--dtype", default="float32", help="Weight dtype (default: float32).")
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="local",
-        default=None,
-        metavar="ADDRESS",
-        help="Run on a Ray Data actor pool: no ADDRESS starts a local cluster on "
-        "127.0.0.1; 'auto' joins the running one; 'ray://host:10001' a remote one.",
-    )
-    p.add_argument("--actors", type=int, default=2, help="Actors (engines) on Ray (default 2).")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (Ray).")
-    p.add_argument(
-        "--cpus-per-actor",
-        type=float,
-        default=0.5,
-        help="CPUs each actor reserves on Ray (default 0.5: leave some to Ray Data).",
-    )
+    add_ray_arguments(p, "an engine")
     p.add_argument(
         "--threads",
         type=int,
@@ -68,18 +53,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard-rows", type=int, default=1000, help="Rows per output shard (default 1000)."
     )
-    p.add_argument(
-        "--start-timeout", type=int, default=300, help="Seconds for the Ray actors to start."
-    )
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    for name in ("actors", "batch_size", "max_batch", "shard_rows"):
+    for name in ("batch_size", "max_batch", "shard_rows"):
         if getattr(args, name) < 1:
             parser().error(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        pool = ray_options(args)
+    except ValueError as exc:
+        parser().error(str(exc))
     try:
         items = read_requests(args.input)
     except (OSError, ValueError) as exc:
@@ -88,20 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = EngineSpec(
         args.model, args.device, args.dtype, args.threads, {"max_batch": args.max_batch}
     )
-    ray_options = None
-    if args.ray is not None:
-        ray_options = RayOptions(
-            address=None if args.ray == "local" else args.ray,
-            actors=args.actors,
-            cpus_per_actor=args.cpus_per_actor,
-            gpus_per_actor=args.gpus_per_actor,
-            start_timeout_s=args.start_timeout,
-        )
     meta = {"input": str(args.input), "model": args.model, "ray": args.ray is not None}
     writer = ShardWriter(args.out, args.shard_rows, meta)
     bar = _progress_bar(len(items), len(writer.done & {i["id"] for i in items}), args.no_progress)
     try:
-        summary = run(items, spec, writer, args.batch_size, ray_options, bar.update)
+        summary = run(items, spec, writer, args.batch_size, pool, bar.update)
     except PoolError as exc:
         print(f"depass-batch: {exc}", file=sys.stderr)
         return 1

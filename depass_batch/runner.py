@@ -16,14 +16,16 @@ actor pool that takes every CPU leaves none for Ray Data's own tasks and waits f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from depass_batch.io import ShardWriter, input_table
+from depass_batch.options import RayOptions
 from depass_batch.worker import AttributionWorker, EngineSpec
 
 #: Set to "0" before Ray is imported, Ray keeps a single-node cluster on 127.0.0.1.
@@ -34,27 +36,6 @@ Progress = Callable[[int], None]
 
 class PoolError(RuntimeError):
     """The actor pool cannot be scheduled on this cluster (the message says why)."""
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how wide the Ray Data actor pool is.
-
-    Args:
-        address: ``None`` starts a local cluster on 127.0.0.1 (as many CPUs as this
-            machine); ``auto`` joins the running one; ``ray://host:10001`` a remote one.
-        actors: actors in the pool, one engine each.
-        cpus_per_actor: CPUs each actor reserves (fractional: Ray Data's own tasks need
-            the rest).
-        gpus_per_actor: GPUs each actor reserves (``1``: one replica per GPU).
-        start_timeout_s: fail when the pool's actors have not all started by then.
-    """
-
-    address: str | None = None
-    actors: int = 2
-    cpus_per_actor: float = 0.5
-    gpus_per_actor: float = 0.0
-    start_timeout_s: int = 300
 
 
 @dataclass
@@ -104,7 +85,7 @@ def run(
     return summary
 
 
-def _local_batches(items: list[dict[str, str]], spec: EngineSpec, batch_size: int) -> Any:
+def _local_batches(items: list[dict[str, str]], spec: EngineSpec, batch_size: int) -> Iterator[Any]:
     if not items:
         return
     worker = AttributionWorker(spec)
@@ -114,9 +95,35 @@ def _local_batches(items: list[dict[str, str]], spec: EngineSpec, batch_size: in
 
 def _ray_batches(
     items: list[dict[str, str]], spec: EngineSpec, batch_size: int, options: RayOptions
-) -> Any:
+) -> Iterator[Any]:
     if not items:
         return
+    if spec.threads is None:  # the cores of each actor's share of the cluster
+        spec = dataclasses.replace(spec, threads=actor_threads(options))
+    yield from actor_pool_batches(items, AttributionWorker, {"spec": spec}, batch_size, options)
+
+
+def actor_threads(options: RayOptions) -> int:
+    """torch threads per actor: the cluster's CPUs over the actors (at least 1)."""
+    connect(options.address)
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1.0) // options.actors))
+
+
+def actor_pool_batches(
+    items: list[dict[str, str]],
+    worker: type,
+    worker_kwargs: dict[str, Any],
+    batch_size: int,
+    options: RayOptions,
+) -> Iterator[Any]:
+    """``items`` through a fixed Ray Data pool of ``worker(**worker_kwargs)`` actors, in
+    batches of ``batch_size`` rows (pyarrow tables); their outputs as they finish.
+
+    Raises:
+        PoolError: the cluster cannot hold the pool, or the actors did not start in time.
+    """
     connect(options.address)
     import ray
     import ray.data
@@ -126,22 +133,13 @@ def _ray_batches(
     context.enable_progress_bars = False  # ours counts rows, with the rate and ETA
     context.print_on_execution_start = False
     context.wait_for_min_actors_s = options.start_timeout_s
-    if spec.threads is None:  # the cores each actor's share of the machine has
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        spec = EngineSpec(
-            spec.model,
-            spec.device,
-            spec.dtype,
-            max(1, int(cpus // options.actors)),
-            spec.engine_kwargs,
-        )
     # One block per batch, so that every actor has work from the start; from_items builds
     # the blocks here, with no Ray task (from_arrow runs one per block, which needs a
     # whole free CPU beside the actors).
     blocks = -(-len(items) // batch_size)
     dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        AttributionWorker,
-        fn_constructor_kwargs={"spec": spec},
+        worker,
+        fn_constructor_kwargs=worker_kwargs,
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=options.actors),
