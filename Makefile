@@ -29,6 +29,14 @@ install: $(VENV)/.installed
 run: $(VENV)/.serving
 	$(PY) -m service
 
+# The service on Ray Serve on this machine (deploy/serve-cpu.yaml: the embedded model on a
+# single-node Ray cluster on 127.0.0.1, http://127.0.0.1:8000); deploy/serve.yaml is the
+# GPU cluster's config (docs/deploy.md).
+.PHONY: ray-serve
+ray-serve: install
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 \
+	  $(VENV)/bin/serve run deploy/serve-cpu.yaml
+
 test: install real-models
 	$(PY) -m pytest -q
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -29,8 +28,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
-
 from depass_batch.io import ShardWriter  # noqa: E402
 from depass_batch.options import RayOptions  # noqa: E402
 from depass_batch.runner import connect, run  # noqa: E402

@@ -28,8 +28,10 @@ from depass_batch.io import ShardWriter, input_table
 from depass_batch.options import RayOptions
 from depass_batch.worker import AttributionWorker, EngineSpec
 
-#: Set to "0" before Ray is imported, Ray keeps a single-node cluster on 127.0.0.1.
-LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+#: The environment of a local cluster, set before Ray is imported (its processes inherit
+#: it): a single-node cluster, which Ray keeps on 127.0.0.1 (else it swaps 127.0.0.1 for
+#: the machine's outward address), and no usage reports to Ray's servers.
+LOCAL_CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 #: Called with the number of new rows after each batch is written.
 Progress = Callable[[int], None]
 
@@ -81,7 +83,8 @@ def run(
     seconds = time.perf_counter() - clock
     errors = sum(c["errors"] for c in writer.counts.values()) - errors_before
     summary = Summary(written, errors, skipped, seconds, writer.duplicates)
-    writer.write_manifest(complete=len(writer.done) >= len(items), total=len(items))
+    complete = all(item["id"] in writer.done for item in items)
+    writer.write_manifest(complete=complete, total=len(items))
     return summary
 
 
@@ -161,12 +164,11 @@ def actor_pool_batches(
 def connect(address: str | None) -> None:
     """Join (or start, with ``address=None``) a Ray cluster, unless already joined.
 
-    A local cluster is a single-node one on 127.0.0.1: without
-    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray swaps 127.0.0.1 for the machine's outward
-    address, and its processes would listen and connect there.
+    A local cluster is a single-node one on 127.0.0.1 (:data:`LOCAL_CLUSTER_ENV`).
     """
     if address is None:
-        os.environ.setdefault(LOOPBACK_ONLY, "0")
+        for name, value in LOCAL_CLUSTER_ENV.items():
+            os.environ.setdefault(name, value)
     import ray
 
     if ray.is_initialized():

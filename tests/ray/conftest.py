@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
-from depass_batch.runner import LOOPBACK_ONLY
+from depass_batch.runner import LOCAL_CLUSTER_ENV
 
 #: The cluster's CPUs: the machine CI runs on has 2; the tests size pools for that.
 CLUSTER_CPUS = 2
-# Ray turns a node address of 127.0.0.1 into the machine's outward address unless it runs
-# as a single-node cluster; this keeps every Ray process and connection on the loopback.
-os.environ[LOOPBACK_ONLY] = "0"
+# Before Ray is imported: a single-node cluster, which keeps every Ray process and
+# connection on 127.0.0.1, and no usage reports.
+os.environ.update(LOCAL_CLUSTER_ENV)
 
 
 def _import_ray() -> Any:
