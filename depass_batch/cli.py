@@ -9,7 +9,7 @@ Examples::
         --ray auto --actors 8 --gpus-per-actor 1 --device cuda --dtype bfloat16
 
 The output folder holds Parquet shards (one row per request: ``id``, ``error``, the
-result's fields) and ``manifest.json``; run the same command again after a stop and it
+result's fields) and ``_manifest.json``; run the same command again after a stop and it
 skips the ids already written. Exit status 0 when every row is written (error rows
 included), 1 on a job that could not run, 2 on bad arguments.
 """

@@ -7,7 +7,7 @@ the row's index in the input, so that a rerun names rows alike). Each row travel
 as a number or a list, ``targets`` of ids and strings) intact.
 
 Output: ``part-NNNNN.parquet`` shards of :data:`depass_batch.rows.SCHEMA`, each written
-whole (to a temporary name, then renamed), and ``manifest.json`` listing them with their
+whole (to a hidden temporary name, then renamed), and ``_manifest.json`` listing them with their
 row and error counts. The shards on disk are the truth: a job started again on the same
 folder reads the ids they hold and skips those rows, so a killed job loses only the rows
 not yet in a shard, and no row is written twice.
@@ -27,8 +27,11 @@ import pyarrow.parquet as pq
 
 from depass_batch import rows
 
-MANIFEST = "manifest.json"
+#: The manifest and the files being written start with "_" or ".", which Parquet readers
+#: skip (``pandas.read_parquet(folder)`` reads the shards alone).
+MANIFEST = "_manifest.json"
 SHARD_GLOB = "part-*.parquet"
+PARTIAL_GLOB = ".*.partial"
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -100,6 +103,8 @@ class ShardWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         self.shard_rows = shard_rows
         self.meta = dict(meta or {})
+        for stale in self.out.glob(PARTIAL_GLOB):  # a shard a stopped job did not finish
+            stale.unlink()
         self.shards = sorted(self.out.glob(SHARD_GLOB))
         self.done: set[str] = set()
         self.counts: dict[str, dict[str, int]] = {}
@@ -134,7 +139,7 @@ class ShardWriter:
         data = pa.concat_tables(self.pending).cast(rows.SCHEMA)
         number = int(self.shards[-1].stem.split("-")[1]) + 1 if self.shards else 0
         shard = self.out / f"part-{number:05d}.parquet"
-        partial = shard.with_suffix(".parquet.partial")
+        partial = self.out / f".{shard.name}.partial"
         pq.write_table(data, partial)
         os.replace(partial, shard)
         self.shards.append(shard)
@@ -144,7 +149,7 @@ class ShardWriter:
         return shard
 
     def write_manifest(self, **extra: Any) -> None:
-        """``manifest.json``: the shards with their rows and errors, and the job's facts."""
+        """``_manifest.json``: the shards with their rows and errors, and the job's facts."""
         manifest = {
             **self.meta,
             **extra,
@@ -154,7 +159,7 @@ class ShardWriter:
             "shards": [{"path": name, **counts} for name, counts in self.counts.items()],
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        partial = self.out / (MANIFEST + ".partial")
+        partial = self.out / f".{MANIFEST}.partial"
         partial.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(partial, self.out / MANIFEST)
 

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import pandas
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -86,9 +87,11 @@ def test_a_job_writes_each_result_and_error_row(tmp_path: Path, tiny: DePassEngi
         assert error["type"] == "RequestError" and error["field"] == field, error
         assert error["message"]
         assert by_id[bad["id"]]["scores"] is None
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["rows"] == len(records) and manifest["errors"] == len(BAD)
     assert manifest["complete"] is True
+    frame = pandas.read_parquet(tmp_path / "out")  # the folder: the shards, not the manifest
+    assert sorted(frame["id"]) == sorted(by_id) and frame["scores"].notna().sum() == len(GOOD)
 
     read = {row.id: row for row in read_batch(tmp_path / "out")}
     for record in GOOD:
@@ -118,7 +121,10 @@ def test_a_job_started_again_writes_only_the_missing_rows(tmp_path: Path) -> Non
     spec = EngineSpec(TINY)
     first = run(items[:2], spec, ShardWriter(tmp_path / "out", shard_rows=1))
     assert (first.rows, first.skipped) == (2, 0)
+    torn = tmp_path / "out" / ".part-00002.parquet.partial"  # a shard a kill cut short
+    torn.write_bytes(b"PAR1 cut short")
     again = run(items, spec, ShardWriter(tmp_path / "out", shard_rows=1))
+    assert not torn.exists()
     assert (again.rows, again.skipped, again.duplicates) == (3, 2, 0)
     done = run(items, spec, ShardWriter(tmp_path / "out", shard_rows=1))
     assert (done.rows, done.skipped) == (0, 5)

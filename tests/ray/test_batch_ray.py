@@ -165,7 +165,7 @@ def test_a_job_killed_and_started_again_ends_with_the_same_rows(
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{written} already there" in again.stderr
     assert_same_rows(out, reference, count=KILLED_JOB_ROWS)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["complete"] and manifest["rows"] == KILLED_JOB_ROWS
     assert manifest["errors"] == KILLED_JOB_ROWS // 20
 
