@@ -94,6 +94,9 @@ def _is_tensor(hint: Any) -> bool:
     return hint is torch.Tensor or torch.Tensor in typing.get_args(hint)
 
 
+RESULT_COLUMNS = result_columns()
+
+
 def row_schema() -> pa.Schema:
     """The schema of every output shard: id, error, request, strategy, then the result."""
     columns = {
@@ -102,7 +105,7 @@ def row_schema() -> pa.Schema:
         "request": pa.string(),
         "strategy": pa.string(),
     }
-    for name, kind in result_columns().items():
+    for name, kind in RESULT_COLUMNS.items():
         columns.setdefault(name, kind)  # a result field named strategy keeps its place
     return pa.schema(list(columns.items()))
 
@@ -146,13 +149,12 @@ def result_row(row_id: str, request: str, result: AttributionResult) -> dict[str
     """The row of a result: every field of it, tensors as nested float32 lists."""
     row: dict[str, Any] = {ID_FIELD: row_id, "error": None, "request": request}
     row["strategy"] = getattr(result, "strategy", DEFAULT_STRATEGY)
-    columns = result_columns()
     for item in dataclasses.fields(result):
         value = getattr(result, item.name)
         if item.name in TENSOR_RANKS:
             row[item.name] = _tensor_lists(item.name, value, result.layers is not None)
-        elif columns.get(item.name) == pa.string() and not isinstance(value, (str, type(None))):
-            row[item.name] = json.dumps(value)
+        elif RESULT_COLUMNS.get(item.name) == pa.string() and not isinstance(value, str):
+            row[item.name] = None if value is None else json.dumps(value)
         elif isinstance(value, dict):
             row[item.name] = list(value.items())
         else:
