@@ -26,7 +26,7 @@ from depass_batch.io import ShardWriter, read_requests, read_rows
 from depass_batch.options import RayOptions
 from depass_batch.runner import PoolError, run
 from depass_batch.worker import EngineSpec
-from tests.ray.conftest import kill_one_actor
+from tests.ray.conftest import actor_processes, kill_one_actor
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "models" / "depass-tiny")
@@ -109,16 +109,21 @@ def test_an_actor_killed_mid_job_loses_and_duplicates_no_row(
 ) -> None:
     items = read_requests(source)[:80]
     killed: list[int] = []
+    before: set[int] = set()  # the pool's processes when one is killed
+    seen: set[int] = set()  # and every one seen after
 
     def kill_after_the_first_batch(new_rows: int) -> None:
         if not killed:
+            before.update(actor_processes(ACTOR))
             killed.append(kill_one_actor(ACTOR))
+        seen.update(actor_processes(ACTOR))
 
     options = RayOptions(address=ray_cluster, actors=2)
     summary = run(
         items, EngineSpec(TINY), ShardWriter(tmp_path, 16), 4, options, kill_after_the_first_batch
     )
     assert killed, "no actor was killed"
+    assert seen - before, "Ray started no actor in place of the killed one"
     assert (summary.rows, summary.duplicates) == (80, 0)
     subset = {i["id"]: reference[i["id"]] for i in items}
     assert_same_rows(tmp_path, subset, count=80)
