@@ -10,6 +10,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+#: The environment of a local cluster, set before Ray is imported (its processes inherit
+#: it): a single-node cluster, which Ray keeps on 127.0.0.1 (else it swaps 127.0.0.1 for
+#: the machine's outward address), and no usage reports to Ray's servers.
+LOCAL_CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
 
 @dataclass(frozen=True)
 class RayOptions:

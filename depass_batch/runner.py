@@ -25,13 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from depass_batch.io import ShardWriter, input_table
-from depass_batch.options import RayOptions
+from depass_batch.options import LOCAL_CLUSTER_ENV, RayOptions
 from depass_batch.worker import AttributionWorker, EngineSpec
 
-#: The environment of a local cluster, set before Ray is imported (its processes inherit
-#: it): a single-node cluster, which Ray keeps on 127.0.0.1 (else it swaps 127.0.0.1 for
-#: the machine's outward address), and no usage reports to Ray's servers.
-LOCAL_CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 #: Called with the number of new rows after each batch is written.
 Progress = Callable[[int], None]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from depass_batch.runner import LOCAL_CLUSTER_ENV
+from depass_batch.options import LOCAL_CLUSTER_ENV
 
 #: The cluster's CPUs: the machine CI runs on has 2; the tests size pools for that.
 CLUSTER_CPUS = 2
