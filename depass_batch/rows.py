@@ -52,8 +52,8 @@ def _arrow_type(hint: Any) -> pa.DataType | None:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        kinds = [a for a in args if a is not type(None)]
-        return _arrow_type(kinds[0]) if len(kinds) == 1 else None
+        members = [a for a in args if a is not type(None)]
+        return _arrow_type(members[0]) if len(members) == 1 else None
     if origin is typing.Literal:
         kinds = {type(a) for a in args}
         return _arrow_type(kinds.pop()) if len(kinds) == 1 else None

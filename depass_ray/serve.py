@@ -101,4 +101,5 @@ def app_builder(args: dict[str, Any]) -> Application:
     parsed = ServeArgs(**args)
     settings = Settings(**parsed.settings)  # checked here, before any replica starts
     options = deployment_options(parsed, settings)
-    return DePassDeployment.options(**options).bind(parsed.settings)
+    # serve.deployment made the class a Deployment (which mypy does not see).
+    return DePassDeployment.options(**options).bind(parsed.settings)  # type: ignore[attr-defined]
