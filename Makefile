@@ -16,9 +16,10 @@ $(VENV)/.serving: pyproject.toml clients/python/pyproject.toml Makefile
 	$(PY) -m pip install -q -e . -e clients/python
 	touch $@
 
-# Everything: the above with the test and lint tools (.[dev]).
+# Everything: the above with the test and lint tools (.[dev]) and Ray (.[ray]: depass-batch
+# --ray and the Ray Serve deployment, whose tests run on a local Ray cluster).
 $(VENV)/.installed: $(VENV)/.serving
-	$(PY) -m pip install -q -e ".[dev]" -e "clients/python[plot]"
+	$(PY) -m pip install -q -e ".[dev,ray]" -e "clients/python[plot,parquet]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,6 +28,14 @@ install: $(VENV)/.installed
 # (default 127.0.0.1:8000); the service prints the URL of its docs page when ready.
 run: $(VENV)/.serving
 	$(PY) -m service
+
+# The service on Ray Serve on this machine (deploy/serve-cpu.yaml: the embedded model on a
+# single-node Ray cluster on 127.0.0.1, http://127.0.0.1:8000); deploy/serve.yaml is the
+# GPU cluster's config (docs/deploy.md).
+.PHONY: ray-serve
+ray-serve: install
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 \
+	  $(VENV)/bin/serve run deploy/serve-cpu.yaml
 
 test: install real-models
 	$(PY) -m pytest -q

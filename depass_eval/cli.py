@@ -7,6 +7,7 @@ Examples::
     depass-eval --model /models/SmolLM2-135M-Instruct.Q4_1.gguf --protocol components \\
         --dataset counterfact --size 200 --out results/smollm2/components-counterfact
     depass-eval --url http://127.0.0.1:8000 --model <the served weights> ...   # DePass by HTTP
+    depass-eval --model models/depass-tiny --protocol tokens --ray --actors 2 ...  # on Ray
 
 Stop it at any time; the same command with the same ``--out`` carries on where it stopped.
 """
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from depass_batch.options import add_ray_arguments, ray_options
 from depass_eval import PROTOCOLS, run_protocol
 
 
@@ -41,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help="a running DePass service: DePass by HTTP")
     p.add_argument("--api-key", default=None, help="the service's key (or DEPASS_API_KEY)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g = p.add_argument_group("Ray (protocols tokens, components)")
+    add_ray_arguments(g, "the model, its engine and the baselines")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from rows.jsonl")
     g = p.add_argument_group("protocol tokens")
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         report_only=args.report_only,
         argv=argv,
+        ray=ray_options(args),
     )
     print(f"wrote {args.out / 'summary.md'}")
     return 0

@@ -34,17 +34,22 @@ from depass_eval.source import DePassSource
 
 ROWS = "rows.jsonl"
 SELECTION = "selection.json"
+#: Runs a protocol's per-prompt function (``evaluate(ctx, case)``) on the prompts not yet
+#: done somewhere else (``depass-eval --ray``: :mod:`depass_eval.fanout`), yielding
+#: ``(case, row)`` pairs as they finish.
+FanOut = Callable[[Callable[..., Any], list[Any]], Iterable[tuple[Any, Any]]]
 
 
 @dataclass
 class Context:
-    """What a protocol works with."""
+    """What a protocol works with; ``fan_out`` set: its prompts run there."""
 
     model: EvalModel
     depass: DePassSource
     out_dir: Path
     seed: int
     options: dict[str, Any] = field(default_factory=dict)
+    fan_out: FanOut | None = None
 
 
 def done_ids(out_dir: Path) -> set[str]:
@@ -82,10 +87,12 @@ def run_rows(
     work: Callable[[Any], dict[str, Any] | None],
     out_dir: Path,
     progress: bool = True,
+    fan_out: Callable[[list[Any]], Iterable[tuple[Any, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``work`` on each item not done yet and append its row; return all rows.
 
-    ``work`` returning None skips the item (nothing is written).
+    ``work`` returning None skips the item (nothing is written). ``fan_out`` runs the
+    items not done elsewhere instead, yielding ``(item, row)`` as they finish.
     """
     from tqdm import tqdm
 
@@ -93,15 +100,14 @@ def run_rows(
     path = out_dir / ROWS
     _repair_tail(path)
     done = done_ids(out_dir)
+    todo = [item for item in items if key(item) not in done]
+    results = fan_out(todo) if fan_out is not None else ((item, work(item)) for item in todo)
     bar = tqdm(total=total, initial=len(done), disable=not progress, unit="prompt")
     with path.open("a", encoding="utf-8") as sink:
-        for item in items:
-            if key(item) in done:
+        for item, row in results:
+            if row is None or key(item) in done:
                 continue
-            row = work(item)
-            if row is None:
-                continue
-            sink.write(json.dumps(row, default=_jsonable) + "\n")
+            sink.write(json.dumps(row, default=jsonable) + "\n")
             sink.flush()
             os.fsync(sink.fileno())
             done.add(key(item))
@@ -213,7 +219,8 @@ class Timer:
         self.seconds = time.perf_counter() - self._start
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """numpy and torch values as JSON (``json.dumps(default=jsonable)``)."""
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, (np.floating, np.integer)):
@@ -227,11 +234,12 @@ def run_correct(
     ctx: Context,
     cases: list[Case],
     size: int,
-    work: Callable[[dict[str, Any]], dict[str, Any] | None],
+    evaluate: Callable[[Context, dict[str, Any]], dict[str, Any] | None],
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Screen ``cases`` for ``size`` correct ones (the tuning slice and ``--exclude``
-    from the options) and run ``work`` on each; the rows."""
+    from the options) and run ``evaluate(ctx, case)`` on each, here or on
+    ``ctx.fan_out``; the rows."""
     selection = select_correct(
         ctx,
         cases,
@@ -240,7 +248,16 @@ def run_correct(
         exclude=ctx.options.get("exclude", set()),
     )
     chosen = selection["cases"]
-    return run_rows(chosen, len(chosen), lambda c: c["id"], work, ctx.out_dir, progress)
+    fan_out = ctx.fan_out
+    return run_rows(
+        chosen,
+        len(chosen),
+        lambda c: c["id"],
+        lambda c: evaluate(ctx, c),
+        ctx.out_dir,
+        progress,
+        None if fan_out is None else (lambda todo: fan_out(evaluate, todo)),
+    )
 
 
 def run_records(

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from depass_eval import report
 from depass_eval.model import EvalModel, load_model
-from depass_eval.runner import Context, finish_run_info, read_rows, write_run_info
+from depass_eval.runner import Context, FanOut, finish_run_info, read_rows, write_run_info
 from depass_eval.source import DePassSource, LocalDePass, RemoteDePass
+
+if TYPE_CHECKING:
+    from depass_batch.options import RayOptions
 
 #: protocol name -> its module in ``depass_eval.protocols`` (``run``, ``summarize``,
 #: ``markdown``, ``plot``), imported when used.
@@ -45,10 +49,14 @@ def run_protocol(
     report_only: bool = False,
     argv: list[str] | None = None,
     loaded: EvalModel | None = None,
+    ray: RayOptions | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``protocol`` and write its report; returns the summary.
 
     ``loaded`` reuses a model already in memory (the tests load the embedded one once).
+    ``ray`` fans the prompts out to a Ray Data actor pool (:mod:`depass_eval.fanout`):
+    protocols whose per-prompt ``evaluate(ctx, case)`` needs only the run's context
+    (tokens, components); truth and language fit a probe first and run here.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
@@ -65,6 +73,8 @@ def run_protocol(
         seed=seed,
         options=options,
     )
+    if ray is not None and not report_only:
+        ctx.fan_out = _ray_fan_out(module, protocol, ctx, model, url, threads, ray)
     if not report_only:
         write_run_info(
             out_dir,
@@ -89,6 +99,34 @@ def run_protocol(
         module.plot(summary, out_dir, title)
     finish_run_info(out_dir, len(rows))
     return summary
+
+
+def _ray_fan_out(
+    module: ModuleType,
+    protocol: str,
+    ctx: Context,
+    model: str,
+    url: str | None,
+    threads: int | None,
+    ray: RayOptions,
+) -> FanOut:
+    """The Ray fan-out of a run, or a ValueError saying why this run cannot have one."""
+    from depass_eval.fanout import ContextSpec, ray_fan_out
+
+    evaluate = getattr(module, "evaluate", None)
+    if evaluate is None or len(inspect.signature(evaluate).parameters) != 2:
+        raise ValueError(f"--ray fans out the tokens and components protocols, not {protocol}")
+    if url is not None:
+        raise ValueError("--ray runs DePass in each actor; it does not combine with --url")
+    spec = ContextSpec(
+        model=model,
+        name=ctx.model.name,
+        seed=ctx.seed,
+        out_dir=str(ctx.out_dir),
+        threads=threads,
+        options=ctx.options,
+    )
+    return ray_fan_out(spec, ray)
 
 
 def _source(model: EvalModel, url: str | None, api_key: str | None) -> DePassSource:

@@ -34,7 +34,7 @@ def neuron_layers(ctx: Context) -> list[int]:
 
 
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
-    return run_correct(ctx, load_cases(dataset), size, lambda c: evaluate(ctx, c), progress)
+    return run_correct(ctx, load_cases(dataset), size, evaluate, progress)
 
 
 def _random_order(ctx: Context, case_id: str, size: int) -> np.ndarray:

@@ -73,7 +73,7 @@ def competitor(
 
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
     """Screen for ``size`` correct prompts of ``dataset`` and evaluate each; the rows."""
-    return run_correct(ctx, load_cases(dataset), size, lambda c: evaluate(ctx, c), progress)
+    return run_correct(ctx, load_cases(dataset), size, evaluate, progress)
 
 
 def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@
 """
 
 from depass_client._base import __version__
+from depass_client._batch import BatchRow, attribution_from_row, read_batch
 from depass_client._client import AsyncClient, Client
 from depass_client._errors import (
     APIConnectionError,
@@ -34,6 +35,7 @@ __all__ = [
     "Attribution",
     "AuthenticationError",
     "BadRequestError",
+    "BatchRow",
     "Client",
     "DePassError",
     "Generation",
@@ -47,4 +49,6 @@ __all__ = [
     "Tokenization",
     "UnprocessableEntityError",
     "__version__",
+    "attribution_from_row",
+    "read_batch",
 ]
