@@ -72,12 +72,17 @@ def _timed(fn: Any, repeats: int, warm: bool) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def measure(row: str, model: str, size: int, repeats: int, budget_s: float) -> dict[str, Any]:
+def measure(
+    row: str, model: str, size: int, repeats: int, budget_s: float, budget_gib: float | None
+) -> dict[str, Any]:
     """One measurement, in this process (the parent runs each in a subprocess)."""
     from engine import AttributionRequest, DePassEngine
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    engine = DePassEngine.from_pretrained(_model_path(model), trace_cache_size=0)
+    budget = None if budget_gib is None else int(budget_gib * 1024**3)
+    engine = DePassEngine.from_pretrained(
+        _model_path(model), trace_cache_size=0, memory_budget_bytes=budget
+    )
     ids = _ids(engine, size)
     out: dict[str, Any] = {"row": row, "model": model, "tokens": size}
 
@@ -159,11 +164,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--forward-budget-s", type=float, default=120.0)
     parser.add_argument("--timeout-s", type=float, default=1800.0)
+    parser.add_argument(
+        "--budget-gib",
+        type=float,
+        default=None,
+        help="the engine's memory budget (default: its own, half the available memory)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         row, size = args.child.split(":")
-        out = measure(row, args.model, int(size), args.repeats, args.forward_budget_s)
+        out = measure(
+            row, args.model, int(size), args.repeats, args.forward_budget_s, args.budget_gib
+        )
         print(json.dumps(out))
         return
     plan: list[tuple[str, int]] = []
@@ -180,6 +193,8 @@ def main() -> None:
     for row, size in plan:
         command = [sys.executable, __file__, "--model", args.model, "--repeats", str(args.repeats)]
         command += ["--forward-budget-s", str(args.forward_budget_s), "--child", f"{row}:{size}"]
+        if args.budget_gib is not None:
+            command += ["--budget-gib", str(args.budget_gib)]
         try:
             done = subprocess.run(
                 command, capture_output=True, text=True, timeout=args.timeout_s, check=False
