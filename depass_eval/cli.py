@@ -43,6 +43,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from rows.jsonl")
+    p.add_argument(
+        "--rules",
+        choices=["strict", "paper"],
+        default="strict",
+        help="the suite's strict protocol, or the paper's as its public scripts run it"
+        " (docs/evaluation.md)",
+    )
     g = p.add_argument_group("protocol tokens")
     g.add_argument("--splits", default="softmax,relu,max,linear,taylor", help="DePass split rules")
     g.add_argument("--temperatures", default="0.1", help="softmax temperatures")
@@ -60,8 +67,18 @@ def parser() -> argparse.ArgumentParser:
         default="runner-up",
         help="the competitor: the model's runner-up token, or the prompt's other name (IOI)",
     )
-    g.add_argument("--baselines", default="all", help="'all', 'none' or a comma list")
-    g.add_argument("--ig-steps", type=int, default=16, help="integrated-gradients steps")
+    g.add_argument(
+        "--baselines",
+        default="default",
+        help="'default' (strict: all; paper: the paper's, no occlusion), 'all', 'none' or a"
+        " comma list",
+    )
+    g.add_argument(
+        "--ig-steps",
+        type=int,
+        default=None,
+        help="integrated-gradients steps (default: 16 Gauss-Legendre strict, 100 Riemann paper)",
+    )
     g.add_argument(
         "--tuning-slice",
         action="store_true",
@@ -99,12 +116,15 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
     from depass_eval.baselines import BASELINES
 
     chosen = {"all": list(BASELINES), "none": []}.get(args.baselines)
-    if chosen is None:
+    if args.baselines == "default":
+        chosen = None  # the rules' own set (protocols.tokens.baselines_of)
+    elif chosen is None:
         chosen = [b.strip() for b in args.baselines.split(",") if b.strip()]
         unknown = [b for b in chosen if b not in BASELINES]
         if unknown:
             raise SystemExit(f"--baselines: unknown {unknown}; choose from {', '.join(BASELINES)}")
     return {
+        "rules": args.rules,
         "splits": [s.strip() for s in args.splits.split(",") if s.strip()],
         "temperatures": [float(t) for t in args.temperatures.split(",")],
         "first_token_rule": args.first_token_rule,

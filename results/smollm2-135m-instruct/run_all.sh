@@ -37,6 +37,12 @@ case $GROUP in
     $EVAL --protocol tokens --dataset ioi --size 20 --tuning-slice --exclude $OUT/tokens-ioi \
       --baselines none --splits softmax,taylor --margin on --margin-against other-name \
       --out $OUT/tuning-ioi-margin-name ;;
+  # The paper's protocols as its public scripts run them (--rules paper): every prompt in
+  # file order, floor counts, re-tokenised edits, log-prob gradients, 100-step IG.
+  paper-tokens-known) $EVAL --rules paper --protocol tokens --dataset known --size 200 --out $OUT/paper-tokens-known ;;
+  paper-tokens-ioi) $EVAL --rules paper --protocol tokens --dataset ioi --size 200 --out $OUT/paper-tokens-ioi ;;
+  paper-tokens-longra) $EVAL --rules paper --protocol tokens --dataset longra --size 100 --out $OUT/paper-tokens-longra ;;
+  paper-tokens) for g in paper-tokens-known paper-tokens-ioi paper-tokens-longra; do bash "$0" "$MODEL" $g; done ;;
   rest) for g in truth language tune-known tune-ioi; do bash "$0" "$MODEL" $g; done ;;
   # Rewrite every report from the rows there (e.g. after stopping the runs), and the
   # headline table of README.md.

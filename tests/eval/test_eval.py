@@ -101,6 +101,7 @@ def test_tokens_protocol_writes_every_method(
         "gradient-norm",
         "leave-one-out",
     }
+    expected |= {f"depass-{rule}-abs" for rule in ("softmax", "relu", "taylor")}
     assert set(results["methods"]) == expected and len(rows) == 3
     for entry in results["methods"].values():
         for mode in perturb.MODES:
