@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -88,16 +89,17 @@ class EditRules:
         return count_for(percent, ranked) if self.mode == "strict" else floor_count(percent, ranked)
 
     def edit(
-        self, model: EvalModel, ids: Sequence[int], ranking: Sequence[int], mode: str, count: int
+        self, tokenizer: Any, ids: Sequence[int], ranking: Sequence[int], mode: str, count: int
     ) -> tuple[int, ...]:
         """The edited prompt's ids: the kept ids (strict), or their text tokenised again
-        (paper; a leading BOS is left to the tokenizer, which adds it back)."""
+        by ``tokenizer`` (paper; a leading BOS is left to the tokenizer, which adds it
+        back)."""
         kept = edited(ids, ranking, mode, count)
         if self.mode == "strict":
             return kept
-        bos = model.tokenizer.bos_token_id
+        bos = tokenizer.bos_token_id
         body = kept[1:] if bos is not None and ids[0] == bos else kept
-        return tuple(model.encode(model.tokenizer.decode(body)))
+        return tuple(tokenizer(tokenizer.decode(body))["input_ids"])
 
 
 def relative_change(p: float, q: float) -> float:
@@ -126,7 +128,7 @@ def curves(
         ranking = rules.ranking(ids, values, bos)
         plans[method] = {
             mode: [
-                rules.edit(model, ids, ranking, mode, rules.count(k, len(ranking)))
+                rules.edit(model.tokenizer, ids, ranking, mode, rules.count(k, len(ranking)))
                 for k in percents
             ]
             for mode in MODES

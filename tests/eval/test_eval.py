@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from depass_eval import perturb, run_protocol
+from depass_eval.baselines import PAPER_BASELINES
 from depass_eval.cli import main as cli_main
 from depass_eval.data import Case
 from depass_eval.hooks import gradient_x_activation, masked, masked_logits
@@ -195,6 +196,102 @@ def test_edits_keep_first_and_last_tokens() -> None:
     assert [perturb.count_for(k, 4) for k in perturb.PERCENTS] == [1, 1, 2, 2, 2, 3, 3, 4, 4, 4]
     assert perturb.relative_change(0.5, 0.0) == 1.0 and perturb.relative_change(0.2, 0.9) == 1.0
     assert perturb.relative_change(0.5, 0.4) == pytest.approx(0.2)
+
+
+def test_paper_counts_are_the_floor_at_least_one() -> None:
+    """The paper's k% of n tokens is max(1, int(n * p)); the strict rules round up."""
+    paper, strict = perturb.EditRules("paper"), perturb.EditRules("strict")
+    assert [paper.count(k, 4) for k in perturb.PERCENTS] == [1, 1, 1, 1, 2, 2, 2, 3, 3, 4]
+    assert [strict.count(k, 4) for k in perturb.PERCENTS] == [1, 1, 2, 2, 2, 3, 3, 4, 4, 4]
+    assert paper.count(70, 90) == 63 and paper.count(10, 5) == 1 and paper.count(100, 7) == 7
+    with pytest.raises(ValueError, match="rules"):
+        perturb.EditRules("loose")
+
+
+def test_paper_ranks_the_first_token_unless_it_is_a_bos(tiny: EvalModel) -> None:
+    """With a BOS (the embedded model's tokenizer adds one) the paper ranks 1..N-2; without
+    one (SmolLM2's adds none) 0..N-2; the strict rules never rank the first token. A
+    recover edit keeps the unranked positions."""
+    ids = tiny.encode(tasks.held_out_ioi(1)[0].prompt)
+    bos = tiny.tokenizer.bos_token_id
+    assert ids[0] == bos
+    scores = np.arange(len(ids), dtype=float)[::-1].copy()  # the first position ranks highest
+    paper, strict = perturb.EditRules("paper"), perturb.EditRules("strict")
+    n = len(ids)
+    assert sorted(paper.ranking(ids, scores, bos)) == list(range(1, n - 1))
+    assert sorted(paper.ranking(ids[1:], scores[1:], bos)) == list(range(0, n - 2))
+    assert sorted(strict.ranking(ids[1:], scores[1:], bos)) == list(range(1, n - 2))
+    no_bos = paper.ranking(ids[1:], scores[1:], bos)
+    assert paper.edit(tiny.tokenizer, ids[1:], no_bos, "patch", 1)[0] == bos  # re-added
+    kept = paper.edit(tiny.tokenizer, ids, paper.ranking(ids, scores, bos), "recover", 1)
+    assert kept == (bos, ids[1], ids[-1])
+
+
+def test_paper_edits_are_retokenised(smollm2: DePassEngine) -> None:
+    """A deletion can join two pieces of a word: the paper decodes the kept ids and
+    tokenises the text again (SmolLM2's BPE: 'C|atal|onia' without 'atal' is 'Con|ia')."""
+    tokenizer = smollm2.tokenizer
+    prompt = "Catalonia belongs to the continent of"
+    ids = list(tokenizer(prompt)["input_ids"])
+    scores = np.zeros(len(ids))
+    scores[1] = 1.0
+    paper, strict = perturb.EditRules("paper"), perturb.EditRules("strict")
+    kept = strict.edit(tokenizer, ids, strict.ranking(ids, scores, None), "patch", 1)
+    again = paper.edit(tokenizer, ids, paper.ranking(ids, scores, None), "patch", 1)
+    assert kept == tuple(ids[:1] + ids[2:])
+    assert again == tuple(tokenizer("Conia belongs to the continent of")["input_ids"])
+    assert again != kept and tokenizer.decode(again) == tokenizer.decode(kept)
+
+
+def test_paper_gradients_differentiate_the_log_probability(tiny: EvalModel) -> None:
+    """Under the paper's rules the gradient baselines explain log p(target), and
+    integrated gradients is the right Riemann sum of 100 steps from a zero embedding
+    (checked against autograd at the points k/100)."""
+    from depass_eval import baselines
+
+    case = tasks.held_out_ioi(1)[0]
+    ids, target = tiny.encode(case.prompt), tiny.answer_id(case.answer)
+    embeds = tiny.embeddings()(torch.tensor([ids])).detach()
+
+    def grad_at(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = tiny.model(inputs_embeds=x, logits_to_keep=1).logits[:, -1]
+            torch.log_softmax(logits, -1)[:, target].sum().backward()
+        assert x.grad is not None
+        return x.grad
+
+    norm = baselines.gradient_norm(tiny, ids, target, "log-prob")
+    np.testing.assert_allclose(norm, grad_at(embeds)[0].norm(dim=-1).numpy(), rtol=1e-4)
+    assert not np.allclose(norm, baselines.gradient_norm(tiny, ids, target), rtol=1e-2)
+    alphas = torch.arange(1, 101, dtype=torch.float32).view(-1, 1, 1) / 100
+    hand = (grad_at(alphas * embeds).mean(0) * embeds[0]).sum(-1).numpy()
+    settings = baselines.GradientSettings.for_rules("paper")
+    assert (settings.objective, settings.ig_steps) == ("log-prob", 100)
+    ig, _ = baselines.integrated_gradients_with_delta(
+        tiny, ids, target, settings.ig_steps, settings.objective, settings.ig_method
+    )
+    np.testing.assert_allclose(ig, hand, rtol=1e-3, atol=1e-5)
+
+
+def test_tokens_protocol_in_paper_mode(tiny: EvalModel, ioi_file: Path, tmp_path: Path) -> None:
+    """Paper mode scores every prompt in file order, answered or not, against the paper's
+    baselines (no occlusion); run.json and the summary record the rules."""
+    records = json.loads(ioi_file.read_text())[:3]
+    records[1]["answer"] = "hospital"  # the model does not answer this one
+    data = tmp_path / "three.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "paper"
+    options = {"rules": "paper", "splits": ["softmax"], "ig_steps": 4}
+    summary = run_protocol(
+        "depass-tiny", "tokens", out, str(data), 3, options=options, loaded=tiny, progress=False
+    )
+    results, text, rows = _read(out)
+    assert [r["id"] for r in rows] == [str(r["id"]) for r in records]
+    assert [r["correct"] for r in rows] == [True, False, True]
+    assert set(results["methods"]) == {"depass-softmax", "depass-softmax-abs", *PAPER_BASELINES}
+    assert summary["rules"] == "paper" and json.loads((out / "run.json").read_text())["rules"]
+    assert "paper rules" in text and "every prompt in file order" in text
 
 
 # ---------------------------------------------------------------------------- protocol 3
