@@ -92,8 +92,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--neuron-ks", default="1,5,10,50,100", help="neurons zeroed")
     g.add_argument(
         "--neuron-layers",
-        default="-2,-1",
-        help="layers whose neurons are ranked (negative: from the top)",
+        default=None,
+        help="layers whose neurons are ranked (negative: from the top); default: the last"
+        " two (strict), all (paper)",
     )
     g.add_argument(
         "--component-split",
@@ -136,7 +137,7 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
         "exclude_runs": [str(p) for p in args.exclude],
         "head_ks": _ints(args.head_ks),
         "neuron_ks": _ints(args.neuron_ks),
-        "neuron_layers": _ints(args.neuron_layers),
+        "neuron_layers": None if args.neuron_layers is None else _ints(args.neuron_layers),
         "component_split": args.component_split,
         "probe_layer": args.probe_layer,
         "split_layer": args.split_layer,

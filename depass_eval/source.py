@@ -69,6 +69,12 @@ class DePassSource(Protocol):
         """(I,) each MLP neuron's (of ``layer``) contribution to ``target``'s logit."""
         ...
 
+    def neuron_scores_of_layers(
+        self, ids: list[int], target: int, layers: list[int], split: Split | None = None
+    ) -> np.ndarray:
+        """(len(layers), I) the neuron scores of each of ``layers``."""
+        ...
+
     def subspace(
         self, ids: list[int], layer: int, parts: np.ndarray, target: int, end_layer: int | None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -139,6 +145,15 @@ class _DePassCalls:
             **(_split_fields(split) if split else {}),
         )
         return np.asarray(result.scores)[0, 1:, 0]  # component 0 is the rest
+
+    def neuron_scores_of_layers(
+        self, ids: list[int], target: int, layers: list[int], split: Split | None = None
+    ) -> np.ndarray:
+        # One forward-mode request per layer: each carries that layer's neurons as
+        # separate components through every layer above it, so all layers cost about
+        # L^2 / 2 layer-steps. (The engine's reverse strategy, when it lands, answers
+        # every layer's neurons from one gradient for the taylor rule.)
+        return np.stack([self.neuron_scores(ids, target, layer, split) for layer in layers])
 
     def subspace(
         self, ids: list[int], layer: int, parts: np.ndarray, target: int, end_layer: int | None

@@ -335,6 +335,96 @@ def test_gradient_x_activation_matches_autograd(tiny: EvalModel) -> None:
     assert torch.isfinite(heads).all() and heads.abs().sum() > 0
 
 
+def test_paper_component_baselines_are_chunks_of_the_attention_output(tiny: EvalModel) -> None:
+    """The paper's ``atp-chunk`` is |act x grad| of the o_proj OUTPUT at the last position
+    (cross-entropy of the argmax token), summed over H contiguous chunks of D / H; its
+    ``norm-chunk`` the chunks' norms; the neuron ``atp`` / ``coef`` / ``norm`` read the
+    down_proj input there. Checked against autograd by hand; a chunk is not a head."""
+    from depass_eval.hooks import paper_component_scores
+
+    ids = tiny.encode(tasks.held_out_ioi(1)[0].prompt)
+    layer, last_layer = 2, tiny.num_layers - 1
+    got = paper_component_scores(tiny, ids, [last_layer])
+    store: dict[str, torch.Tensor] = {}
+    o_proj, down = tiny.output_projection(layer), tiny.down_projection(last_layer)
+    handles = [
+        o_proj.register_forward_hook(lambda _m, _a, out: store.setdefault("out", out)),
+        down.register_forward_pre_hook(lambda _m, args: store.setdefault("act", args[0])),
+    ]
+    with torch.enable_grad():
+        embeds = tiny.embeddings()(torch.tensor([ids])).detach().requires_grad_(True)
+        logits = tiny.model(inputs_embeds=embeds).logits[0, -1]
+        loss = -torch.log_softmax(logits, -1)[logits.argmax()]
+        out_grad, act_grad = torch.autograd.grad(loss, [store["out"], store["act"]])
+    for handle in handles:
+        handle.remove()
+    out, act = store["out"][0, -1].detach(), store["act"][0, -1].detach()
+    chunks = (out * out_grad[0, -1]).abs().view(tiny.num_heads, -1).sum(-1)
+    torch.testing.assert_close(got["heads"]["atp-chunk"][layer], chunks, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        got["heads"]["norm-chunk"][layer], out.view(tiny.num_heads, -1).norm(dim=-1)
+    )
+    atp = (act * act_grad[0, -1]).abs()
+    torch.testing.assert_close(got["neurons"]["atp"][last_layer], atp, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got["neurons"]["coef"][last_layer], act.abs())
+    torch.testing.assert_close(
+        got["neurons"]["norm"][last_layer], act.abs() * down.weight.detach().norm(dim=0)
+    )
+    per_head, _ = gradient_x_activation(tiny, ids, tiny.answer_id("Tom"), [])
+    assert not torch.allclose(got["heads"]["atp-chunk"], per_head.abs(), rtol=1e-2)
+
+
+def test_paper_success_is_a_greedy_generation_starting_with_the_answer(
+    tiny: EvalModel,
+) -> None:
+    """Greedy generation under a zeroing: row 0 (nothing zeroed) continues as the model
+    does; the success rule reads the continuation's start; 1% of 270 heads is 3."""
+    from depass_eval.hooks import masked_generate
+    from depass_eval.protocols.components import one_percent, starts_with_answer
+
+    case = tasks.held_out_ioi(1)[0]
+    ids = tiny.encode(case.prompt)
+    head_keep = torch.ones(2, tiny.num_layers, tiny.num_heads)
+    head_keep[1] = 0.0  # every head zeroed
+    logits, tokens = masked_generate(tiny, ids, head_keep, {}, 3)
+    seq = list(ids)
+    for _ in range(3):
+        seq.append(int(tiny.last_logits([seq])[0].argmax()))
+    assert tokens[0].tolist() == seq[len(ids) :]
+    torch.testing.assert_close(logits[0], tiny.last_logits([ids])[0], rtol=1e-5, atol=1e-5)
+    assert tokens[1].tolist() != tokens[0].tolist()
+    assert starts_with_answer(tiny.tokenizer.decode(tokens[0]), case.answer)
+    assert starts_with_answer(" Paris, France", "Paris") and not starts_with_answer("Par", "Paris")
+    assert [one_percent(n) for n in (270, 72, 46080, 16)] == [3, 1, 461, 1]
+
+
+def test_components_protocol_in_paper_mode(tiny: EvalModel, ioi_file: Path, tmp_path: Path) -> None:
+    """Paper mode: top 1% of heads and of every layer's neurons, each method of the paper
+    and the stronger per-component reading, success by generation."""
+    from depass_eval.protocols.components import PAPER_METHODS
+
+    out = tmp_path / "components-paper"
+    summary = run_protocol(
+        "depass-tiny",
+        "components",
+        out,
+        str(ioi_file),
+        3,
+        options={"rules": "paper"},
+        loaded=tiny,
+        progress=False,
+    )
+    results, text, rows = _read(out)
+    assert summary["neuron_layers"] == list(range(tiny.num_layers))
+    for kind in ("heads", "neurons"):
+        assert list(results[kind]) == list(PAPER_METHODS[kind])
+    assert results["heads"]["depass"]["k"] == [1]  # 1% of 16 heads
+    assert results["neurons"]["depass"]["k"] == [21]  # 1% of 4 x 512 neurons
+    assert results["base_accuracy"] == 1.0
+    assert all(r["generated"].lstrip().startswith(r["answer"]) for r in rows)
+    assert "greedy generation" in text and "atp-chunk" in text and "± " in text
+
+
 def test_components_protocol_zeroing_depass_heads_hurts_most(
     tiny: EvalModel, ioi_file: Path, tmp_path: Path
 ) -> None:
