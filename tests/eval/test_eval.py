@@ -518,6 +518,35 @@ def test_language_protocol(tiny: EvalModel, tmp_path: Path) -> None:
     assert "language part (DePass)" in text and _is_png(out / "language.png")
 
 
+def test_paper_language_vector_sits_at_every_position(tiny: EvalModel, tmp_path: Path) -> None:
+    """The paper places the language vector (last residual minus the six languages' mean)
+    at every position; the strict rules at the last one. Both add up to the residual.
+    The paper's probe sits at layer 20 of 32 scaled by depth."""
+    from depass_eval.protocols.language import language_parts, paper_probe_layer
+
+    resid = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    centre = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    vector = resid[-1] - centre
+    paper, strict = language_parts(resid, centre, True), language_parts(resid, centre, False)
+    for parts in (paper, strict):
+        torch.testing.assert_close(parts.sum(0), resid)
+    torch.testing.assert_close(paper[1], vector.expand(5, 8))
+    torch.testing.assert_close(strict[1, -1], vector)
+    assert not strict[1, :-1].any()
+    assert [paper_probe_layer(n) for n in (32, 30, 18, 4)] == [20, 19, 11, 2]
+    out = tmp_path / "language-paper"
+    summary = run_protocol(
+        "depass-tiny",
+        "language",
+        out,
+        size=1,
+        options={"probe_size": 60, "rules": "paper"},
+        loaded=tiny,
+        progress=False,
+    )
+    assert summary["probe_layer"] == 2 and summary["rules"] == "paper"
+
+
 # ---------------------------------------------------------------------------- the run loop
 
 
