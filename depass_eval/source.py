@@ -56,6 +56,13 @@ class DePassSource(Protocol):
         last position."""
         ...
 
+    def token_states_of_layers(
+        self, ids: list[int], layers: list[int], split: Split
+    ) -> dict[int, np.ndarray]:
+        """{layer: (N, D)} each input token's part of the residual entering each of
+        ``layers`` at the last position (one request)."""
+        ...
+
     def head_scores(
         self, ids: list[int], target: int, layers: list[int], split: Split | None = None
     ) -> np.ndarray:
@@ -123,6 +130,19 @@ class _DePassCalls:
             **_request_fields(ids), end_layer=end_layer, outputs=["states"], **_split_fields(split)
         )
         return np.asarray(result.states)[0]
+
+    def token_states_of_layers(
+        self, ids: list[int], layers: list[int], split: Split
+    ) -> dict[int, np.ndarray]:
+        result = self._ask(
+            **_request_fields(ids),
+            end_layer=max(layers),
+            all_layers=True,
+            outputs=["states"],
+            **_split_fields(split),
+        )
+        states, entering = np.asarray(result.states), list(result.layers)
+        return {layer: states[entering.index(layer), 0] for layer in layers}
 
     def head_scores(
         self, ids: list[int], target: int, layers: list[int], split: Split | None = None

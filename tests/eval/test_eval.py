@@ -497,6 +497,36 @@ def test_truth_protocol(tiny: EvalModel, tmp_path: Path) -> None:
     assert again["methods"] == results["methods"] and again["probe"] == results["probe"]
 
 
+def test_truth_protocol_in_paper_mode(tiny: EvalModel, tmp_path: Path) -> None:
+    """The paper's form: the wrong-information prompt, probes at layers 10..L-2 (L-2 on
+    a 4-layer model), half the information span deleted, scored by the option the
+    5-token generation names."""
+    from depass_eval.protocols.truth_paper import chosen_option, information_span, probe_layers
+
+    assert probe_layers(30) == list(range(10, 29)) and probe_layers(4) == [2]
+    prompt = "Information: Tom got a letter.\nQuestion: who"
+    span = information_span(tiny, prompt, "Tom got a letter.")
+    assert tiny.token_texts([tiny.encode(prompt)[i] for i in span]) == [
+        "Tom",
+        "got",
+        "a",
+        "letter",
+        ".",
+    ]
+    assert chosen_option(" B: Far more") == "B" and chosen_option(" Answer") is None
+    out = tmp_path / "truth-paper"
+    options = {"probe_size": 60, "rules": "paper"}
+    run_protocol("depass-tiny", "truth", out, size=2, options=options, loaded=tiny, progress=False)
+    results, text, rows = _read(out)
+    assert [p["layer"] for p in results["probes"]] == [2]
+    assert results["max_subspace_conservation_error"] < 1e-3
+    assert set(results["methods"]) == {"depass-subspace", "self-probe", "random"}
+    for row in rows:
+        assert row["deleted"] == max(1, row["span_tokens"] // 2) and row["span_tokens"] > 1
+        assert all(len(m["deleted_tokens"]) == row["deleted"] for m in row["masking"].values())
+    assert "wrong information" in text
+
+
 def test_language_protocol(tiny: EvalModel, tmp_path: Path) -> None:
     out = tmp_path / "language"
     run_protocol(
