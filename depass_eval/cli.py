@@ -74,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
         " comma list",
     )
     g.add_argument(
+        "--peers",
+        default="",
+        help="peer methods run in their own environments (make peers): attnlrp,context-cite",
+    )
+    g.add_argument(
         "--ig-steps",
         type=int,
         default=None,
@@ -124,8 +129,14 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
         unknown = [b for b in chosen if b not in BASELINES]
         if unknown:
             raise SystemExit(f"--baselines: unknown {unknown}; choose from {', '.join(BASELINES)}")
+    from depass_eval.peers import PEERS
+
+    named = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if any(p not in PEERS for p in named):
+        raise SystemExit(f"--peers: choose from {', '.join(PEERS)}; got {args.peers!r}")
     return {
         "rules": args.rules,
+        "peers": named,
         "splits": [s.strip() for s in args.splits.split(",") if s.strip()],
         "temperatures": [float(t) for t in args.temperatures.split(",")],
         "first_token_rule": args.first_token_rule,

@@ -16,13 +16,14 @@ absolute score (``depass-<rule>-abs``).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from depass_eval import baselines, perturb
+from depass_eval import baselines, peers, perturb
 from depass_eval.data import load_cases
 from depass_eval.model import EvalModel
 from depass_eval.report import line_plot, mean, sem, table
@@ -95,14 +96,55 @@ def baselines_of(options: dict[str, Any]) -> list[str]:
 
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
     """Evaluate ``size`` prompts of ``dataset`` (strict: screened for correct answers;
-    paper: the first ``size`` in file order); the rows."""
-    work = lambda c: evaluate(ctx, c)  # noqa: E731
-    if rules_of(ctx.options) == "paper":
-        return run_in_order(ctx, load_cases(dataset), size, work, progress)
-    return run_correct(ctx, load_cases(dataset), size, work, progress)
+    paper: the first ``size`` in file order); the rows. The peers asked for
+    (``--peers``) run in their own processes for the whole run."""
+    names = list(ctx.options.get("peers") or [])
+    sources = "sentence" if dataset == "longra" else "word"
+    folder = peers.weights_folder(ctx.model) if names else None
+    with peers.started(names, folder, 1) if folder else nullcontext({}) as running:
+        work = lambda c: evaluate(ctx, c, running, sources)  # noqa: E731
+        if rules_of(ctx.options) == "paper":
+            return run_in_order(ctx, load_cases(dataset), size, work, progress)
+        return run_correct(ctx, load_cases(dataset), size, work, progress)
 
 
-def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
+def peer_scores(
+    ctx: Context,
+    running: dict[str, peers.PeerProcess],
+    case: dict[str, Any],
+    ids: list[int],
+    answer: int,
+    logit: float,
+    sources: str,
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, Any]]:
+    """Each running peer's token scores, seconds (its worker's) and notes."""
+    scores: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    notes: dict[str, Any] = {}
+    if "attnlrp" in running:
+        scores["attnlrp"], seconds["attnlrp"] = peers.token_scores_attnlrp(
+            running["attnlrp"], ids, answer, logit
+        )
+    if "context-cite" in running:
+        scores["context-cite"], reply = peers.token_scores_context_cite(
+            running["context-cite"],
+            ctx.model.tokenizer,
+            case["prompt"],
+            ids,
+            sources,
+            seed=ctx.seed,
+        )
+        seconds["context-cite"] = reply["seconds"]
+        notes["context-cite"] = {"response": reply["response"], "sources": len(reply["sources"])}
+    return scores, seconds, notes
+
+
+def evaluate(
+    ctx: Context,
+    case: dict[str, Any],
+    running: dict[str, peers.PeerProcess] | None = None,
+    sources: str = "word",
+) -> dict[str, Any]:
     """Scores of every method and their patch/recover curves on one prompt."""
     model = ctx.model
     ids = model.encode(case["prompt"])
@@ -132,6 +174,11 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
         )
         scores.update({m: found[m] for m in wanted})
         seconds.update({m: took[m] for m in wanted})
+    theirs, took, notes = peer_scores(
+        ctx, running or {}, case, ids, answer, float(logits[answer]), sources
+    )
+    scores.update(theirs)
+    seconds.update(took)
     with Timer() as clock:
         results = perturb.curves(model, ids, answer, prob, scores, rules=perturb.EditRules(rules))
     return {
@@ -148,6 +195,7 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
         "seconds": seconds,
         "perturb_seconds": clock.seconds,
         "ig_convergence_delta": ig_delta,
+        "peers": notes,
     }
 
 

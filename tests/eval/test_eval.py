@@ -689,3 +689,54 @@ def test_headline_merges_runs_on_the_same_prompts(tmp_path: Path) -> None:
     rows = {line.split("|")[1].strip(): line for line in lines[2:]}
     assert list(rows) == ["depass-softmax", "depass-softmax-margin", "gradient-norm"]
     assert "0.95" in rows["depass-softmax-margin"] and "0.7" in rows["depass-softmax"]
+
+
+def test_side_by_side_table_of_both_rules(tmp_path: Path) -> None:
+    """One data set under both rules: each AUC with its standard error, a method only one
+    run has left blank in the other, and the verdict of each rules."""
+    from depass_eval.headline import side_by_side
+
+    def entry(patch: float, recover: float) -> dict[str, Any]:
+        return {
+            "patch": {"auc": patch, "auc_sem": 0.01},
+            "recover": {"auc": recover, "auc_sem": 0.02},
+        }
+
+    def comparison(ours: float, theirs: float) -> dict[str, Any]:
+        return {
+            "best_depass": "depass-softmax",
+            "best_depass_auc": ours,
+            "best_baseline": "gradient-norm",
+            "best_baseline_auc": theirs,
+            "depass_wins": ours > theirs,
+        }
+
+    runs = {
+        "strict": {
+            "prompts": 200,
+            "methods": {"depass-softmax": entry(0.96, 0.6), "leave-one-out": entry(0.9, 0.67)},
+            "comparison": {"patch": comparison(0.96, 0.95)},
+        },
+        "paper": {
+            "prompts": 180,
+            "methods": {"depass-softmax": entry(0.84, 0.5), "attnlrp": entry(0.88, 0.45)},
+            "comparison": {"patch": comparison(0.84, 0.88)},
+        },
+    }
+    for name, result in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(result))
+    text = side_by_side(tmp_path / "strict", tmp_path / "paper")
+    lines = text.splitlines()
+    assert "patch AUC ↑ strict (n=200)" in lines[0] and "recover AUC ↓ paper (n=180)" in lines[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines[2:5]}
+    assert list(rows) == ["depass-softmax", "attnlrp", "leave-one-out"]
+    assert [c.strip() for c in rows["depass-softmax"]] == [
+        "0.960 ± 0.010",
+        "0.840 ± 0.010",
+        "0.600 ± 0.020",
+        "0.500 ± 0.020",
+    ]
+    assert rows["attnlrp"][0].strip() == "" and rows["leave-one-out"][1].strip() == ""
+    assert "- strict, patch-top: `depass-softmax` 0.960" in text and "DePass wins" in text
+    assert "- paper, patch-top" in text and "DePass loses" in text
