@@ -185,13 +185,14 @@ def token_scores_context_cite(
     seed: int = 0,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """(N,) each token's ContextCite score: the score of the source (word or sentence) its
-    characters fall in; the context is the prompt before the last token, the query the
-    last token (which no method ranks). Also the worker's reply without the scores."""
+    characters fall in; the context is the prompt up to the end of the token before the
+    last, the query the rest (the last token, which no method ranks). Also the worker's
+    reply without the scores."""
     encoded = tokenizer(prompt, return_offsets_mapping=True)
     if list(encoded["input_ids"]) != list(ids):
         raise PeerError("context-cite: the prompt does not tokenise to the scored ids")
     offsets = encoded["offset_mapping"]
-    cut = offsets[-1][0]
+    cut = offsets[-2][1]  # the end of the last ranked token: the context ends in no space
     reply = process.ask(
         {
             "context": prompt[:cut],

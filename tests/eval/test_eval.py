@@ -25,6 +25,7 @@ from depass_eval.cli import main as cli_main
 from depass_eval.data import Case
 from depass_eval.hooks import gradient_x_activation, masked, masked_logits
 from depass_eval.model import EvalModel, load_model
+from depass_eval.peers import PEERS
 from depass_eval.probes import fit_probe, texts_and_labels
 from depass_eval.runner import Context, run_rows, select_correct
 from depass_eval.source import LocalDePass, RemoteDePass, Split
@@ -740,3 +741,96 @@ def test_side_by_side_table_of_both_rules(tmp_path: Path) -> None:
     assert rows["attnlrp"][0].strip() == "" and rows["leave-one-out"][1].strip() == ""
     assert "- strict, patch-top: `depass-softmax` 0.960" in text and "DePass wins" in text
     assert "- paper, patch-top" in text and "DePass loses" in text
+
+
+# ---------------------------------------------------------------------------- the peers
+
+
+def _peer_or_skip(name: str) -> None:
+    """Skip when the peer's environment is not built (make peers), except under CI,
+    which builds it first: there it fails."""
+    import os
+
+    from depass_eval.peers import PEERS
+
+    why = PEERS[name].missing()
+    if why and os.environ.get("CI"):
+        pytest.fail(f"CI builds the peers first (make peers): {why}")
+    if why:
+        pytest.skip(why)
+
+
+def test_legacy_config_keeps_the_rope_bases() -> None:
+    """transformers 4.x reads the rotary bases from rope_theta (and Gemma 3's local one
+    from rope_local_base_freq); without them it silently uses its defaults."""
+    from depass_eval.peers import legacy_config
+
+    llama = legacy_config({"model_type": "llama", "rope_parameters": {"rope_theta": 1e5}})
+    assert llama["rope_theta"] == 1e5 and "rope_parameters" not in llama
+    gemma = legacy_config(
+        {
+            "model_type": "gemma3_text",
+            "dtype": "float32",
+            "_sliding_window_pattern": 6,
+            "rope_parameters": {
+                "full_attention": {"rope_theta": 1e6, "rope_type": "default"},
+                "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"},
+            },
+        }
+    )
+    assert (gemma["rope_theta"], gemma["rope_local_base_freq"]) == (1e6, 1e4)
+    assert gemma["sliding_window_pattern"] == 6 and gemma["torch_dtype"] == "float32"
+    assert "rope_scaling" not in gemma
+
+
+def test_attnlrp_peer_on_the_embedded_model(tiny: EvalModel, depass: LocalDePass) -> None:
+    """lxt's AttnLRP in its own environment, on the same weights: the worker's logit is
+    the local model's (checked on every call, a different one refused), and on the name
+    mover it ranks A first, as DePass does."""
+    _peer_or_skip("attnlrp")
+    from depass_eval import peers
+
+    with peers.started(["attnlrp"], peers.weights_folder(tiny)) as running:
+        for case in tasks.held_out_ioi(5):
+            ids, answer = tiny.encode(case.prompt), tiny.answer_id(case.answer)
+            logit = float(tiny.last_logits([ids])[0, answer])
+            scores, seconds = peers.token_scores_attnlrp(running["attnlrp"], ids, answer, logit)
+            assert scores.shape == (len(ids),) and seconds > 0
+            top = perturb.ranked_middle(scores)[0]
+            assert tiny.token_texts([ids[top]])[0] == case.answer
+        with pytest.raises(peers.PeerError, match="not the same model"):
+            peers.token_scores_attnlrp(running["attnlrp"], ids, answer, logit + 1.0)
+
+
+def test_context_cite_peer_on_the_embedded_model(tiny: EvalModel) -> None:
+    """context-cite in its own environment: sources are the prompt's words (before the
+    last token), each token gets its word's score, the response is the model's greedy
+    token, and on the name mover the word A scores highest."""
+    _peer_or_skip("context-cite")
+    from depass_eval import peers
+
+    case = tasks.held_out_ioi(1)[0]
+    ids = tiny.encode(case.prompt)
+    with peers.started(["context-cite"], peers.weights_folder(tiny)) as running:
+        scores, reply = peers.token_scores_context_cite(
+            running["context-cite"], tiny.tokenizer, case.prompt, ids, "word"
+        )
+    assert scores.shape == (len(ids),) and scores[-1] == 0.0
+    assert reply["response"].strip() == case.answer and len(reply["sources"]) == len(ids) - 2
+    assert tiny.token_texts([ids[int(np.argmax(scores))]])[0] == case.answer
+
+
+def test_tokens_protocol_with_the_peers(tiny: EvalModel, ioi_file: Path, tmp_path: Path) -> None:
+    """``--peers`` ranks the same prompts by each peer, beside DePass, with their costs."""
+    _peer_or_skip("attnlrp")
+    _peer_or_skip("context-cite")
+    out = tmp_path / "peers"
+    options = {"rules": "paper", "splits": ["softmax"], "baselines": [], "peers": list(PEERS)}
+    run_protocol(
+        "depass-tiny", "tokens", out, str(ioi_file), 2, options=options, loaded=tiny, progress=False
+    )
+    results, text, rows = _read(out)
+    assert set(results["methods"]) == {"depass-softmax", "depass-softmax-abs", *PEERS}
+    assert all(results["methods"][p]["seconds_per_prompt"] > 0 for p in PEERS)
+    assert all(r["peers"]["context-cite"]["response"].strip() == r["answer"] for r in rows)
+    assert "| attnlrp |" in text and "| context-cite |" in text
