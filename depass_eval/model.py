@@ -122,6 +122,16 @@ class EvalModel:
                     out[row, indices] = hidden.hidden_states[layer][:, -1].float().cpu()
         return out
 
+    def residuals_all(self, ids: Sequence[int], layers: Sequence[int]) -> torch.Tensor:
+        """(len(layers), N, D) residual entering each of ``layers`` (below the last layer)
+        at every position of one prompt, from one forward."""
+        if any(not 0 <= layer < self.num_layers for layer in layers):
+            raise ValueError(f"layers must be in 0..{self.num_layers - 1}; got {list(layers)}")
+        with torch.inference_mode():
+            batch = torch.tensor([list(ids)], device=self.device)
+            hidden = self.model(input_ids=batch, output_hidden_states=True, logits_to_keep=1)
+            return torch.stack([hidden.hidden_states[layer][0] for layer in layers]).float().cpu()
+
     def greedy(self, prompts: Sequence[Sequence[int]], steps: int) -> list[list[int]]:
         """The ``steps`` greedy next tokens of each prompt (batched by length, no cache)."""
         out: list[list[int]] = [[] for _ in prompts]

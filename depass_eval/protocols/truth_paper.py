@@ -98,10 +98,8 @@ def evaluate(ctx: Context, probes: list[Probe], record: dict[str, Any]) -> dict[
         for k, p in enumerate(probes)
     )
     with Timer() as clock:
-        own = np.mean(
-            [p.scores(model.residual_all(ids, p.layer).double().numpy())[:, 0] for p in probes],
-            axis=0,
-        )
+        every = model.residuals_all(ids, layers).double().numpy()  # (layers, N, D)
+        own = np.mean([p.scores(every[k])[:, 0] for k, p in enumerate(probes)], axis=0)
     seconds["self-probe"] = clock.seconds
     rng = np.random.default_rng([ctx.seed, zlib.crc32(str(record["case_id"]).encode())])
     falsehood = {
@@ -125,6 +123,7 @@ def evaluate(ctx: Context, probes: list[Probe], record: dict[str, Any]) -> dict[
         "id": str(record["case_id"]),
         "tokens": len(ids),
         "span_tokens": len(span),
+        "span": model.token_texts([ids[p] for p in span]),
         "deleted": count,
         "correct_option": correct,
         "option": options[0],
@@ -137,7 +136,7 @@ def evaluate(ctx: Context, probes: list[Probe], record: dict[str, Any]) -> dict[
                 "flipped": options[k] != options[0],
                 "p_true_change": p_true[k] - p_true[0],
                 "deleted_tokens": model.token_texts(
-                    sorted(ranked_span(span, falsehood[method])[:count])
+                    [ids[p] for p in sorted(ranked_span(span, falsehood[method])[:count])]
                 ),
             }
             for k, method in enumerate(METHODS, start=1)
