@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -85,14 +87,54 @@ def legacy_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def legacy_folder(folder: Path, into: Path) -> Path:
-    """A folder with ``folder``'s files linked and its config in the 4.x form."""
+    """A folder with ``folder``'s files linked, its config in the 4.x form, the tokenizer
+    class 5.x calls ``TokenizersBackend`` named as 4.x does (``PreTrainedTokenizerFast``)
+    and its safetensors files marked ``format: pt`` (:func:`mark_pt_format`)."""
     into.mkdir(parents=True, exist_ok=True)
     for item in folder.iterdir():
-        if item.name != "config.json":
+        if item.suffix == ".safetensors":
+            mark_pt_format(item, into / item.name)
+        elif item.name == "tokenizer_config.json":
+            settings = json.loads(item.read_text(encoding="utf-8"))
+            if settings.get("tokenizer_class") == "TokenizersBackend":  # 5.x's name
+                settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+            (into / item.name).write_text(json.dumps(settings, indent=1))
+        elif item.name != "config.json":
             (into / item.name).symlink_to(item.resolve())
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     (into / "config.json").write_text(json.dumps(legacy_config(config), indent=1))
     return into
+
+
+def mark_pt_format(source: Path, target: Path) -> None:
+    """``source`` at ``target`` in the form transformers 4.x loads: ``"format": "pt"`` in
+    the header's metadata, which 4.x requires (the engine's dequantised cache has none),
+    and a tied tensor stored under one name and aliased in the metadata (5.x writes the
+    tied embedding as ``lm_head.weight`` with ``model.embed_tokens.weight`` pointing to
+    it) stored under the alias, the name 4.x loads before tying the head to it. The
+    tensors' bytes are copied unchanged (their offsets count from the end of the
+    header); a file that needs nothing is linked."""
+    with source.open("rb") as src:
+        size = struct.unpack("<Q", src.read(8))[0]
+        header = json.loads(src.read(size))
+        metadata = header.get("__metadata__") or {}
+        aliases = {
+            alias: name
+            for alias, name in metadata.items()
+            if alias not in header and isinstance(name, str) and name in header
+        }
+        if metadata.get("format") == "pt" and not aliases:
+            target.symlink_to(source.resolve())
+            return
+        for alias, name in aliases.items():
+            header[alias] = header.pop(name)
+        header["__metadata__"] = {"format": "pt"}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with target.open("wb") as out:
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            shutil.copyfileobj(src, out, 1 << 24)
 
 
 class PeerError(RuntimeError):
@@ -204,6 +246,8 @@ def token_scores_context_cite(
     )
     if not reply["exact"]:
         raise PeerError("context-cite: its sources do not rebuild the prompt exactly")
+    if reply["prompt_ids"] != list(ids):
+        raise PeerError("context-cite: its prompt is not the scored ids")
     scores = np.zeros(len(ids))
     for position, (start, end) in enumerate(offsets[:-1]):
         overlaps = [

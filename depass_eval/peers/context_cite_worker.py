@@ -116,8 +116,15 @@ def main() -> int:
             partitioner=partitioner,
         )
         scores = citer.get_attributions(verbose=False)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": context + request["query"]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         reply = {
             "exact": partitioner.get_context() == context,
+            # the ids ContextCite feeds the model (its own encoding of the chat prompt)
+            "prompt_ids": tokenizer.encode(prompt, add_special_tokens=False),
             "sources": spans(context, list(partitioner.parts)),
             "scores": np.asarray(scores, dtype=float).tolist(),
             "response": citer.response,
