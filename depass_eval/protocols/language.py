@@ -199,7 +199,9 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     text += [
         "",
         f"{summary['cases']} facts x 6 languages = {summary['prompts']} prompts; split at layer"
-        f" {summary['split_layer']}, DePass carries [rest, language part] to the probe layer"
+        f" {summary['split_layer']} (the language vector at"
+        f" {'every position' if summary.get('rules') == 'paper' else 'the last position'}),"
+        " DePass carries [rest, language part] to the probe layer"
         f" {summary['probe_layer']} and to the output. The model's top-1 is the answer's first"
         f" token in {summary['model_accuracy']:.1%} of the prompts.",
         "",

@@ -578,6 +578,7 @@ def test_paper_language_vector_sits_at_every_position(tiny: EvalModel, tmp_path:
         progress=False,
     )
     assert summary["probe_layer"] == 2 and summary["rules"] == "paper"
+    assert "the language vector at every position" in (out / "summary.md").read_text()
 
 
 # ---------------------------------------------------------------------------- the run loop
