@@ -25,6 +25,12 @@ case $GROUP in
   # protocols 2 and 4 in paper mode: 20 prompts / facts each
   paper-truth) $EVAL --rules paper --protocol truth --size 20 --out $OUT/paper-truth ;;
   paper-language) $EVAL --rules paper --protocol language --size 20 --probe-size 600 --out $OUT/paper-language ;;
+  paper-peers-known) $EVAL --rules paper --protocol tokens --dataset known --size 100 --splits softmax \
+                       --baselines none --peers attnlrp,context-cite --out $OUT/paper-peers-known ;;
+  paper-peers-ioi) $EVAL --rules paper --protocol tokens --dataset ioi --size 100 --splits softmax \
+                     --baselines none --peers attnlrp,context-cite --out $OUT/paper-peers-ioi ;;
+  paper-peers-longra) $EVAL --rules paper --protocol tokens --dataset longra --size 50 --splits softmax \
+                        --baselines none --peers attnlrp,context-cite --out $OUT/paper-peers-longra ;;
   paper-tokens) for g in paper-tokens-known paper-tokens-ioi paper-tokens-longra; do bash "$0" "$MODEL" $g; done ;;
   all) for g in paper-tokens tokens-known tokens-ioi tokens-longra paper-components components paper-truth paper-language; do
          bash "$0" "$MODEL" $g; done ;;

@@ -50,6 +50,10 @@ case $GROUP in
   # the peers (make peers) on the paper-mode prompts, DePass's default beside them
   paper-peers-known) $EVAL --rules paper --protocol tokens --dataset known --size 200 --splits softmax \
                        --baselines none --peers attnlrp,context-cite --out $OUT/paper-peers-known ;;
+  paper-peers-ioi) $EVAL --rules paper --protocol tokens --dataset ioi --size 200 --splits softmax \
+                     --baselines none --peers attnlrp,context-cite --out $OUT/paper-peers-ioi ;;
+  paper-peers-longra) $EVAL --rules paper --protocol tokens --dataset longra --size 100 --splits softmax \
+                        --baselines none --peers attnlrp,context-cite --out $OUT/paper-peers-longra ;;
   rest) for g in truth language tune-known tune-ioi; do bash "$0" "$MODEL" $g; done ;;
   # Rewrite every report from the rows there (e.g. after stopping the runs), and the
   # headline table of README.md.
