@@ -67,7 +67,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 #: workload name -> (kind, prompt length, component dtype); kinds: token (last position),
 #: heads (every layer, one request), neurons (every neuron of one middle layer), batch
-#: (BATCH token requests of that length, one by one and batched).
+#: (BATCH token requests of that length, one by one and batched); reverse-token,
+#: reverse-heads, reverse-neurons: the reverse strategy (taylor split, last position):
+#: token, every head of every layer, every neuron of every layer (top 100 kept).
 WORKLOADS: dict[str, dict[str, tuple[str, int, str]]] = {
     "llama2-7b": {
         "token-128": ("token", 128, "float32"),
@@ -78,13 +80,24 @@ WORKLOADS: dict[str, dict[str, tuple[str, int, str]]] = {
         "heads-512": ("heads", 512, "float32"),
         "neurons-64": ("neurons", 64, "float32"),
         "batch-16x32": ("batch", 32, "float32"),
+        "reverse-token-512": ("reverse-token", 512, "float32"),
+        "reverse-token-2048": ("reverse-token", 2048, "float32"),
+        "reverse-token-8192": ("reverse-token", 8192, "bfloat16"),
+        "reverse-heads-512": ("reverse-heads", 512, "float32"),
+        "reverse-neurons-512": ("reverse-neurons", 512, "float32"),
     },
-    "llama3.1-8b": {"token-256": ("token", 256, "float32")},
+    "llama3.1-8b": {
+        "token-256": ("token", 256, "float32"),
+        "reverse-token-2048": ("reverse-token", 2048, "float32"),
+    },
     "small": {
         "token-32": ("token", 32, "float32"),
         "heads-32": ("heads", 32, "float32"),
         "neurons-8": ("neurons", 8, "float32"),
         "batch-16x8": ("batch", 8, "float32"),
+        "reverse-token-32": ("reverse-token", 32, "float32"),
+        "reverse-heads-32": ("reverse-heads", 32, "float32"),
+        "reverse-neurons-8": ("reverse-neurons", 8, "float32"),
     },
 }
 
@@ -119,6 +132,9 @@ def causal_flops(info: Any, kind: str, n: int, components: int) -> float:
     d, i = info.hidden_size, info.intermediate_size
     d_kv = info.num_kv_heads * info.head_dim
     per_pair = 2 * d * d_kv + 2 * d * d + 4 * d * i + 2 * d * n  # multiply-adds
+    if kind.startswith("reverse"):  # one frozen pass and its backward: ~3 plain passes
+        per_position = 2 * d * d_kv + 2 * d * d + 6 * d * i + 2 * d * n
+        return 2.0 * 3 * n * per_position * info.num_layers
     if kind in ("token", "batch"):
         pairs, layers = n * (n + 1) / 2 + n, info.num_layers
     elif kind == "heads":  # each start layer runs the rest of the network
@@ -130,6 +146,16 @@ def causal_flops(info: Any, kind: str, n: int, components: int) -> float:
 
 
 def request_for(kind: str, ids: list[int], info: Any) -> AttributionRequest:
+    if kind.startswith("reverse"):
+        layers = list(range(info.num_layers))
+        fields: dict[str, Any] = {
+            "reverse-token": {},
+            "reverse-heads": {"granularity": "head", "start_layer": layers},
+            "reverse-neurons": {"granularity": "neuron", "start_layer": layers, "top_k": 100},
+        }[kind]
+        return AttributionRequest(
+            input_ids=ids, positions=[-1], mlp_split="taylor", strategy="reverse", **fields
+        )
     if kind in ("token", "batch"):
         return AttributionRequest(input_ids=ids, positions=[-1])
     if kind == "heads":
@@ -220,6 +246,7 @@ def run_workload(
         flop_limit_s=float(f"{limit:.3g}"),
         flop_limit_ratio=round(median / limit, 2),
         relative_conservation_error=result.relative_conservation_error,
+        strategy=result.strategy,
     )
     return line
 

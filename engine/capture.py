@@ -32,7 +32,7 @@ class LayerTrace:
 
     resid_pre: torch.Tensor  # (N, D) h^l, entering the layer
     resid_mid: torch.Tensor  # (N, D) u^l, after the attention block
-    probs: torch.Tensor  # (H, N, N) attention probabilities
+    probs: torch.Tensor | None  # (H, N, N) attention probabilities (None: recomputed)
     gate: torch.Tensor  # (N, W) true pre-activations g of the split projection
     act: torch.Tensor  # (N, W) true neuron activations a (the output projection's input)
     # norm role -> (N, 1) float32 inverse scale of that norm's true input
@@ -40,6 +40,18 @@ class LayerTrace:
     # (N, k) a mixture's chosen experts; ``gate`` and ``act`` are then those experts'
     # (slot by slot, W = k I [+ I_s]), which the MLP part puts on its neuron axis
     routes: torch.Tensor | None = None
+    # A trace that keeps no probabilities (long prompts): the attention module and the
+    # arguments of its call, to run it again for this layer's probabilities on demand.
+    attention_call: AttentionCall | None = None
+
+    def attention_probs(self) -> torch.Tensor:
+        """(H, N, N) the attention probabilities: kept, or recomputed by the model's own
+        attention module from the inputs of its call (the same numbers)."""
+        if self.probs is not None:
+            return self.probs
+        if self.attention_call is None:
+            raise RuntimeError("the trace kept neither probabilities nor the attention call")
+        return self.attention_call.probs()
 
     @property
     def frozen_mlp(self) -> FrozenMLP:
@@ -49,7 +61,7 @@ class LayerTrace:
         return [
             self.resid_pre,
             self.resid_mid,
-            self.probs,
+            *([] if self.probs is None else [self.probs]),
             self.gate,
             self.act,
             *self.scales.values(),
@@ -57,12 +69,30 @@ class LayerTrace:
         ]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LayerTrace:
-        """The trace with ``fn`` applied to every tensor."""
+        """The trace with ``fn`` applied to every tensor (a kept-probabilities trace)."""
+        assert self.probs is not None, "only traces that keep probabilities are mapped"
         return LayerTrace(
             *(fn(getattr(self, f)) for f in ("resid_pre", "resid_mid", "probs", "gate", "act")),
             scales={role: fn(t) for role, t in self.scales.items()},
             routes=None if self.routes is None else fn(self.routes),
         )
+
+
+@dataclass
+class AttentionCall:
+    """One call of a layer's attention module (one prompt): the module and its inputs,
+    kept instead of its (H, N, N) probabilities; the mask and rotary tensors are the
+    ones the model shares between layers, so they are held once."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+
+    def probs(self) -> torch.Tensor:
+        """(H, N, N) the probabilities this call returns."""
+        with torch.no_grad():
+            output = self.module(*self.args, **self.kwargs)
+        return _kept("output[1]", output)[0]
 
 
 @dataclass
@@ -124,11 +154,23 @@ def _kept(kind: str, output: object) -> torch.Tensor:
 
 
 def install_hooks(
-    model: nn.Module, family: Family, store: dict[tuple[int, str], torch.Tensor]
+    model: nn.Module,
+    family: Family,
+    store: dict[tuple[int, str], torch.Tensor],
+    keep_probs: bool = True,
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """Hooks that fill ``store`` with what every part of every layer freezes; key
-    ``(layer, name)``, layer ``-1`` for the model root."""
+    ``(layer, name)``, layer ``-1`` for the model root. ``keep_probs=False``: the
+    attention probabilities are not kept, the attention module's call is (key ``call``)."""
     handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def on_call(module: nn.Module, key: tuple[int, str]) -> None:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            detach = lambda v: v.detach() if torch.is_tensor(v) else v  # noqa: E731
+            kept = {k: detach(v) for k, v in kwargs.items()}
+            store[key] = AttentionCall(mod, tuple(detach(a) for a in args), kept)  # type: ignore[assignment]
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def on_input(module: nn.Module, key: tuple[int, str], transform=None) -> None:
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -151,7 +193,9 @@ def install_hooks(
 
     def part_hook(layer: nn.Module, index: int, hook: Hook) -> None:
         module = layer.get_submodule(hook.path)
-        if hook.kind == "input":
+        if hook.key == "probs" and not keep_probs:
+            on_call(module, (index, "call"))
+        elif hook.kind == "input":
             on_input(module, (index, hook.key))
         elif hook.kind == "arguments":
             on_arguments(module, (index, hook.key))
@@ -176,7 +220,7 @@ def install_hooks(
 
 
 def trace_forward_many(
-    model: nn.Module, family: Family, prompts: Sequence[torch.Tensor]
+    model: nn.Module, family: Family, prompts: Sequence[torch.Tensor], keep_probs: bool = True
 ) -> list[ForwardTrace]:
     """Traces of several prompts from one batched forward pass.
 
@@ -185,9 +229,16 @@ def trace_forward_many(
     computes what it computes alone (up to float rounding in batched products). Each
     trace is cut back to its own positions. One prompt runs as the plain call, unmasked.
     The model must use eager attention, which returns its probabilities.
+
+    ``keep_probs=False`` (one prompt): each layer keeps its attention module's call
+    instead of its (H, N, N) probabilities, which :meth:`LayerTrace.attention_probs`
+    recomputes one layer at a time (long prompts: the probabilities of every layer
+    are most of a trace).
     """
+    if not keep_probs and len(prompts) != 1:
+        raise ValueError("a trace without probabilities is made for one prompt at a time")
     store: dict[tuple[int, str], torch.Tensor] = {}
-    handles = install_hooks(model, family, store)
+    handles = install_hooks(model, family, store, keep_probs)
     num_layers = len(family.decoder_layers(model))
 
     device = family.embeddings(model).weight.device
@@ -203,12 +254,12 @@ def trace_forward_many(
     inputs: dict[str, torch.Tensor] = {"input_ids": batch.to(device)}
     if len(prompts) > 1:  # one prompt: the plain call, with no mask at all
         inputs |= {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
-    with _hooks(handles), torch.inference_mode():
+    with _hooks(handles), torch.no_grad():
         output = model(**inputs, use_cache=False, logits_to_keep=1)
 
     roles = [role for role, _ in family.norms()]
     frozen_mlps = []
-    with torch.inference_mode():  # a mixture recomputes its experts from what it kept
+    with torch.no_grad():  # a mixture recomputes its experts from what it kept
         for index, layer in enumerate(family.decoder_layers(model)):
             part = family.mlp.for_layer(layer)
             kept = {hook.key: store.pop((index, hook.key)) for hook in part.hooks()}
@@ -230,7 +281,8 @@ def trace_forward_many(
                     LayerTrace(
                         resid_pre=pre[i],
                         resid_mid=mid[i],
-                        probs=store[(i, "probs")][r, :, own, own],
+                        probs=store[(i, "probs")][r, :, own, own] if keep_probs else None,
+                        attention_call=None if keep_probs else store[(i, "call")],  # type: ignore[arg-type]
                         gate=frozen_mlps[i].gate[r, own],
                         act=frozen_mlps[i].act[r, own],
                         scales={role: store[(i, role)][r, own] for role in roles},

@@ -11,6 +11,7 @@ the results (:mod:`engine.readout`). Loading is :mod:`engine.loading`, token han
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -21,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.capture import ForwardTrace
+from engine.capture import ForwardTrace, trace_forward_many
 from engine.families import Family, family_for
-from engine.granularity import GRANULARITY_KINDS, Granularity, RunStart, head_labels
+from engine.granularity import GRANULARITY_KINDS, Granularity, RunStart
 from engine.info import model_info
 from engine.loading import load_pretrained
 from engine.memory import (
@@ -32,8 +33,16 @@ from engine.memory import (
     Shape,
     auto_budget_bytes,
     estimate,
+    reverse_estimate,
 )
-from engine.plan import Plan, Run, batch_estimate, normalise_positions, schedule
+from engine.plan import (
+    Plan,
+    Run,
+    batch_estimate,
+    normalise_positions,
+    reverse_is_cheaper,
+    schedule,
+)
 from engine.propagate import (
     Cancelled,
     Member,
@@ -41,9 +50,10 @@ from engine.propagate import (
     SplitSettings,
     StartFacts,
 )
-from engine.readout import Labels, Readout, View, assemble
+from engine.readout import Labels, Readout, TargetHead, View, assemble
 from engine.request import AttributionRequest, RequestError
 from engine.result import AttributionResult
+from engine.reverse import FrozenPass
 from engine.tokens import Tokens
 from engine.trace_cache import TraceCache
 
@@ -245,6 +255,29 @@ class DePassEngine:
             late_starts=kind.late_starts(count),
             budget_bytes=self.memory_budget_bytes,
         )
+        stages = [kind.start_stage(layer, request) for layer in layers]
+        targets = 1 if target_ids is None else len(target_ids)
+        scored = len(positions) * targets  # one cotangent each in a reverse pass
+        strategy = self._strategy(request, count, stages, end, scored)
+        light = False
+        if strategy == "reverse":
+            reverse_memory = functools.partial(
+                reverse_estimate,
+                self.shape,
+                length=length,
+                stages=2 * end - min(stages),
+                kept_stages=len(set(stages)),
+                scored=scored,
+                # token and neuron runs score without building their (M + 1, N, D) start
+                start_rows=1 if request.granularity in ("token", "neuron") else count + 1,
+                result_rows=count + 1,
+                positions=len(positions),
+                targets=targets,
+                runs=len(layers),
+            )
+            memory = reverse_memory(light_trace=False)
+            if memory.total > self.memory_budget_bytes:  # recompute probabilities per layer
+                light, memory = True, reverse_memory(light_trace=True)
         if memory.total > self.memory_budget_bytes:
             raise MemoryBudgetError(input_field, memory, self.memory_budget_bytes)
         return Plan(
@@ -263,7 +296,26 @@ class DePassEngine:
             memory=memory,
             chunk_budget=chunk_budget,
             late_starts=kind.late_starts(count),
+            strategy=strategy,
+            light_trace=light,
         )
+
+    def _strategy(
+        self,
+        request: AttributionRequest,
+        count: int,
+        stages: list[int],
+        end: int,
+        scored: int,
+    ) -> str:
+        """``forward`` or ``reverse`` for this request (``auto``: reverse when it applies
+        and :func:`engine.plan.reverse_is_cheaper`)."""
+        if request.strategy != "auto":
+            return request.strategy
+        if request.reverse_refusal is not None:
+            return "forward"
+        cheaper = reverse_is_cheaper(count + 1, stages, 2 * end, scored)
+        return "reverse" if cheaper else "forward"
 
     def attribute(
         self, request: AttributionRequest, should_stop: Callable[[], bool] | None = None
@@ -312,10 +364,24 @@ class DePassEngine:
         # cache or no cache; it is let go after the last batch that needs it.
         uses = Counter(tuple(plans[i].input_ids) for batch in batches for i, _ in batch)
         held: dict[tuple[int, ...], ForwardTrace] = {}
-        with torch.inference_mode():
-            for batch in batches:
-                outcomes.update(self._run_batch(requests, plans, batch, should_stop, held))
-                for i, _ in batch:
+        reverse = [i for i, plan in enumerate(plans) if plan.strategy == "reverse"]
+        uses.update(tuple(plans[i].input_ids) for i in reverse)
+        # no_grad rather than inference_mode: a reverse run differentiates through the
+        # trace's frozen tensors, which inference tensors would not allow
+        with torch.no_grad():
+            work = [(batch, None) for batch in batches] + [(None, i) for i in reverse]
+            for batch, index in work:
+                if batch is not None:
+                    done = self._run_batch(requests, plans, batch, should_stop, held)
+                    indices = [i for i, _ in batch]
+                else:
+                    assert index is not None
+                    done = self._run_reverse(
+                        index, requests[index], plans[index], should_stop, held
+                    )
+                    indices = [index]
+                outcomes.update(done)
+                for i in indices:
                     key = tuple(plans[i].input_ids)
                     uses[key] -= 1
                     if not uses[key]:
@@ -384,13 +450,7 @@ class DePassEngine:
         outcomes: dict[tuple[int, int], _RunOutcome] = {}
         for k, ((i, _), member, trace) in enumerate(zip(batch, members, traces, strict=True)):
             request, plan = requests[i], plans[i]
-            if plan.target_ids is None:  # each position's own top-1 next token
-                tops = self.readout.top_tokens(trace, member.positions)
-                targets = [[token] for token in tops]
-                head = self.readout.for_position_targets(targets)
-            else:
-                targets = [list(plan.target_ids)] * len(plan.positions)
-                head = self.readout.for_targets(plan.target_ids)
+            targets, head = self._targets(plan, trace, member.positions)
             scaled = request.end_layer is None and not request.all_layers
             keep_states = "states" in request.outputs
             views = [
@@ -412,6 +472,83 @@ class DePassEngine:
             outcome.timings["decompose_s"] = decompose_s
         return outcomes
 
+    def _targets(
+        self, plan: Plan, trace: ForwardTrace, positions: torch.Tensor
+    ) -> tuple[list[list[int]], TargetHead]:
+        """Each kept position's scored ids (P, T) and their unembedding rows: the asked
+        targets, or each position's own top-1 next token."""
+        if plan.target_ids is None:
+            tops = self.readout.top_tokens(trace, positions)
+            targets = [[token] for token in tops]
+            return targets, self.readout.for_position_targets(targets)
+        targets = [list(plan.target_ids)] * len(plan.positions)
+        return targets, self.readout.for_targets(plan.target_ids)
+
+    def _run_reverse(
+        self,
+        index: int,
+        request: AttributionRequest,
+        plan: Plan,
+        should_stop: Callable[[], bool] | None,
+        held: dict[tuple[int, ...], ForwardTrace],
+    ) -> dict[tuple[int, int], _RunOutcome]:
+        """Every run (start layer) of a reverse request from one frozen pass and one
+        backward pass over its (position, target) logits (:mod:`engine.reverse`)."""
+        clock = time.perf_counter()
+        key = tuple(plan.input_ids)
+        self.traces.make_room(plan.memory.total, self.memory_budget_bytes, {key} | set(held))
+        if key in held:
+            trace = held[key]
+        elif plan.light_trace:  # not cached: other requests need the probabilities
+            ids = torch.tensor(key, dtype=torch.long)
+            trace = trace_forward_many(self.model, self.family, [ids], keep_probs=False)[0]
+        else:
+            trace = held[key] = self.trace_many([key])[0]
+        forward_s = time.perf_counter() - clock
+        clock = time.perf_counter()
+        kind = GRANULARITY_KINDS[request.granularity]
+        positions = torch.tensor(plan.positions, dtype=torch.long)
+        targets, head = self._targets(plan, trace, positions)
+        propagator = Propagator(
+            self.model,
+            self.family,
+            [trace],
+            self.compute_dtype,
+            plan.chunk_budget,
+            should_stop,
+            self.matmul_dtype,
+        )
+        stages = [kind.start_stage(layer, request) for layer in plan.layers]
+        frozen = FrozenPass(propagator, trace, min(stages), plan.end)
+        grads = frozen.gradients(self.readout, head, positions, request.end_layer is None, stages)
+        propagator.check()
+        count, width = len(plan.positions), len(targets[0])
+        runs = {}
+        for layer in plan.layers:
+            run = kind.reverse_scores(RunStart(self, request, trace, layer, plan.groups), grads)
+            scores = run.scores  # (M + 1, K): the remainder's start row first
+            scores[0] += grads.remainder_from(run.stage)
+            per_position = scores.reshape(-1, count, width).permute(1, 0, 2)  # (P, M + 1, T)
+            view = View(
+                states=None,
+                scores=per_position.to("cpu", self.compute_dtype),
+                error=grads.error,
+                relative_error=grads.relative_error,
+            )
+            runs[layer] = (run, view)
+        decompose_s = time.perf_counter() - clock
+        return {
+            (index, layer): _RunOutcome(
+                labels=run.labels,
+                first_positions=run.first_positions,
+                targets=targets,
+                views=[view],
+                batch_size=1,
+                timings={"forward_s": forward_s, "decompose_s": decompose_s},
+            )
+            for layer, (run, view) in runs.items()
+        }
+
     def _result(
         self,
         request: AttributionRequest,
@@ -432,8 +569,8 @@ class DePassEngine:
         differ = any(labels != per_layer[0] for labels in per_layer)
         targets = runs[-1].targets
         labels = Labels(
-            # head runs over several layers: layer-free labels, and each layer's own
-            components=head_labels(None, self.info.num_heads) if differ else per_layer[0],
+            # runs over several layers: layer-free labels, and each layer's own
+            components=[_without_layer(name) for name in per_layer[0]] if differ else per_layer[0],
             layer_components=per_layer if differ else None,
             first_positions=runs[-1].first_positions,
             position_targets=targets,
@@ -451,6 +588,9 @@ class DePassEngine:
             plan.input_ids,
             softcap=self.info.logit_softcap,
         )
+        result.strategy = plan.strategy
+        if request.top_k is not None:
+            result = result.keep_top(request.top_k)
         result.timings = {
             "forward_s": sum(run.timings["forward_s"] for run in runs),
             "decompose_s": sum(run.timings["decompose_s"] for run in runs),
@@ -492,6 +632,12 @@ class _RunOutcome:
     views: list[View]
     batch_size: int  # runs propagated together with this one (1: alone)
     timings: dict[str, float]
+
+
+def _without_layer(label: str) -> str:
+    """``"L3.H0"`` -> ``"H0"``: a label of a result whose layer axis names the layer."""
+    head, dot, rest = label.partition(".")
+    return rest if dot and head[:1] == "L" and head[1:].isdigit() else label
 
 
 def _require_eager(model: nn.Module) -> None:

@@ -39,11 +39,13 @@ import torch
 
 from engine.errors import RequestError
 from engine.propagate import LayerWeights, Start, attention_stage, mlp_stage
+from engine.reverse import batched_vjp
 
 if TYPE_CHECKING:
     from engine.capture import ForwardTrace
     from engine.engine import DePassEngine
     from engine.request import AttributionRequest
+    from engine.reverse import StageGradients
 
 SUBSPACE_ROUNDING = 1e-5
 
@@ -77,14 +79,8 @@ def token_start(
             labels=[f"tok[{k}]:{_quote(token_texts[k])}" for k in range(length)],
             single_position=True,
         )
-    groups = [sorted(g) for g in groups]
-    labels = [_group_label(g, token_texts) for g in groups]
     first_alone = [0] in groups  # the first-token rule needs a group of the first token alone
-    covered = {p for g in groups for p in g}
-    rest = [p for p in range(length) if p not in covered]
-    if rest:
-        groups.append(rest)
-        labels.append("ungrouped")
+    groups, labels = token_components(length, token_texts, groups)
     order = sorted(range(len(groups)), key=lambda j: groups[j][0])  # rows by first position
     output_rows = [0] * len(groups)
     values = resid.new_zeros(len(groups) + 1, length, resid.shape[1])
@@ -100,6 +96,25 @@ def token_start(
         stage=attention_stage(layer),
         labels=labels,
     )
+
+
+def token_components(
+    length: int, token_texts: Sequence[str], groups: Sequence[Sequence[int]] | None
+) -> tuple[list[list[int]], list[str]]:
+    """The positions of each token component and its label: one per position without
+    groups; else each group, then the positions in none (``ungrouped``)."""
+    if groups is None:
+        return [[k] for k in range(length)], [
+            f"tok[{k}]:{_quote(token_texts[k])}" for k in range(length)
+        ]
+    out = [sorted(g) for g in groups]
+    labels = [_group_label(g, token_texts) for g in out]
+    covered = {p for g in out for p in g}
+    rest = [p for p in range(length) if p not in covered]
+    if rest:
+        out.append(rest)
+        labels.append("ungrouped")
+    return out, labels
 
 
 def _group_label(group: list[int], token_texts: Sequence[str]) -> str:
@@ -276,10 +291,38 @@ class Granularity:
         """The initial components of ``run``."""
         raise NotImplementedError
 
+    def start_stage(self, layer: int, request: AttributionRequest) -> int:
+        """The stage a run starting at ``layer`` propagates from."""
+        return attention_stage(layer)
+
+    def reverse_scores(self, run: RunStart, grads: StageGradients) -> ReverseRun:
+        """Every component's score from the gradients of one reverse pass: each start
+        component times the gradient at the stage it starts at."""
+        start = self.start(run)
+        scores = grads.scores_of(start.values, start.stage, start.entering_rows)
+        return ReverseRun(
+            scores=scores[[0, *start.output_rows]],
+            labels=start.labels,
+            first_positions=[start.first_position[row - 1] for row in start.output_rows],
+            stage=start.stage,
+        )
+
     def smaller(self, request: Any) -> str | None:
         """How to ask for fewer components of this granularity, if there is a way
         (``request``: an :class:`AttributionRequest` or the HTTP body, same fields)."""
         return None
+
+
+@dataclass
+class ReverseRun:
+    """One run's components scored by a reverse pass: ``scores`` (M + 1, K) with the
+    remainder's start row first, then the components in the labels' order, for the
+    ``K`` scored (position, target) logits; ``stage``: where the run starts."""
+
+    scores: torch.Tensor
+    labels: list[str]
+    first_positions: list[int]
+    stage: int
 
 
 @dataclass(frozen=True)
@@ -334,6 +377,26 @@ class TokenGranularity(Granularity):
         texts = run.engine.token_texts(run.trace.input_ids.tolist())
         return token_start(run.cast(run.trace.resid(run.layer)), run.layer, texts, run.groups)
 
+    def reverse_scores(self, run: RunStart, grads: StageGradients) -> ReverseRun:
+        # Component k is h^s at its positions: its score is h^s[n] . grad[n] summed there.
+        stage = attention_stage(run.layer)
+        grad = grads.entering(stage)  # (K, N, D)
+        resid = run.cast(run.trace.resid(run.layer)).to(grad.device, grad.dtype)
+        per_position = torch.einsum("nd,knd->nk", resid, grad)  # (N, K)
+        texts = run.engine.token_texts(run.trace.input_ids.tolist())
+        parts, labels = token_components(resid.shape[0], texts, run.groups)
+        if run.groups is None:
+            scores = per_position
+        else:
+            scores = torch.stack([per_position[part].sum(0) for part in parts])
+        remainder = scores.new_zeros(1, scores.shape[1])
+        return ReverseRun(
+            scores=torch.cat([remainder, scores]),
+            labels=labels,
+            first_positions=[part[0] for part in parts],
+            stage=stage,
+        )
+
     def smaller(self, request: Any) -> str | None:
         return "token groups" if request.groups is None else None
 
@@ -374,6 +437,12 @@ class ModuleGranularity(Granularity):
     name: str = "module"
     fields: tuple[str, ...] = ("module",)
     required: tuple[str, ...] = ("module",)
+    several_layers: bool = True
+
+    def start_stage(self, layer: int, request: AttributionRequest) -> int:
+        return (
+            mlp_stage(layer) if (request.module or "attn") == "attn" else attention_stage(layer + 1)
+        )
 
     def count(
         self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
@@ -398,6 +467,9 @@ class HeadGranularity(Granularity):
     name: str = "head"
     several_layers: bool = True
 
+    def start_stage(self, layer: int, request: AttributionRequest) -> int:
+        return mlp_stage(layer)
+
     def count(
         self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
     ) -> int:
@@ -419,6 +491,10 @@ class NeuronGranularity(Granularity):
 
     name: str = "neuron"
     fields: tuple[str, ...] = ("neurons",)
+    several_layers: bool = True
+
+    def start_stage(self, layer: int, request: AttributionRequest) -> int:
+        return attention_stage(layer + 1)
 
     def count(
         self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
@@ -426,6 +502,12 @@ class NeuronGranularity(Granularity):
         widths = [engine.neuron_width(layer) for layer in request.start_layers]
         neurons = request.neurons
         if neurons is None:
+            if len(set(widths)) > 1:
+                raise RequestError(
+                    "start_layer",
+                    f"these layers have MLPs of different widths ({sorted(set(widths))}); "
+                    "ask for all neurons of one width at a time, or name neurons",
+                )
             return 1 + max(widths)
         if not neurons:
             raise RequestError("neurons", "must name at least one neuron (or be null for all)")
@@ -445,6 +527,33 @@ class NeuronGranularity(Granularity):
         weights = run.layer_weights()
         resid = run.cast(run.trace.layers[run.layer].resid_mid).to(weights.device)
         return neuron_start(resid, weights, run.layer, run.request.neurons)
+
+    def reverse_scores(self, run: RunStart, grads: StageGradients) -> ReverseRun:
+        # Neuron i adds a[n, i] W_down[:, i] (through the post-norm): its score is its
+        # activation times the gradient at the down-projection input, summed over n.
+        # Nothing of (neurons, N, D) size is built, so every neuron of a layer is cheap.
+        stage = attention_stage(run.layer + 1)
+        grad = grads.at_stage[stage]  # (K, N, D)
+        weights = run.layer_weights()
+        length = grad.shape[1]
+        act = weights.act[0, :length].to(grad.device, grad.dtype)  # (N, W)
+        with torch.enable_grad():
+            probe = act.detach().clone().requires_grad_(True)
+            out = weights.neuron_outputs(probe)  # (N, D), linear in the activations
+            (at_input,) = batched_vjp(out, [probe], grad)  # (K, N, W)
+        every = torch.einsum("ni,kni->ik", act, at_input)  # (W, K)
+        chosen = list(range(every.shape[0])) if run.request.neurons is None else run.request.neurons
+        resid = run.cast(run.trace.layers[run.layer].resid_mid).to(grad.device, grad.dtype)
+        rest = torch.einsum("nd,knd->k", resid, grad) + every.sum(0) - every[chosen].sum(0)
+        bias = weights.bias_of(weights.mlp_bias, 0, resid).to(grad.dtype)
+        remainder = torch.einsum("nd,knd->k", bias, grad)
+        labels = ["rest"] + [f"L{run.layer}.{weights.neuron_name(i)}" for i in chosen]
+        return ReverseRun(
+            scores=torch.cat([remainder[None], rest[None], every[chosen]]),
+            labels=labels,
+            first_positions=[0] * len(labels),
+            stage=stage,
+        )
 
     def smaller(self, request: Any) -> str | None:
         return "fewer neurons"

@@ -308,3 +308,55 @@ def auto_budget_bytes(devices: Iterable[torch.device]) -> int:
 
 def _gib(value: int) -> str:
     return f"{value / GiB:.2f} GiB" if value >= GiB / 100 else f"{value / 1024**2:.1f} MiB"
+
+
+def reverse_estimate(
+    shape: Shape,
+    *,
+    length: int,
+    stages: int,
+    kept_stages: int,
+    scored: int,
+    start_rows: int,
+    result_rows: int,
+    positions: int,
+    targets: int,
+    runs: int,
+    light_trace: bool = False,
+) -> MemoryEstimate:
+    """The memory of a reverse-strategy request (:mod:`engine.reverse`).
+
+    Args:
+        stages: stages the frozen pass runs (each keeps what its backward reads).
+        kept_stages: stages whose (K, N, D) gradient is kept (the runs' starts).
+        scored: K, the scored (position, target) logits (one cotangent each).
+        start_rows: rows (M + 1) of the largest start one run builds (its components,
+            or for neurons the (K, N, I) gradient at the down-projection input).
+        result_rows: M + 1 of one run's result.
+        runs: start layers (each leaves a (P, M + 1, T) view).
+        light_trace: the trace keeps no attention probabilities (each layer's are
+            recomputed when needed: one layer's more at a time).
+    """
+    m, c, n, d = shape.model, shape.compute_bytes, length, shape.model.hidden_size
+    trace = trace_bytes(shape, n) + forward_transient_bytes(shape, n)
+    if light_trace:
+        trace -= (m.num_layers - 1) * m.num_heads * n * n * shape.model_bytes
+    kv, heads = m.num_kv_heads * m.head_dim, m.num_heads * m.head_dim
+    # per layer, what its backward reads: the states, the attention's normalised input,
+    # values and contexts; the MLP's normalised input and frozen a / g (float32), and the
+    # split's temporaries of the layer being built; the norms' frozen scales
+    per_layer = n * c * (4 * d + 2 * kv + heads) + 2 * n * 4 * shape.split
+    norms = (shape.frozen_norms + shape.post_norms) * n * d * c
+    graph = (stages + 1) // 2 * (per_layer + norms)
+    # the gradients kept, and those one backward step holds at once
+    gradients = scored * n * d * c * (kept_stages + 4)
+    start = max(start_rows * n * d * c, scored * n * shape.model.intermediate_size * 4 * 2)
+    result = runs * positions * result_rows * targets * c * 3
+    frozen = 2 * n * shape.model.intermediate_size * 4 + m.num_heads * n * n * shape.matmul_bytes
+    return MemoryEstimate(
+        trace=trace,
+        components=start,
+        frozen_layer=frozen + graph,
+        snapshots=result,
+        working=gradients,
+    )

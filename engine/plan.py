@@ -38,6 +38,10 @@ class Plan:
     memory: MemoryEstimate  # peak memory of the request beyond the weights, by part
     chunk_budget: int  # what the estimate leaves for attention blocks and MLP chunks
     late_starts: bool  # components start at different positions (causal skipping pays)
+    strategy: str = "forward"  # "forward" or "reverse", as chosen for this request
+    # reverse: the trace keeps no attention probabilities (recomputed layer by layer), as
+    # a long prompt's would not fit the budget otherwise
+    light_trace: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -90,6 +94,7 @@ def batch_key(request: AttributionRequest, plan: Plan, layer: int) -> tuple:
     """Runs with equal keys may share a batch: the same start stage, end, split and
     snapshots (their start facts are compared again once the starts are built)."""
     return (
+        plan.strategy,
         layer,
         plan.end,
         request.granularity,
@@ -131,7 +136,8 @@ def schedule(
     max_cells: int,
     fits: Callable[[list[Run]], bool],
 ) -> list[list[Run]]:
-    """Every request's runs grouped into batches, in request order: a run joins the open
+    """Every forward request's runs grouped into batches, in request order (a reverse
+    request runs all its layers in one pass of its own): a run joins the open
     batch of its :func:`batch_key` while that batch has fewer than ``max_batch`` runs and
     still ``fits`` (the memory budget) with it; runs over ``max_cells`` run alone."""
     batches: list[list[Run]] = []
@@ -139,6 +145,8 @@ def schedule(
     for i, (request, plan) in enumerate(zip(requests, plans, strict=True)):
         for layer in plan.layers:
             run = (i, layer)
+            if plan.strategy == "reverse":  # all of a request's layers in one pass, alone
+                continue
             if plan.cells > max_cells or max_batch < 2:
                 batches.append([run])
                 continue
@@ -151,3 +159,18 @@ def schedule(
             open_batches[key] = batch
             batches.append(batch)
     return batches
+
+
+def reverse_is_cheaper(plan_rows: int, stages: Sequence[int], end_stage: int, scored: int) -> bool:
+    """Whether the reverse strategy costs less than the forward one, counted in
+    (row x stage) units of the same per-position work.
+
+    Forward: each run carries its ``plan_rows`` rows (M + 1) from its start stage to the
+    end (a token run's rows are alive from their own position on: about half).
+    Reverse: one pass from the earliest start carries the true state (and the biases'
+    row through the MLPs), and the backward pass costs about two passes per scored
+    (position, target) logit.
+    """
+    forward = sum(plan_rows * (end_stage - stage) for stage in stages)
+    reverse = (3 + 2 * scored) * (end_stage - min(stages))
+    return reverse < forward

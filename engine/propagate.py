@@ -213,7 +213,9 @@ class LayerWeights:
         self.w_v = cast(value.weight, matmul_dtype)  # (H_kv * d_h, D)
         self.w_o = cast(output.weight, matmul_dtype)  # (D, H * d_h)
         # (R, H, N, N): padded with zero rows and columns
-        self.probs = torch.stack([_pad_square(cast(f.probs, matmul_dtype), length) for f in frozen])
+        self.probs = torch.stack(
+            [_pad_square(cast(f.attention_probs(), matmul_dtype), length) for f in frozen]
+        )
         self.num_heads = int(self.probs.shape[1])
         self.head_dim = self.w_o.shape[1] // self.num_heads
         self.num_kv_heads = self.w_v.shape[0] // self.head_dim
@@ -318,6 +320,22 @@ class LayerWeights:
         context = torch.bmm(probs, values)  # (R * H_kv, G * Q, B * d_h)
         context = context.view(members, kv, group, queries, batch, dh).permute(4, 0, 3, 1, 2, 5)
         return context.reshape(batch, members, queries, self.num_heads * dh)
+
+    def attend(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The frozen attention block's output (biases apart) for inputs ``x``.
+
+        Args:
+            x: (B, R, N', D) components (before the pre-norm) at positions
+                ``start..N-1``; zero before ``start``.
+
+        Returns:
+            (B, R, N', D) in the compute dtype: pre-norm, values, mixing with the frozen
+            probabilities, output projection and post-norm, all linear.
+        """
+        where = (slice(None), slice(start, None))
+        normed = self.attn_norm(x, self.attn_norm.at(*where))
+        out = project(self.head_context(normed, start=start), self.w_o, self.dtype)
+        return self.attn_post(out, self.attn_post.at(*where))
 
     def query_context(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """:meth:`head_context` at a few query positions, mixing before projecting.
@@ -596,11 +614,10 @@ class Propagator:
         queries: list[int] | None,
     ) -> None:
         rows = values[lo:hi, :, p0:]  # (B, R, N', D) view, zero before p0
-        normed = w.attn_norm(rows, w.attn_norm.at(slice(None), slice(p0, None)))
         if queries is None:
-            out = project(w.head_context(normed, start=p0), w.w_o, self.dtype)
-            rows += w.attn_post(out, w.attn_post.at(slice(None), slice(p0, None)))
+            rows += w.attend(rows, p0)
             return
+        normed = w.attn_norm(rows, w.attn_norm.at(slice(None), slice(p0, None)))
         index = torch.tensor([q for q in queries if q >= p0], device=values.device)
         if not index.numel():
             return
@@ -649,42 +666,68 @@ class Propagator:
             first_token_rule=facts.first_token_rule,
             starts_at_zero=True,
         )
-        # (R, N, D) the frozen norm's scale, and 1 / T for softmax
-        scale = None if w.mlp_norm.scale is None else w.mlp_norm.scale * spec.gate_scale
-        no_scale = scale is None and spec.gate_scale != 1.0
         for where, p0, p1 in _position_chunks(length, chunk, queries, values.device):
             self.check()
             live = 1 + bisect.bisect_left(first, p1)  # the remainder and the rows alive
             block = source[:live, :, where]  # (live, R, P, D): a view, or a copy with queries
-            normed = w.mlp_norm(block, None if scale is None else scale[:, where])
-            if no_scale:  # no pre-norm to fold 1 / T into
-                normed = normed * spec.gate_scale
-            present = normed.ne(0).any(-1)  # (live, R, P): eligibility, from the vectors
-            present[0] = True  # the remainder: by its gates (it is floored)
             chunk_spec = replace(
                 spec,
                 anchor=spec.anchor if spec.anchor is not None and spec.anchor < live else None,
                 floored=tuple(i for i in facts.floored if i < live),
             )
-            output = None
-            for neurons in w.neuron_blocks:
-                if len(w.neuron_blocks) > 1:  # a mixture's experts: each a unit of work
-                    self.check()
-                part = self._neuron_block_output(
-                    w, neurons, normed, present, where, p0 == 0, chunk_spec, layer
-                )
-                if part is not None:
-                    output = part if output is None else output.add_(part)
+            output = self.mlp_output(w, block, where, p0 == 0, chunk_spec, layer)
             if output is None:
                 continue
-            if not w.mlp_post.identity:
-                output = w.mlp_post(output, w.mlp_post.at(slice(None), where))
             if isinstance(where, slice) and source is values:
                 block += output
             else:
                 values[:live, :, where] += output
         if w.mlp_bias is not None:
             values[0] += w.mlp_bias
+
+    def mlp_output(
+        self,
+        w: LayerWeights,
+        block: torch.Tensor,
+        where: slice | torch.Tensor,
+        at_zero: bool,
+        spec: SplitSpec,
+        layer: int = -1,
+        biased: bool = True,
+    ) -> torch.Tensor | None:
+        """Each component's share of the MLP block's output at a chunk of positions.
+
+        Args:
+            block: (live, R, P, D) the components the MLP reads at positions ``where``
+                (row 0 the remainder, which takes the pre-activation biases).
+            at_zero: the chunk starts at position 0.
+            spec: the split of this chunk (anchor and floored rows among ``live``).
+            biased: add the pre-activation biases to row 0 (``False``: every row is a
+                component without them; the reverse pass adds them apart).
+
+        Returns:
+            (live, R, P, D) through the frozen post-norm (the output bias apart), or
+            ``None`` when no run of neurons ran there.
+        """
+        scale = w.mlp_norm.scale
+        scale = None if scale is None else scale[:, where] * spec.gate_scale
+        normed = w.mlp_norm(block, scale)
+        if scale is None and spec.gate_scale != 1.0:  # no pre-norm to fold 1 / T into
+            normed = normed * spec.gate_scale
+        present = normed.ne(0).any(-1)  # (live, R, P): eligibility, from the vectors
+        present[0] = True  # the remainder: by its gates (it is floored)
+        output = None
+        for neurons in w.neuron_blocks:
+            if len(w.neuron_blocks) > 1:  # a mixture's experts: each a unit of work
+                self.check()
+            part = self._neuron_block_output(
+                w, neurons, normed, present, where, at_zero, spec, layer, biased
+            )
+            if part is not None:
+                output = part if output is None else output.add_(part)
+        if output is None or w.mlp_post.identity:
+            return output
+        return w.mlp_post(output, w.mlp_post.at(slice(None), where))
 
     def _neuron_block_output(
         self,
@@ -696,6 +739,7 @@ class Propagator:
         at_zero: bool,
         spec: SplitSpec,
         layer: int,
+        biased: bool = True,
     ) -> torch.Tensor | None:
         """The components' share (live, R, P, D) of one run of neurons' output at a chunk
         of positions ``where`` (``at_zero``: the chunk starts at position 0), computed only
@@ -712,7 +756,7 @@ class Propagator:
             act, true_gate = act[:, local], true_gate[:, local]
             at_zero = at_zero and int(local[0]) == 0
         gates = project(normed, neurons.w_gate, SPLIT_DTYPE)  # (live, R, P', I_b)
-        if neurons.gate_bias is not None:
+        if neurons.gate_bias is not None and biased:
             gates[0] += neurons.gate_bias * spec.gate_scale
         if self.on_mlp is not None:
             self.on_mlp(layer, gates.sum(0) / spec.gate_scale, true_gate)

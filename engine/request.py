@@ -23,11 +23,16 @@ from engine.splits import SPLIT_RULES, SplitRule
 Granularity = Literal["token", "module", "head", "neuron", "subspace"]
 Output = Literal["scores", "states"]
 Role = Literal["system", "user", "assistant"]
+#: How the scores are computed: ``forward`` carries every component through the network;
+#: ``reverse`` (``mlp_split='taylor'``, scores only) takes every component's score from one
+#: gradient; ``auto`` picks reverse when it applies and costs less.
+Strategy = Literal["auto", "forward", "reverse"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 if tuple(GRANULARITY_KINDS) != GRANULARITIES:  # the names, and what each one is
     raise ImportError("engine.granularity.GRANULARITY_KINDS must follow Granularity")
 OUTPUTS: tuple[str, ...] = get_args(Output)
 ROLES: tuple[str, ...] = get_args(Role)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 #: The inputs a request may give, exactly one of them.
 INPUT_FIELDS = ("prompt", "input_ids", "messages")
 
@@ -43,10 +48,11 @@ FIELD_DOCS: dict[str, str] = {
     "messages": "A chat (role/content list) to attribute, in the model's chat template "
     "with the generation prompt appended (or give prompt or input_ids).",
     "granularity": "What the components are: token, module, head, neuron or subspace.",
-    "start_layer": "Layer to decompose; for head runs also a list of layers.",
+    "start_layer": "Layer to decompose; for head, neuron and module runs also a list of layers.",
     "end_layer": "Stop at the residual entering this layer; None: model output.",
     "module": "Which module of start_layer (granularity='module'): attn or mlp.",
-    "neurons": "MLP neurons of start_layer to keep apart (granularity='neuron').",
+    "neurons": "MLP neurons of start_layer to keep apart (granularity='neuron'); None: "
+    "every neuron of each layer.",
     "groups": "Token groups, each one component (granularity='token').",
     "subspace": "(K, N, D) components of the residual entering start_layer.",
     "mlp_split": "MLP split rule: softmax, relu, max, linear or taylor.",
@@ -58,6 +64,11 @@ FIELD_DOCS: dict[str, str] = {
     "position's own top-1 next token.",
     "positions": "Positions to return (negative counts from the end); None: all.",
     "outputs": "'scores' and/or 'states'.",
+    "strategy": "auto, forward or reverse: reverse (mlp_split='taylor', scores only) "
+    "gives every component's score from one gradient; auto picks it when it applies "
+    "and costs less.",
+    "top_k": "Keep only the k components with the largest |score| at each returned "
+    "position and target (the union over them); None: every component.",
 }
 
 
@@ -144,6 +155,8 @@ class AttributionRequest:
     targets: list[int | str] | None = None
     positions: list[int] | None = None
     outputs: list[Output] = field(default_factory=lambda: ["scores"])
+    strategy: Strategy = "auto"
+    top_k: int | None = None
 
     def __post_init__(self) -> None:
         self._check_values()
@@ -203,6 +216,10 @@ class AttributionRequest:
         if self.positions is not None:
             self.positions = _int_list("positions", self.positions)
         self.outputs = self._checked_outputs(self.outputs)
+        if self.strategy not in STRATEGIES:
+            raise RequestError("strategy", f"must be one of {', '.join(STRATEGIES)}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise RequestError("top_k", "must be an integer of at least 1, or null")
 
     @staticmethod
     def _checked_outputs(value: Any) -> list[Output]:
@@ -252,6 +269,12 @@ class AttributionRequest:
 
     def _check_consistency(self) -> None:
         check_one_input(self.prompt, self.input_ids, self.messages)
+        if self.strategy == "reverse":
+            why = self.reverse_refusal
+            if why is not None:
+                raise RequestError("strategy", f"'reverse' {why}; use 'forward' or 'auto'")
+        if self.top_k is not None and "states" in self.outputs:
+            raise RequestError("top_k", "selects scores; it cannot be combined with 'states'")
         kind = GRANULARITY_KINDS[self.granularity]
         if isinstance(self.start_layer, list):
             if not kind.several_layers:
@@ -276,6 +299,20 @@ class AttributionRequest:
     def start_layers(self) -> list[int]:
         """``start_layer`` as a list."""
         return list(self.start_layer) if isinstance(self.start_layer, list) else [self.start_layer]
+
+    @property
+    def reverse_refusal(self) -> str | None:
+        """Why the reverse strategy cannot run this request (``None``: it can)."""
+        if self.mlp_split != "taylor":
+            return (
+                f"needs mlp_split='taylor' ('{self.mlp_split}' splits each neuron by all "
+                "components jointly, which has no reverse form)"
+            )
+        if "states" in self.outputs:
+            return "gives scores only, not 'states'"
+        if self.all_layers:
+            return "gives the output's scores only, not all_layers"
+        return None
 
     @property
     def first_token_rule(self) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -47,6 +47,10 @@ class AttributionResult:
     logit_softcap: float | None = None
     capped_logits: torch.Tensor | None = None  # ([layers,] P, T)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    strategy: str = "forward"  # how the scores were computed: "forward" or "reverse"
+    # the request's ``top_k``: the component axis holds only the components among the k
+    # largest |score| of some position and target (their union, in the original order)
+    kept_top_k: int | None = None
 
     def labels(self, layer: int = -1) -> list[str]:
         """The component labels at one index of the layer axis (``components`` without one)."""
@@ -70,3 +74,30 @@ class AttributionResult:
         order = sorted(present, key=lambda m: -float(row[m]))[:k]
         names = self.labels(layer)
         return [(names[i], float(row[i])) for i in order]
+
+    def keep_top(self, k: int) -> AttributionResult:
+        """This result with only the components among the ``k`` largest |score| of some
+        position and target (and layer entry), in their original order; the remainder,
+        logits and conservation are unchanged."""
+        if self.scores is None:
+            raise ValueError("top_k selects scores; the result holds none")
+        scores = self.scores if self.layers is not None else self.scores[None]
+        count = scores.shape[-2]
+        if k < count:
+            # (layers, P, k, T) -> every component index that is some entry's top-k
+            top = scores.abs().topk(k, dim=-2).indices
+            kept = torch.unique(top).tolist()
+        else:
+            kept = list(range(count))
+        index = torch.tensor(kept, dtype=torch.long)
+        picked = self.scores.index_select(-2, index)
+        return replace(
+            self,
+            components=[self.components[i] for i in kept],
+            layer_components=None
+            if self.layer_components is None
+            else [[names[i] for i in kept] for names in self.layer_components],
+            first_positions=[self.first_positions[i] for i in kept],
+            scores=picked,
+            kept_top_k=k,
+        )

@@ -24,6 +24,7 @@ from engine.request import (
     Output,
     RequestError,
     Role,
+    Strategy,
     check_one_input,
 )
 from engine.splits import SplitRule
@@ -35,6 +36,7 @@ SAFETENSORS_MEDIA_TYPE = "application/vnd.safetensors"
 SAFETENSORS_METADATA_KEY = "depass"
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class ChatMessage(BaseModel):
@@ -132,6 +134,8 @@ class AttributionBody(ArrayOptions):
     targets: list[int | str] | None = Field(None, description=_doc("targets"))
     positions: list[int] | None = Field(None, description=_doc("positions"))
     outputs: list[Output] = Field(default_factory=lambda: ["scores"], description=_doc("outputs"))
+    strategy: Strategy = Field("auto", description=_doc("strategy"))
+    top_k: PositiveInt | None = Field(None, description=_doc("top_k"))
 
     @field_validator("subspace", mode="before")
     @classmethod
@@ -207,6 +211,16 @@ class AttributionResponse(BaseModel):
     )
     capped_logits: EncodedArray | None = Field(
         None, description="([layers,] P, T) c tanh(logits / c), what the model outputs."
+    )
+    strategy: Literal["forward", "reverse"] = Field(
+        "forward",
+        description="How the scores were computed: 'forward' (every component carried "
+        "through the network) or 'reverse' (every score from one gradient; taylor split).",
+    )
+    kept_top_k: int | None = Field(
+        None,
+        description="The request's top_k: components holds only those among the k largest "
+        "|score| of some position and target; null: every component.",
     )
 
 

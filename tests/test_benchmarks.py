@@ -48,6 +48,9 @@ def test_gpu_bench_small_shape_runs_on_cpu() -> None:
         "heads-32",
         "neurons-8",
         "batch-16x8",
+        "reverse-token-32",
+        "reverse-heads-32",
+        "reverse-neurons-8",
     ]
     for line in lines:
         assert "error" not in line and "refused" not in line, line
@@ -56,7 +59,8 @@ def test_gpu_bench_small_shape_runs_on_cpu() -> None:
         assert line["estimate_gib"] <= line["budget_gib"]
         for key in ("n", "peak_gib", "device", "dtype", "matmul_dtype", "within_budget"):
             assert key in line
-    batch = lines[-1]
+    assert {line["strategy"] for line in lines[4:]} == {"reverse"}
+    batch = lines[3]
     assert batch["max_abs_diff"] <= 1e-5 and batch["batch_size"] > 1
 
 

@@ -73,3 +73,24 @@ def test_estimate_bounds_a_mixtures_measured_peak(fields: dict[str, object], bud
     assert measured["error"] <= 1e-5
     assert measured["peak"] <= measured["estimate"] <= measured["budget"]
     assert measured["estimate"] <= 4 * measured["peak"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"positions": [-1]},
+        {"positions": [-1, 50, 100], "targets": [5, 9]},
+        {"granularity": "head", "start_layer": [0, 1, 2, 3], "positions": [-1]},
+        {"granularity": "neuron", "start_layer": [0, 1, 2, 3], "positions": [-1]},
+    ],
+    ids=["token", "token-positions-targets", "heads", "neurons"],
+)
+def test_estimate_bounds_a_reverse_runs_measured_peak(fields: dict[str, object]) -> None:
+    """The reverse strategy's estimate (engine.memory.reverse_estimate): the trace, the
+    pass's saved activations and the kept gradients bound the measured peak."""
+    reverse = {"mlp_split": "taylor", "strategy": "reverse", **fields}
+    measured = _probe(reverse, "4294967296")
+    print(f"reverse {fields}: {measured}")
+    assert measured["error"] <= 1e-5
+    assert measured["peak"] <= measured["estimate"] <= measured["budget"]
+    assert measured["estimate"] <= 4 * measured["peak"]

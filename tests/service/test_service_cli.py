@@ -37,6 +37,30 @@ def test_attribute_prints_a_table(server: str) -> None:
     assert "remainder" in lines[7] and lines[8].startswith("conservation error")
 
 
+def test_attribute_reverse_strategy_and_top_k(server: str) -> None:
+    text = run(
+        server,
+        "attribute",
+        PROMPT,
+        "--granularity",
+        "neuron",
+        "--layer",
+        "0,1",
+        "--split",
+        "taylor",
+        "--strategy",
+        "reverse",
+        "--top-k",
+        "3",
+        "--json",
+    )
+    result = json.loads(text)
+    assert result["strategy"] == "reverse" and result["kept_top_k"] == 3
+    assert result["layers"] == [0, 1] and len(result["components"]) <= 6
+    table = run(server, "attribute", PROMPT, "--split", "taylor", "--strategy", "reverse")
+    assert table.splitlines()[0] == "model tiny-llama0, granularity token, strategy reverse"
+
+
 def test_attribute_colours_tokens_on_a_terminal(server: str) -> None:
     text = run(server, "attribute", PROMPT, out=Terminal())
     assert "\x1b[1;38;5;" in text.splitlines()[1]

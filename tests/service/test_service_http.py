@@ -82,6 +82,39 @@ def test_every_granularity_round_trips_exactly_in_float32(
     assert set(got.timings) >= {"queue_s", "forward_s", "decompose_s", "total_s"}
 
 
+REVERSE: dict[str, dict[str, Any]] = {
+    "token": {"positions": [-1, 2], "targets": ["Paris", 7]},
+    "heads-every-layer": {"granularity": "head", "start_layer": [0, 1], "positions": [-1]},
+    "neurons-every-layer": {
+        "granularity": "neuron",
+        "start_layer": [0, 1],
+        "positions": [-1],
+        "top_k": 4,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(REVERSE))
+def test_reverse_strategy_over_http(client: Client, direct_engine: DePassEngine, name: str) -> None:
+    """``strategy="reverse"`` (and ``top_k``) through the SDK: the engine's answer, exactly."""
+    fields = {"prompt": PROMPT, "mlp_split": "taylor", "strategy": "reverse", **REVERSE[name]}
+    got = client.attribute(**fields)
+    want = direct_engine.attribute(AttributionRequest(**fields))
+    assert got.strategy == want.strategy == "reverse"
+    assert got.kept_top_k == want.kept_top_k == fields.get("top_k")
+    assert got.components == want.components and got.layer_components == want.layer_components
+    for key in ("scores", "remainder_scores", "logits"):
+        np.testing.assert_array_equal(getattr(got, key), getattr(want, key).numpy(), err_msg=key)
+    if "top_k" in fields:  # each layer's 4 largest |score| at the one position and target
+        assert got.scores is not None and got.scores.shape[2] <= 2 * fields["top_k"]
+
+
+def test_reverse_with_another_split_is_a_422_naming_strategy(client: Client) -> None:
+    with pytest.raises(UnprocessableEntityError) as caught:
+        client.attribute(prompt=PROMPT, strategy="reverse", mlp_split="softmax")
+    assert caught.value.param == "strategy" and "taylor" in str(caught.value)
+
+
 @pytest.mark.parametrize("encoding", ["zstd+base64", "base64", "list"])
 def test_float16_and_every_encoding(
     client: Client, direct_engine: DePassEngine, encoding: str

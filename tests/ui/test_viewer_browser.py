@@ -207,6 +207,49 @@ def test_neurons_and_generation_views(page: Any, artifacts: Path) -> None:
     page.locator("#view-generation").screenshot(path=str(artifacts / "view-generation.png"))
 
 
+def test_neurons_view_ranks_every_neuron_of_the_model(page: Any) -> None:
+    """'all' layers: one reverse-mode request; the bars are the model's top neurons over
+    every layer, by |score|, as the engine ranks them."""
+    from engine import AttributionRequest, DePassEngine
+    from tests.ui.conftest import MODEL
+
+    unlock(page)
+    page.click(".tabs button[data-view='neurons']")
+    page.wait_for_selector("#view-neurons[data-ready=true]")
+    with page.expect_response(lambda r: r.url.endswith("/v1/attributions")) as answered:
+        page.select_option("#neuron-layer", "all")
+    body = answered.value.request.post_data_json
+    answer = answered.value.json()
+    assert body["start_layer"] == list(range(len(body["start_layer"]))) and body["top_k"] == 10
+    assert answer["strategy"] == "reverse"
+    page.wait_for_selector("#view-neurons[data-ready=true]")
+    labels = page.eval_on_selector_all(
+        "#view-neurons rect.bar", "bs => bs.map(b => b.dataset.label)"
+    )
+    engine = DePassEngine.from_pretrained(str(MODEL))
+    layers = list(range(engine.info.num_layers))
+    every = engine.attribute(
+        AttributionRequest(
+            input_ids=answer["input_ids"],
+            granularity="neuron",
+            start_layer=layers,
+            mlp_split="taylor",
+            positions=answer["positions"],
+            targets=answer["targets"],
+        )
+    )
+    assert every.scores is not None and every.layer_components is not None
+    ranked = sorted(
+        (
+            (abs(float(every.scores[li, 0, i, 0])), every.layer_components[li][i])
+            for li in range(len(layers))
+            for i in range(1, every.scores.shape[2])
+        ),
+        reverse=True,
+    )
+    assert labels == [label for _, label in ranked[:10]]
+
+
 def test_invalid_input_shows_the_services_message(page: Any, viewer_url: str) -> None:
     unlock(page)
     page.select_option("#target", "free")

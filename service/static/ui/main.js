@@ -80,6 +80,8 @@ function showCard(card) {
   const layer = $("neuron-layer");
   layer.textContent = "";
   for (let l = 0; l < card.num_layers; l++) layer.append(new Option(`${l}`, `${l}`));
+  // every neuron of every layer: one reverse-mode request (taylor split), top-k kept
+  layer.append(new Option("all (taylor)", "all"));
   $("max-new").max = String(limits.max_new_tokens);
 }
 
@@ -275,7 +277,7 @@ function draw(section, view, svg, exchanges) {
 
 function viewParams() {
   return {
-    neuronLayer: Number($("neuron-layer").value || 0),
+    neuronLayer: $("neuron-layer").value === "all" ? "all" : Number($("neuron-layer").value || 0),
     neuronK: Math.max(1, Number($("neuron-k").value) || 10),
     maxNewTokens: Math.max(1, Number($("max-new").value) || 1),
   };

@@ -138,31 +138,66 @@ async function headsView(ctx, selected = null) {
   return svg;
 }
 
-/** Neurons view: the top-k neurons of one layer's MLP, by |score|. */
-async function neuronsView(ctx) {
-  const layer = ctx.params.neuronLayer;
-  const k = ctx.params.neuronK;
+/** Every neuron of every layer, ranked by |score|: one reverse-mode request (taylor split)
+ * that keeps each layer's top k; the layers' picks are ranked together. */
+async function allNeurons(ctx, k) {
+  const layers = [...Array(ctx.card.num_layers).keys()];
   const request = {
     prompt: ctx.prompt,
     granularity: "neuron",
-    start_layer: layer,
+    start_layer: layers,
+    mlp_split: "taylor",
+    top_k: k,
     positions: [ctx.position],
     targets: [ctx.target],
     outputs: ["scores"],
     array_encoding: "list",
   };
   const answer = await ctx.post("attributions", request);
-  const scores = arrayOf(answer.scores)[0].map((row) => row[0]); // (1 + I,): 0 is "rest"
-  const remainder = arrayOf(answer.remainder_scores)[0][0];
-  const neurons = scores.slice(1).map((score, i) => ({ label: answer.components[i + 1], score }));
+  const perLayer = arrayOf(answer.scores); // (layers, 1, kept, 1)
+  const neurons = [];
+  perLayer.forEach((rows, l) => rows[0].forEach((row, i) => {
+    const label = answer.layer_components[l][i];
+    if (label !== "rest") neurons.push({ label, score: row[0] });
+  }));
+  const width = ctx.card.intermediate_size * layers.length;
+  return { answer, neurons, title: `all ${layers.length} layers (taylor, ${answer.strategy})`,
+    total: width, rest: null, remainder: arrayOf(answer.remainder_scores).at(-1)[0][0] };
+}
+
+/** Neurons view: the top-k neurons of one layer's MLP, or of every layer, by |score|. */
+async function neuronsView(ctx) {
+  const layer = ctx.params.neuronLayer;
+  const k = ctx.params.neuronK;
+  let found;
+  if (layer === "all") {
+    found = await allNeurons(ctx, k);
+  } else {
+    const request = {
+      prompt: ctx.prompt,
+      granularity: "neuron",
+      start_layer: layer,
+      positions: [ctx.position],
+      targets: [ctx.target],
+      outputs: ["scores"],
+      array_encoding: "list",
+    };
+    const answer = await ctx.post("attributions", request);
+    const scores = arrayOf(answer.scores)[0].map((row) => row[0]); // (1 + I,): 0 is "rest"
+    found = { answer, title: `layer ${layer}`, rest: scores[0],
+      remainder: arrayOf(answer.remainder_scores)[0][0],
+      neurons: scores.slice(1).map((score, i) => ({ label: answer.components[i + 1], score })) };
+    found.total = found.neurons.length;
+  }
+  const { answer, neurons, remainder } = found;
   neurons.sort((a, b) => Math.abs(b.score) - Math.abs(a.score));
   const top = neurons.slice(0, k);
   const limit = limitOf(top.map((n) => n.score));
-  const share = shares(scores, remainder);
+  const logit = arrayOf(answer.logits).flat(Infinity).at(-1);
   const svg = figure();
   let y = 8;
   y += lines(svg, 10, y, [
-    `layer ${layer}: top ${top.length} of ${neurons.length} neurons for ` +
+    `${found.title}: top ${top.length} of ${found.total} neurons for ` +
       `${quoted(answer.target_tokens[0])} at position ${answer.positions[0]}`,
   ], { "font-weight": 700 });
   const x0 = 120;
@@ -175,8 +210,7 @@ async function neuronsView(ctx) {
     const bar = el("rect", { class: "bar", x: n.score >= 0 ? mid : mid - w, y: yr, width: w,
       height: 18, fill: colour(n.score, limit), stroke: "#59636e", "stroke-width": 0.5,
       "data-label": n.label, "data-score": n.score });
-    const index = answer.components.indexOf(n.label);
-    hover(bar, [n.label, `score ${fmt(n.score, 6)}`, `share ${pct(share[index])}`]);
+    hover(bar, [n.label, `score ${fmt(n.score, 6)}`, `of the logit ${pct(n.score / logit)}`]);
     bars.append(text(x0 - 8, yr + 14, n.label, { "text-anchor": "end", "font-size": 12 }));
     bars.append(bar);
     bars.append(text(mid + half + 10, yr + 14, fmt(n.score), { "font-size": 12 }));
@@ -185,8 +219,10 @@ async function neuronsView(ctx) {
     stroke: "#1f2328" }));
   svg.append(bars);
   y += 16 + top.length * 22;
+  const rest = found.rest === null ? "" :
+    `rest (attention and the other neurons) ${fmt(found.rest)}, `;
   lines(svg, 10, y, [
-    `rest (attention and the other neurons) ${fmt(scores[0])}, remainder ${fmt(remainder)}`,
+    `${rest}remainder ${fmt(remainder)}, logit ${fmt(logit)}`,
     `conservation error ${answer.conservation_error.toExponential(2)}`,
   ], { "font-size": 12, fill: "#59636e" });
   return svg;

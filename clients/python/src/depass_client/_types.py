@@ -114,6 +114,8 @@ class Attribution(_Result):
     timings: dict[str, float] = field(default_factory=dict)
     model: str = ""
     logit_softcap: float | None = None
+    strategy: str = "forward"
+    kept_top_k: int | None = None
     scores: np.ndarray | None = None
     remainder_scores: np.ndarray | None = None
     states: np.ndarray | None = None

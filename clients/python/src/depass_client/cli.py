@@ -83,12 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[g for g in GRANULARITIES if g != "subspace"],  # subspaces need an array
     )
     attribute.add_argument(
-        "--layer", type=_layer, default=None, help="start layer (heads: also 1,2,3)"
+        "--layer", type=_layer, default=None, help="start layer (head, neuron, module: also 1,2,3)"
     )
     attribute.add_argument("--end-layer", type=int, default=None)
     attribute.add_argument("--module", choices=["attn", "mlp"], default=None)
     attribute.add_argument("--neurons", type=_int_list, default=None, help="e.g. 3,17,42")
     attribute.add_argument("--split", default=None, help="MLP split rule (default softmax)")
+    attribute.add_argument(
+        "--strategy",
+        choices=["auto", "forward", "reverse"],
+        default=None,
+        help="reverse: every score from one gradient (--split taylor); default auto",
+    )
+    attribute.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="the service returns only the k largest |score| components",
+    )
     attribute.add_argument(
         "--target", type=_target, default=None, help="token (text or id); default top-1"
     )
@@ -165,6 +177,8 @@ def _attribute(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         "module": args.module,
         "neurons": args.neurons,
         "mlp_split": args.split,
+        "strategy": args.strategy,
+        "top_k": args.top_k,
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
     if args.granularity == "module" and args.module is None:
@@ -182,7 +196,8 @@ def _attribute(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         return 0
     colour = _wants_colour(out)
     layer = "" if args.layer is None else f", layer {args.layer}"
-    print(f"model {result.model}, granularity {result.granularity}{layer}", file=out)
+    how = ", strategy reverse" if result.strategy == "reverse" else ""
+    print(f"model {result.model}, granularity {result.granularity}{layer}{how}", file=out)
     print("tokens: " + _tokens_line(result, colour), file=out)
     # one table per layer of a list of head layers, each with that layer's labels
     tables = [-1] if result.layers is None else list(range(len(result.layers)))
