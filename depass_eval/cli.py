@@ -107,6 +107,12 @@ def parser() -> argparse.ArgumentParser:
         help="components: the DePass split rule of the head and neuron runs (default: the"
         " engine's, softmax; the first of --temperatures)",
     )
+    g.add_argument(
+        "--neuron-split",
+        default=None,
+        help="components: the DePass split rule of the neuron ranking (default: taylor"
+        " under --rules paper, every layer by reverse mode; else --component-split's)",
+    )
     g.add_argument("--probe-layer", type=int, default=None, help="probe layer (default: L/2)")
     g.add_argument("--split-layer", type=int, default=None, help="language split layer")
     g.add_argument("--probe-size", type=int, default=None, help="probe texts per split")
@@ -150,6 +156,7 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
         "neuron_ks": _ints(args.neuron_ks),
         "neuron_layers": None if args.neuron_layers is None else _ints(args.neuron_layers),
         "component_split": args.component_split,
+        "neuron_split": args.neuron_split,
         "probe_layer": args.probe_layer,
         "split_layer": args.split_layer,
         "probe_size": args.probe_size,

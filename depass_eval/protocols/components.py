@@ -10,7 +10,8 @@ makes the answer fall fastest. Two sets of rules (``--rules``):
   answer logit's gradient at the head's slice of the ``o_proj`` input, summed over
   positions) and random; success = the answer stays the top-1 next token.
 - ``paper`` (as the paper's scripts): the top 1% of all heads and of all neurons of all
-  layers (global), by the signed DePass score and by its absolute value; against the
+  layers (global), by the signed DePass score and by its absolute value (neurons by the
+  taylor rule, every layer from one backward pass: the engine's reverse strategy); against the
   paper's baselines (``atp-chunk``, ``norm-chunk`` for heads; ``atp``, ``coef``,
   ``norm`` for neurons: ``hooks.paper_component_scores``), the per-head / per-neuron
   gradient x activation and random; success = the 5-token greedy generation under the
@@ -63,6 +64,18 @@ def neuron_layers(ctx: Context) -> list[int]:
     return sorted({layer % ctx.model.num_layers for layer in layers})
 
 
+def neuron_split_of(ctx: Context, split: Split | None) -> Split | None:
+    """The DePass settings of the neuron ranking: ``--neuron-split`` if given; else the
+    taylor rule under the paper's rules (every layer's neurons from one backward pass,
+    the engine's reverse strategy) and the head runs' settings under the strict ones."""
+    rule = ctx.options.get("neuron_split")
+    if rule is None and rules_of(ctx) == "paper":
+        rule = "taylor"
+    if rule is None:
+        return split
+    return Split(rule, ctx.options.get("temperatures", [0.1])[0], False)
+
+
 def one_percent(total: int) -> int:
     """The paper's top 1% of ``total`` components, rounded up (3 of SmolLM2's 270 heads)."""
     return max(1, math.ceil(total / 100))
@@ -96,8 +109,11 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
     with Timer() as clock:
         head_scores = ctx.depass.head_scores(ids, answer, list(range(model.num_layers)), split)
     seconds["depass_heads"] = clock.seconds
+    neuron_split = neuron_split_of(ctx, split)
     with Timer() as clock:
-        neuron_scores = ctx.depass.neuron_scores_of_layers(ids, answer, layers, split).reshape(-1)
+        neuron_scores = ctx.depass.neuron_scores_of_layers(
+            ids, answer, layers, neuron_split
+        ).reshape(-1)
     seconds["depass_neurons"] = clock.seconds
     with Timer() as clock:
         gxa_heads, gxa_neurons = gradient_x_activation(model, ids, answer, layers)
@@ -174,6 +190,7 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
         "answer_prob": probs[0],
         "correct": bool(correct[0]),
         "neuron_layers": layers,
+        "neuron_split": neuron_split.rule if neuron_split else "engine default",
         "masking": results,
         "top_heads": {
             m: [_head_label(int(i), model.num_heads) for i in r[:5]]
@@ -223,6 +240,7 @@ def summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["base_accuracy"] = mean([float(r["correct"]) for r in rows])
     out["base_prob"] = mean([r["answer_prob"] for r in rows])
     out["neuron_layers"] = rows[0]["neuron_layers"]
+    out["neuron_split"] = rows[0].get("neuron_split", "engine default")
     out["seconds_per_prompt"] = {
         key: mean([r["seconds"][key] for r in rows]) for key in rows[0]["seconds"]
     }
@@ -236,8 +254,10 @@ def markdown(summary: dict[str, Any], title: str) -> str:
         f"## {title}",
         "",
         f"{summary['prompts']} prompts the model answers correctly (mean answer probability"
-        f" {summary['base_prob']:.3f}). Heads: all layers; neurons: layers"
-        f" {summary['neuron_layers']}. Accuracy = {summary['success']} (unzeroed:"
+        f" {summary['base_prob']:.3f}). Heads: all layers; neurons:"
+        f" {_layers_text(summary['neuron_layers'])}, ranked by DePass"
+        f" {summary.get('neuron_split', 'engine default')}. Accuracy = {summary['success']}"
+        " (unzeroed:"
         f" {summary['base_accuracy']:.2f}); drop = mean (p - p') / p of the answer's first"
         " token. A faithful ranking makes both fall fastest (lower accuracy, larger drop).",
     ]
@@ -272,6 +292,13 @@ def markdown(summary: dict[str, Any], title: str) -> str:
         "Seconds per prompt: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()) + ".",
     ]
     return "\n".join(text)
+
+
+def _layers_text(layers: list[int]) -> str:
+    """``layers 0..29`` for a run of consecutive layers, else the list."""
+    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"layers {layers[0]}..{layers[-1]}"
+    return f"layers {layers}"
 
 
 def plot(summary: dict[str, Any], out_dir: Path, title: str) -> None:

@@ -375,6 +375,22 @@ def test_paper_component_baselines_are_chunks_of_the_attention_output(tiny: Eval
     assert not torch.allclose(got["heads"]["atp-chunk"], per_head.abs(), rtol=1e-2)
 
 
+def test_every_layers_neurons_in_one_request(tiny: EvalModel, depass: LocalDePass) -> None:
+    """The paper ranks every layer's neurons at once: one request with the list of layers
+    (the engine answers the taylor rule by reverse mode) gives each layer's forward-mode
+    neuron scores."""
+    case = tasks.held_out_ioi(1)[0]
+    ids, answer = tiny.encode(case.prompt), tiny.answer_id(case.answer)
+    layers = list(range(tiny.num_layers))
+    split = Split("taylor", ignore_bos=False)
+    together = depass.neuron_scores_of_layers(ids, answer, layers, split)
+    assert together.shape == (tiny.num_layers, tiny.intermediate_size)
+    for layer in layers:
+        np.testing.assert_allclose(
+            together[layer], depass.neuron_scores(ids, answer, layer, split), atol=1e-4
+        )
+
+
 def test_paper_success_is_a_greedy_generation_starting_with_the_answer(
     tiny: EvalModel,
 ) -> None:
@@ -421,7 +437,7 @@ def test_components_protocol_in_paper_mode(tiny: EvalModel, ioi_file: Path, tmp_
         assert list(results[kind]) == list(PAPER_METHODS[kind])
     assert results["heads"]["depass"]["k"] == [1]  # 1% of 16 heads
     assert results["neurons"]["depass"]["k"] == [21]  # 1% of 4 x 512 neurons
-    assert results["base_accuracy"] == 1.0
+    assert results["base_accuracy"] == 1.0 and results["neuron_split"] == "taylor"
     assert all(r["generated"].lstrip().startswith(r["answer"]) for r in rows)
     assert "greedy generation" in text and "atp-chunk" in text and "± " in text
 
