@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,26 @@ def side_by_side(strict: Path, paper: Path) -> str:
         for mode, c in (result.get("comparison") or {}).items():
             if mode not in ("patch", "recover"):
                 continue
-            verdict = "wins" if c["depass_wins"] else "loses"
             lines.append(
                 f"- {rules}, {mode}-top: `{c['best_depass']}` {c['best_depass_auc']:.3f} vs"
-                f" `{c['best_baseline']}` {c['best_baseline_auc']:.3f}: DePass {verdict}."
+                f" `{c['best_baseline']}` {c['best_baseline_auc']:.3f}: DePass"
+                f" {verdict(result, mode, c)}."
             )
     return "\n".join(lines)
+
+
+def verdict(result: dict[str, Any], mode: str, comparison: dict[str, Any]) -> str:
+    """``wins``, ``loses`` or ``ties``: a tie when the two AUCs differ by less than twice
+    the standard error of their difference (taken as independent: conservative, the
+    prompts are shared)."""
+    errors = [
+        result["methods"][comparison[key]][mode].get("auc_sem", 0.0)
+        for key in ("best_depass", "best_baseline")
+    ]
+    gap = comparison["best_depass_auc"] - comparison["best_baseline_auc"]
+    if abs(gap) < 2 * math.hypot(*errors):
+        return "ties (within twice the standard error)"
+    return "wins" if comparison["depass_wins"] else "loses"
 
 
 def main() -> None:

@@ -734,12 +734,20 @@ def test_side_by_side_table_of_both_rules(tmp_path: Path) -> None:
     runs = {
         "strict": {
             "prompts": 200,
-            "methods": {"depass-softmax": entry(0.96, 0.6), "leave-one-out": entry(0.9, 0.67)},
-            "comparison": {"patch": comparison(0.96, 0.95)},
+            "methods": {
+                "depass-softmax": entry(0.96, 0.6),
+                "leave-one-out": entry(0.9, 0.67),
+                "gradient-norm": entry(0.9, 0.61),
+            },
+            "comparison": {"patch": comparison(0.96, 0.90), "recover": comparison(0.6, 0.61)},
         },
         "paper": {
             "prompts": 180,
-            "methods": {"depass-softmax": entry(0.84, 0.5), "attnlrp": entry(0.88, 0.45)},
+            "methods": {
+                "depass-softmax": entry(0.84, 0.5),
+                "attnlrp": entry(0.88, 0.45),
+                "gradient-norm": entry(0.88, 0.46),
+            },
             "comparison": {"patch": comparison(0.84, 0.88)},
         },
     }
@@ -749,8 +757,8 @@ def test_side_by_side_table_of_both_rules(tmp_path: Path) -> None:
     text = side_by_side(tmp_path / "strict", tmp_path / "paper")
     lines = text.splitlines()
     assert "patch AUC ↑ strict (n=200)" in lines[0] and "recover AUC ↓ paper (n=180)" in lines[0]
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines[2:5]}
-    assert list(rows) == ["depass-softmax", "attnlrp", "leave-one-out"]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines[2:6]}
+    assert list(rows) == ["depass-softmax", "attnlrp", "gradient-norm", "leave-one-out"]
     assert [c.strip() for c in rows["depass-softmax"]] == [
         "0.960 ± 0.010",
         "0.840 ± 0.010",
@@ -758,8 +766,11 @@ def test_side_by_side_table_of_both_rules(tmp_path: Path) -> None:
         "0.500 ± 0.020",
     ]
     assert rows["attnlrp"][0].strip() == "" and rows["leave-one-out"][1].strip() == ""
-    assert "- strict, patch-top: `depass-softmax` 0.960" in text and "DePass wins" in text
-    assert "- paper, patch-top" in text and "DePass loses" in text
+    verdicts = [line for line in lines if line.startswith("- ")]
+    assert verdicts[0].startswith("- strict, patch-top: `depass-softmax` 0.960")
+    assert verdicts[0].endswith("DePass wins.")  # 0.06 apart, sem 0.01 each
+    assert "DePass ties (within twice the standard error)" in verdicts[1]  # 0.01 apart
+    assert verdicts[2].startswith("- paper, patch-top") and verdicts[2].endswith("loses.")
 
 
 # ---------------------------------------------------------------------------- the peers
