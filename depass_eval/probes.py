@@ -72,20 +72,38 @@ def fit_probe(
     test: tuple[list[str], np.ndarray],
 ) -> Probe:
     """Fit a logistic regression on the residual entering ``layer`` at the last token."""
-    from sklearn.linear_model import LogisticRegression
-
     x_train = model.residual([model.encode(t) for t in train[0]], layer).double().numpy()
     x_test = model.residual([model.encode(t) for t in test[0]], layer).double().numpy()
+    return _fit(layer, x_train, train[1], x_test, test[1])
+
+
+def fit_probes(
+    model: EvalModel,
+    layers: list[int],
+    train: tuple[list[str], np.ndarray],
+    test: tuple[list[str], np.ndarray],
+) -> list[Probe]:
+    """One probe per layer of ``layers``, the residuals of all layers from one forward."""
+    x_train = model.residuals_at([model.encode(t) for t in train[0]], layers).double().numpy()
+    x_test = model.residuals_at([model.encode(t) for t in test[0]], layers).double().numpy()
+    return [_fit(layer, x_train[k], train[1], x_test[k], test[1]) for k, layer in enumerate(layers)]
+
+
+def _fit(
+    layer: int, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+) -> Probe:
+    from sklearn.linear_model import LogisticRegression
+
     classifier = LogisticRegression(C=1.0, max_iter=2000)
-    classifier.fit(x_train, train[1])
+    classifier.fit(x_train, y_train)
     return Probe(
         layer=layer,
         weight=classifier.coef_.astype(np.float64),
         bias=classifier.intercept_.astype(np.float64),
-        train_accuracy=float(classifier.score(x_train, train[1])),
-        test_accuracy=float(classifier.score(x_test, test[1])),
-        train_size=len(train[0]),
-        test_size=len(test[0]),
+        train_accuracy=float(classifier.score(x_train, y_train)),
+        test_accuracy=float(classifier.score(x_test, y_test)),
+        train_size=len(x_train),
+        test_size=len(x_test),
     )
 
 

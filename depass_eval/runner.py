@@ -260,6 +260,26 @@ def run_correct(
     )
 
 
+def run_in_order(
+    ctx: Context,
+    cases: list[Case],
+    size: int,
+    work: Callable[[dict[str, Any]], dict[str, Any] | None],
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run ``work`` on the first ``size`` cases in file order, whether the model answers
+    them or not (the paper's rule); ``selection.json`` records them."""
+    path = ctx.out_dir / SELECTION
+    if path.exists():
+        chosen = json.loads(path.read_text(encoding="utf-8"))["cases"]
+    else:
+        chosen = [{"id": c.id, "prompt": c.prompt, "answer": c.answer} for c in cases[:size]]
+        selection = {"screened": len(chosen), "order": "file order, unfiltered", "cases": chosen}
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(selection, indent=1), encoding="utf-8")
+    return run_rows(chosen, len(chosen), lambda c: c["id"], work, ctx.out_dir, progress)
+
+
 def run_records(
     ctx: Context,
     records: list[dict[str, Any]],

@@ -56,6 +56,13 @@ class DePassSource(Protocol):
         last position."""
         ...
 
+    def token_states_of_layers(
+        self, ids: list[int], layers: list[int], split: Split
+    ) -> dict[int, np.ndarray]:
+        """{layer: (N, D)} each input token's part of the residual entering each of
+        ``layers`` at the last position (one request)."""
+        ...
+
     def head_scores(
         self, ids: list[int], target: int, layers: list[int], split: Split | None = None
     ) -> np.ndarray:
@@ -67,6 +74,12 @@ class DePassSource(Protocol):
         self, ids: list[int], target: int, layer: int, split: Split | None = None
     ) -> np.ndarray:
         """(I,) each MLP neuron's (of ``layer``) contribution to ``target``'s logit."""
+        ...
+
+    def neuron_scores_of_layers(
+        self, ids: list[int], target: int, layers: list[int], split: Split | None = None
+    ) -> np.ndarray:
+        """(len(layers), I) the neuron scores of each of ``layers``."""
         ...
 
     def subspace(
@@ -118,6 +131,19 @@ class _DePassCalls:
         )
         return np.asarray(result.states)[0]
 
+    def token_states_of_layers(
+        self, ids: list[int], layers: list[int], split: Split
+    ) -> dict[int, np.ndarray]:
+        result = self._ask(
+            **_request_fields(ids),
+            end_layer=max(layers),
+            all_layers=True,
+            outputs=["states"],
+            **_split_fields(split),
+        )
+        states, entering = np.asarray(result.states), list(result.layers)
+        return {layer: states[entering.index(layer), 0] for layer in layers}
+
     def head_scores(
         self, ids: list[int], target: int, layers: list[int], split: Split | None = None
     ) -> np.ndarray:
@@ -139,6 +165,21 @@ class _DePassCalls:
             **(_split_fields(split) if split else {}),
         )
         return np.asarray(result.scores)[0, 1:, 0]  # component 0 is the rest
+
+    def neuron_scores_of_layers(
+        self, ids: list[int], target: int, layers: list[int], split: Split | None = None
+    ) -> np.ndarray:
+        # One request for every layer; the engine's "auto" strategy answers it with one
+        # backward pass for the taylor rule (reverse mode), or carries each layer's
+        # neurons forward through the layers above it for the other rules (about L^2 / 2
+        # layer steps: minutes per prompt for SmolLM2 on a CPU).
+        result = self._ask(
+            **_request_fields(ids, targets=[target]),
+            granularity="neuron",
+            start_layer=list(layers),
+            **(_split_fields(split) if split else {}),
+        )
+        return np.asarray(result.scores)[:, 0, 1:, 0]  # component 0 is the rest
 
     def subspace(
         self, ids: list[int], layer: int, parts: np.ndarray, target: int, end_layer: int | None

@@ -85,6 +85,7 @@ def run_protocol(
                 "dataset": dataset,
                 "size": size,
                 "seed": seed,
+                "rules": options.get("rules") or "strict",
                 "depass": "service " + url if url else "in-process engine",
                 "options": {k: v for k, v in options.items() if k != "exclude"},
             },
@@ -92,8 +93,9 @@ def run_protocol(
         module.run(ctx, dataset, size, progress)
     rows = read_rows(out_dir)
     summary = module.summarize(ctx, rows)
-    summary.update({"model": evaluated.name, "dataset": dataset, "seed": seed})
-    title = f"{protocol} on {Path(dataset).stem} ({evaluated.name})"
+    rules = options.get("rules") or "strict"
+    summary.update({"model": evaluated.name, "dataset": dataset, "seed": seed, "rules": rules})
+    title = f"{protocol} on {Path(dataset).stem} ({evaluated.name}, {rules} rules)"
     report.write_results(out_dir, summary, module.markdown(summary, title))
     if rows:
         module.plot(summary, out_dir, title)

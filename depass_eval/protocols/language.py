@@ -11,6 +11,11 @@ part] forward:
   claim is that it finds the language in the language part and not in the rest;
 - to the output, where the rest's state, read by the LM head, should still give the
   model's next token (the answer is language-independent knowledge).
+
+``--rules paper`` places the language vector (the last position's residual minus the
+six prompts' mean there) at **every** position, the rest being the residual minus it, and
+puts the probe at the paper's layer 20 of 32, scaled by depth (:func:`paper_probe_layer`);
+the strict rules keep it at the last position and probe at 3L/4.
 """
 
 from __future__ import annotations
@@ -32,13 +37,31 @@ LANGUAGES = ("original", "French", "German", "Italian", "Portuguese", "Spanish")
 PARTS = ("rest", "language")
 
 
+#: The paper's probe layer and its models' depth.
+PAPER_PROBE_LAYER, PAPER_DEPTH = 20, 32
+
+
+def paper_probe_layer(num_layers: int) -> int:
+    """Layer 20 of the paper's 32-layer models, at the same depth of this one (19 of
+    SmolLM2's 30, 11 of Gemma-3-270M's 18)."""
+    return round(PAPER_PROBE_LAYER * num_layers / PAPER_DEPTH)
+
+
+def paper_rules(ctx: Context) -> bool:
+    return ctx.options.get("rules") == "paper"
+
+
 def layers(ctx: Context) -> tuple[int, int]:
-    """(split layer s, probe layer e): by default L/2 and 3L/4."""
+    """(split layer s, probe layer e): by default L/2 and 3L/4 (strict) or the paper's
+    layer 20 of 32 scaled by depth (paper)."""
     n = ctx.model.num_layers
     split = ctx.options.get("split_layer")
     split = n // 2 if split is None else int(split)
     probe = ctx.options.get("probe_layer")
-    probe = max(split, (3 * n) // 4) if probe is None else int(probe)
+    if probe is None:
+        probe = paper_probe_layer(n) if paper_rules(ctx) else (3 * n) // 4
+        probe = max(split, probe)
+    probe = int(probe)
     if not 0 <= split <= probe <= n:
         raise ValueError(f"need 0 <= split layer {split} <= probe layer {probe} <= {n}")
     return split, probe
@@ -77,9 +100,7 @@ def evaluate(ctx: Context, probe: Probe, record: dict[str, Any]) -> dict[str, An
     out: dict[str, Any] = {"id": str(record["case_id"]), "languages": {}}
     seconds = 0.0
     for label, (lang, ids, resid) in enumerate(zip(LANGUAGES, prompts, resids, strict=True)):
-        rest = resid.clone()
-        rest[-1] = centre
-        parts = torch.stack([rest, resid - rest]).numpy()  # (2, N, D), adds up to resid
+        parts = language_parts(resid, centre, paper_rules(ctx)).numpy()
         answer = model.answer_id(record[lang]["answer"])
         with Timer() as clock:
             at_probe, _ = ctx.depass.subspace(ids, split, parts, answer, at)
@@ -101,6 +122,19 @@ def evaluate(ctx: Context, probe: Probe, record: dict[str, Any]) -> dict[str, An
         }
     out["seconds"] = seconds
     return out
+
+
+def language_parts(resid: torch.Tensor, centre: torch.Tensor, every_position: bool) -> torch.Tensor:
+    """(2, N, D) [rest, language part] of a prompt's residual (N, D) at the split layer,
+    adding up to it: the language vector ``resid[-1] - centre`` at the last position only
+    (strict) or at every position (paper)."""
+    vector = resid[-1] - centre
+    language = torch.zeros_like(resid)
+    if every_position:
+        language[:] = vector
+    else:
+        language[-1] = vector
+    return torch.stack([resid - language, language])
 
 
 def summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -165,7 +199,9 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     text += [
         "",
         f"{summary['cases']} facts x 6 languages = {summary['prompts']} prompts; split at layer"
-        f" {summary['split_layer']}, DePass carries [rest, language part] to the probe layer"
+        f" {summary['split_layer']} (the language vector at"
+        f" {'every position' if summary.get('rules') == 'paper' else 'the last position'}),"
+        " DePass carries [rest, language part] to the probe layer"
         f" {summary['probe_layer']} and to the output. The model's top-1 is the answer's first"
         f" token in {summary['model_accuracy']:.1%} of the prompts.",
         "",

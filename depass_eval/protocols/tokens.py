@@ -1,25 +1,35 @@
 """Protocol 1, token-level output attribution (paper 4.1.1).
 
-On prompts the model answers correctly, every method ranks the input tokens by their
-importance for the answer's first token; patch-top and recover-top (``perturb.py``) then
-delete or keep the top k% and measure the relative change of the answer's probability.
-The summary gives each method's mean curves and their means over k (AUC): DePass is
-better where its patch AUC is larger and its recover AUC smaller than a baseline's.
+Every method ranks the input tokens by their importance for the answer's first token;
+patch-top and recover-top (``perturb.py``) then delete or keep the top k% and measure
+the relative change of the answer's probability. The summary gives each method's mean
+curves and their means over k (AUC): DePass is better where its patch AUC is larger and
+its recover AUC smaller than a baseline's.
+
+``rules`` (``--rules``) picks the protocol: ``strict`` (prompts the model answers
+correctly, in a seeded order; the first token never ranked; ``ceil`` counts; gradients of
+the logit, 16-step integrated gradients) or ``paper`` (every prompt in file order; a
+first token ranked unless it is a BOS; floor counts; edits re-tokenised; gradients of the
+log-probability, 100-step integrated gradients). Each DePass variant also ranks by its
+absolute score (``depass-<rule>-abs``).
 """
 
 from __future__ import annotations
 
+import functools
+
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from depass_eval import baselines, perturb
+from depass_eval import baselines, peers, perturb
 from depass_eval.data import load_cases
 from depass_eval.model import EvalModel
 from depass_eval.report import line_plot, mean, sem, table
-from depass_eval.runner import Context, Timer, run_correct
+from depass_eval.runner import Context, Timer, run_correct, run_in_order
 from depass_eval.source import Split
 
 NAME = "tokens"
@@ -71,12 +81,75 @@ def competitor(
     return runner_up(logits, answer)
 
 
+def rules_of(options: dict[str, Any]) -> str:
+    """``strict`` (the default) or ``paper``."""
+    return str(options.get("rules") or "strict")
+
+
+def baselines_of(options: dict[str, Any]) -> list[str]:
+    """The baselines a run asks for; by default the paper's under its rules (no
+    occlusion), all of them under the strict rules."""
+    wanted = options.get("baselines")
+    if wanted is None:
+        paper = rules_of(options) == "paper"
+        return list(baselines.PAPER_BASELINES if paper else baselines.BASELINES)
+    return list(wanted)
+
+
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
-    """Screen for ``size`` correct prompts of ``dataset`` and evaluate each; the rows."""
-    return run_correct(ctx, load_cases(dataset), size, evaluate, progress)
+    """Evaluate ``size`` prompts of ``dataset`` (strict: screened for correct answers;
+    paper: the first ``size`` in file order); the rows. The peers asked for
+    (``--peers``) run in their own processes for the whole run, beside this one (not on
+    ``--ray`` actors: their processes are local)."""
+    names = list(ctx.options.get("peers") or [])
+    if names and ctx.fan_out is not None:
+        raise ValueError("--peers runs the peers beside this process; leave out --ray")
+    sources = "sentence" if dataset == "longra" else "word"
+    folder = peers.weights_folder(ctx.model) if names else None
+    with peers.started(names, folder, 1) if folder else nullcontext({}) as running:
+        work = functools.partial(evaluate, running=running or None, sources=sources)
+        if rules_of(ctx.options) == "paper":
+            return run_in_order(ctx, load_cases(dataset), size, lambda c: work(ctx, c), progress)
+        return run_correct(ctx, load_cases(dataset), size, work, progress)
 
 
-def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
+def peer_scores(
+    ctx: Context,
+    running: dict[str, peers.PeerProcess],
+    case: dict[str, Any],
+    ids: list[int],
+    answer: int,
+    logit: float,
+    sources: str,
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, Any]]:
+    """Each running peer's token scores, seconds (its worker's) and notes."""
+    scores: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    notes: dict[str, Any] = {}
+    if "attnlrp" in running:
+        scores["attnlrp"], seconds["attnlrp"] = peers.token_scores_attnlrp(
+            running["attnlrp"], ids, answer, logit
+        )
+    if "context-cite" in running:
+        scores["context-cite"], reply = peers.token_scores_context_cite(
+            running["context-cite"],
+            ctx.model.tokenizer,
+            case["prompt"],
+            ids,
+            sources,
+            seed=ctx.seed,
+        )
+        seconds["context-cite"] = reply["seconds"]
+        notes["context-cite"] = {"response": reply["response"], "sources": len(reply["sources"])}
+    return scores, seconds, notes
+
+
+def evaluate(
+    ctx: Context,
+    case: dict[str, Any],
+    running: dict[str, peers.PeerProcess] | None = None,
+    sources: str = "word",
+) -> dict[str, Any]:
     """Scores of every method and their patch/recover curves on one prompt."""
     model = ctx.model
     ids = model.encode(case["prompt"])
@@ -93,20 +166,32 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
             against = None if split.margin is None else others[split.margin]
             scores[split.label] = ctx.depass.token_scores(ids, answer, split, against)
         seconds[split.label] = clock.seconds
-    wanted = ctx.options.get("baselines", list(baselines.BASELINES))
+    for split in splits:  # the same scores ranked by magnitude: no extra cost
+        scores[f"{split.label}-abs"] = np.abs(scores[split.label])
+        seconds[f"{split.label}-abs"] = seconds[split.label]
+    rules = rules_of(ctx.options)
+    wanted = baselines_of(ctx.options)
+    settings = baselines.GradientSettings.for_rules(rules, ctx.options.get("ig_steps"))
     ig_delta = None
     if wanted:
         found, took, ig_delta = baselines.baseline_scores(
-            model, ids, answer, ctx.options.get("ig_steps", baselines.DEFAULT_IG_STEPS)
+            model, ids, answer, wanted=wanted, settings=settings
         )
         scores.update({m: found[m] for m in wanted})
         seconds.update({m: took[m] for m in wanted})
+    theirs, took, notes = peer_scores(
+        ctx, running or {}, case, ids, answer, float(logits[answer]), sources
+    )
+    scores.update(theirs)
+    seconds.update(took)
     with Timer() as clock:
-        results = perturb.curves(model, ids, answer, prob, scores)
+        results = perturb.curves(model, ids, answer, prob, scores, rules=perturb.EditRules(rules))
     return {
         "id": case["id"],
         "prompt": case["prompt"],
         "answer": case["answer"],
+        "rules": rules,
+        "correct": int(logits.argmax()) == answer,
         "tokens": model.token_texts(ids),
         "answer_prob": prob,
         "margin_against": {kind: model.token_texts([t])[0] for kind, t in others.items()},
@@ -115,6 +200,7 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
         "seconds": seconds,
         "perturb_seconds": clock.seconds,
         "ig_convergence_delta": ig_delta,
+        "peers": notes,
     }
 
 
@@ -149,6 +235,7 @@ def summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "percents": list(percents),
         "mean_tokens": mean([len(row["tokens"]) for row in rows]),
         "mean_answer_prob": mean([row["answer_prob"] for row in rows]),
+        "answered_correctly": mean([float(row.get("correct", True)) for row in rows]),
         "methods": per_method,
         "comparison": _comparison(rows, per_method),
     }
@@ -204,8 +291,8 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     text = [
         f"## {title}",
         "",
-        f"{summary['prompts']} prompts the model answers correctly"
-        f" (mean {summary['mean_tokens']:.1f} tokens, mean answer probability"
+        f"{summary['prompts']} prompts ({_which(summary)};"
+        f" mean {summary['mean_tokens']:.1f} tokens, mean answer probability"
         f" {summary['mean_answer_prob']:.3f}). AUC = mean relative change of the answer's"
         " probability over k = 10..100%: patch-top higher is better, recover-top lower is"
         " better; sem = standard error over prompts.",
@@ -229,6 +316,14 @@ def markdown(summary: dict[str, Any], title: str) -> str:
             f" by {abs(c['margin']):.3f}."
         )
     return "\n".join(text)
+
+
+def _which(summary: dict[str, Any]) -> str:
+    """Which prompts a run scored, in words."""
+    correct = summary.get("answered_correctly", 1.0)
+    if summary.get("rules") == "paper":
+        return f"every prompt in file order, {correct:.0%} answered correctly"
+    return "the model answers each correctly"
 
 
 def plot(summary: dict[str, Any], out_dir: Path, title: str) -> None:

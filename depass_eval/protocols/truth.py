@@ -11,6 +11,8 @@ contributions add up to the score less its bias). The top tokens by that attribu
 DePass's output attribution (the chosen option's logit) and at random are deleted; the
 report gives how often the chosen option (" A" or " B") flips and how far the probe's
 probability of "true" and the option margin move.
+
+``--rules paper`` runs the paper's form of the experiment instead: ``truth_paper.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from depass_eval import perturb
 from depass_eval.data import read_json
 from depass_eval.probes import Probe, cached_probe, fit_probe, texts_and_labels
+from depass_eval.protocols import truth_paper
 from depass_eval.report import line_plot, mean, table
 from depass_eval.runner import Context, Timer, run_records
 from depass_eval.source import Split
@@ -53,10 +56,18 @@ def load_probe(ctx: Context) -> Probe:
     )
 
 
+def _paper(ctx: Context) -> bool:
+    return ctx.options.get("rules") == "paper"
+
+
 def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[dict[str, Any]]:
-    probe = load_probe(ctx)
     records = read_json(dataset if dataset != "truthfulqa" else "truthfulqa.json")
-    work = lambda r: evaluate(ctx, probe, r)  # noqa: E731
+    if _paper(ctx):
+        probes = truth_paper.load_probes(ctx)
+        work = lambda r: truth_paper.evaluate(ctx, probes, r)  # noqa: E731
+    else:
+        probe = load_probe(ctx)
+        work = lambda r: evaluate(ctx, probe, r)  # noqa: E731
     return run_records(ctx, records, size, work, progress)
 
 
@@ -126,6 +137,8 @@ def evaluate(ctx: Context, probe: Probe, record: dict[str, Any]) -> dict[str, An
 
 
 def summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if _paper(ctx):
+        return truth_paper.summarize(ctx, rows)
     probe = load_probe(ctx)
     out: dict[str, Any] = {
         "protocol": NAME,
@@ -152,6 +165,8 @@ def summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(summary: dict[str, Any], title: str) -> str:
+    if "probes" in summary:
+        return truth_paper.markdown(summary, title)
     probe = summary["probe"]
     text = [
         f"## {title}",
@@ -192,7 +207,10 @@ def markdown(summary: dict[str, Any], title: str) -> str:
 
 
 def plot(summary: dict[str, Any], out_dir: Path, title: str) -> None:
-    """``truth.png``: flip rate and probe change against k."""
+    """``truth.png``: flip rate and probe change against k (strict rules; the paper's
+    single deletion share has its table only)."""
+    if "probes" in summary:
+        return
     x = summary["percents"]
     panels = [
         (

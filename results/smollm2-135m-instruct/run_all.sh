@@ -37,15 +37,32 @@ case $GROUP in
     $EVAL --protocol tokens --dataset ioi --size 20 --tuning-slice --exclude $OUT/tokens-ioi \
       --baselines none --splits softmax,taylor --margin on --margin-against other-name \
       --out $OUT/tuning-ioi-margin-name ;;
+  # The paper's protocols as its public scripts run them (--rules paper): every prompt in
+  # file order, floor counts, re-tokenised edits, log-prob gradients, 100-step IG.
+  paper-tokens-known) $EVAL --rules paper --protocol tokens --dataset known --size 200 --out $OUT/paper-tokens-known ;;
+  paper-tokens-ioi) $EVAL --rules paper --protocol tokens --dataset ioi --size 200 --out $OUT/paper-tokens-ioi ;;
+  paper-tokens-longra) $EVAL --rules paper --protocol tokens --dataset longra --size 100 --out $OUT/paper-tokens-longra ;;
+  paper-tokens) for g in paper-tokens-known paper-tokens-ioi paper-tokens-longra; do bash "$0" "$MODEL" $g; done ;;
+  paper-components) $EVAL --rules paper --protocol components --dataset counterfact --size 100 --out $OUT/paper-components-counterfact
+                    $EVAL --rules paper --protocol components --dataset ioi-component --size 100 --out $OUT/paper-components-ioi ;;
+  paper-truth) $EVAL --rules paper --protocol truth --size 50 --out $OUT/paper-truth ;;
+  paper-language) $EVAL --rules paper --protocol language --size 50 --probe-size 600 --out $OUT/paper-language ;;
+  # the peers (make peers) on the paper-mode prompts, DePass's default beside them
+  paper-peers-known) $EVAL --rules paper --protocol tokens --dataset known --size 200 --splits softmax \
+                       --baselines none --peers attnlrp,context-cite --out $OUT/paper-peers-known ;;
+  paper-peers-ioi) $EVAL --rules paper --protocol tokens --dataset ioi --size 200 --splits softmax \
+                     --baselines none --peers attnlrp,context-cite --out $OUT/paper-peers-ioi ;;
+  paper-peers-longra) $EVAL --rules paper --protocol tokens --dataset longra --size 100 --splits softmax \
+                        --baselines none --peers attnlrp,context-cite --out $OUT/paper-peers-longra ;;
   rest) for g in truth language tune-known tune-ioi; do bash "$0" "$MODEL" $g; done ;;
   # Rewrite every report from the rows there (e.g. after stopping the runs), and the
   # headline table of README.md.
   report)
     for run in $OUT/*/; do
       [ -f "$run/run.json" ] || continue
-      read -r protocol dataset < <(.venv/bin/python -c \
-        "import json,sys; i=json.load(open(sys.argv[1])); print(i['protocol'], i['dataset'])" "$run/run.json")
-      $EVAL --protocol "$protocol" --dataset "$dataset" --out "$run" --report-only
+      read -r protocol dataset rules < <(.venv/bin/python -c \
+        "import json,sys; i=json.load(open(sys.argv[1])); print(i['protocol'], i['dataset'], i.get('rules', 'strict'))" "$run/run.json")
+      $EVAL --rules "$rules" --protocol "$protocol" --dataset "$dataset" --out "$run" --report-only
     done
     runs=()
     for run in tokens-known tokens-ioi tokens-longra; do
