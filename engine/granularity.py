@@ -30,7 +30,7 @@ in every internal setting (``SplitSettings``, ``StartFacts``, ``SplitSpec``).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,11 +57,14 @@ def token_start(
     layer: int,
     token_texts: Sequence[str],
     groups: Sequence[Sequence[int]] | None,
+    span_text: Callable[[Sequence[int]], str] | None = None,
 ) -> Start:
     """Token components of the residual entering ``layer`` (``resid`` (N, D)).
 
     Without groups, component ``k`` is position ``k``. With groups, each group is one
-    component, and positions in no group form a final ``ungrouped`` component.
+    component, and positions in no group form a final ``ungrouped`` component; a group
+    is labelled by the decoded text of its positions' tokens (``span_text``: positions ->
+    text; default: the token texts joined).
     """
     length = resid.shape[0]
     if groups is None:
@@ -78,7 +81,8 @@ def token_start(
             single_position=True,
         )
     groups = [sorted(g) for g in groups]
-    labels = [_group_label(g, token_texts) for g in groups]
+    span = span_text or (lambda positions: "".join(token_texts[p] for p in positions))
+    labels = [_group_label(g, span) for g in groups]
     first_alone = [0] in groups  # the first-token rule needs a group of the first token alone
     covered = {p for g in groups for p in g}
     rest = [p for p in range(length) if p not in covered]
@@ -102,9 +106,17 @@ def token_start(
     )
 
 
-def _group_label(group: list[int], token_texts: Sequence[str]) -> str:
-    text = "".join(token_texts[p] for p in group)
-    if group == list(range(group[0], group[-1] + 1)):
+def _group_label(group: list[int], span_text: Callable[[Sequence[int]], str]) -> str:
+    """``tok[1:4]:"When Mary and"``: the span, and the text of each run of consecutive
+    positions (runs joined by an ellipsis)."""
+    runs: list[list[int]] = []
+    for p in group:
+        if runs and p == runs[-1][-1] + 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    text = "…".join(span_text(run) for run in runs)
+    if len(runs) == 1:
         span = f"{group[0]}" if len(group) == 1 else f"{group[0]}:{group[-1] + 1}"
     else:
         span = ",".join(str(p) for p in group)
@@ -331,8 +343,11 @@ class TokenGranularity(Granularity):
         return count > 1
 
     def start(self, run: RunStart) -> Start:
-        texts = run.engine.token_texts(run.trace.input_ids.tolist())
-        return token_start(run.cast(run.trace.resid(run.layer)), run.layer, texts, run.groups)
+        ids = run.trace.input_ids.tolist()
+        texts = run.engine.token_texts(ids)
+        span = lambda positions: run.engine.tokens.span_text([ids[p] for p in positions])  # noqa: E731
+        resid = run.cast(run.trace.resid(run.layer))
+        return token_start(resid, run.layer, texts, run.groups, span)
 
     def smaller(self, request: Any) -> str | None:
         return "token groups" if request.groups is None else None

@@ -38,6 +38,7 @@ class Plan:
     memory: MemoryEstimate  # peak memory of the request beyond the weights, by part
     chunk_budget: int  # what the estimate leaves for attention blocks and MLP chunks
     late_starts: bool  # components start at different positions (causal skipping pays)
+    first_token_rule: bool = False  # the rule applied (ignore_bos, or its default here)
 
     @property
     def num_tokens(self) -> int:
@@ -96,7 +97,7 @@ def batch_key(request: AttributionRequest, plan: Plan, layer: int) -> tuple:
         request.module,
         request.mlp_split,
         request.temperature,
-        request.first_token_rule,
+        plan.first_token_rule,
         request.all_layers,
         request.end_layer is None,
     )

@@ -47,6 +47,9 @@ class AttributionResult:
     logit_softcap: float | None = None
     capped_logits: torch.Tensor | None = None  # ([layers,] P, T)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    # The first-token rule applied: the request's ``ignore_bos``, or its default for this
+    # prompt (on for token runs whose first token is a special token the tokenizer added)
+    ignore_bos: bool = False
 
     def labels(self, layer: int = -1) -> list[str]:
         """The component labels at one index of the layer axis (``components`` without one)."""

@@ -442,3 +442,14 @@ def test_headline_merges_runs_on_the_same_prompts(tmp_path: Path) -> None:
     rows = {line.split("|")[1].strip(): line for line in lines[2:]}
     assert list(rows) == ["depass-softmax", "depass-softmax-margin", "gradient-norm"]
     assert "0.95" in rows["depass-softmax-margin"] and "0.7" in rows["depass-softmax"]
+
+
+def test_help_gives_each_option_one_default() -> None:
+    """`--probe-layer` printed "(default: L/2) (default: None)" (issue 22)."""
+    import re
+
+    from depass_eval.cli import parser
+
+    text = " ".join(parser().format_help().split())
+    assert not re.search(r"\(default:[^)]*\) \(default:", text), text
+    assert "probe layer (default: L/2)" in text and "(default: None)" not in text

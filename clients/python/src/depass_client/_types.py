@@ -114,6 +114,9 @@ class Attribution(_Result):
     timings: dict[str, float] = field(default_factory=dict)
     model: str = ""
     logit_softcap: float | None = None
+    #: The first-token rule applied (the request's ``ignore_bos``, or the service's
+    #: default for this prompt); None from a service that does not say.
+    ignore_bos: bool | None = None
     scores: np.ndarray | None = None
     remainder_scores: np.ndarray | None = None
     states: np.ndarray | None = None
