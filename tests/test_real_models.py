@@ -157,3 +157,20 @@ def test_the_service_serves_the_gguf_file(tmp_path: Path) -> None:
     assert body["relative_conservation_error"] <= LIMIT
     scores = [row[0] for row in body["scores"]["data"][0]]
     assert scores.index(max(scores)) in (1, 3)  # " capital" or " France"
+
+
+def test_the_first_token_rule_is_off_by_default_without_a_bos(smollm2: DePassEngine) -> None:
+    """SmolLM2 adds no BOS: the rule would fall on the first word and move the credit of
+    " Mary" to " drink" (issue 22: 2.29 against 7.81). Off by default, " Mary" leads."""
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    default = smollm2.attribute(AttributionRequest(prompt=prompt, positions=[-1]))
+    assert default.ignore_bos is False and default.target_tokens == [" Mary"]
+    assert default.top_components(1)[0][0] == 'tok[1]:" Mary"'
+    forced = smollm2.attribute(AttributionRequest(prompt=prompt, positions=[-1], ignore_bos=True))
+    assert forced.ignore_bos is True
+    assert forced.top_components(1)[0][0] == 'tok[12]:" drink"'
+    # a chat template's first token is a special one: the rule is on there
+    chat = smollm2.attribute(
+        AttributionRequest(messages=[{"role": "user", "content": prompt}], positions=[-1])
+    )
+    assert chat.tokens[0] == "<|im_start|>" and chat.ignore_bos is True

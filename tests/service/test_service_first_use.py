@@ -174,3 +174,17 @@ def test_a_request_that_cannot_finish_in_time_is_refused_at_once(
     assert "token groups" in message
     assert refused_s < 1.0, refused_s
     assert served.status_code == 200 and served_s < 1.0, (served.status_code, served_s)
+
+
+async def test_the_input_limit_is_what_the_model_was_built_for(llama_engine: DePassEngine) -> None:
+    """The tiny Llama has 256 positions: longer inputs are refused unless the operator
+    raises DEPASS_MAX_INPUT_TOKENS (the service used to accept 2,048 whatever the model)."""
+    assert llama_engine.model.config.max_position_embeddings == 256
+    ids = {"input_ids": [5] * 257, "positions": [-1], "outputs": ["scores"]}
+    async with running(llama_engine) as (_, client):
+        card = (await client.get("/v1/model")).json()
+        refused = await client.post("/v1/attributions", json=ids)
+    assert card["limits"]["max_input_tokens"] == 256
+    assert assert_envelope(refused, 413, "input_ids")["code"] == "input_too_long"
+    async with running(llama_engine, max_input_tokens=300) as (_, client):
+        assert (await client.post("/v1/attributions", json=ids)).status_code == 200
