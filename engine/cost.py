@@ -13,8 +13,9 @@ own position on, so token runs grow as N^2):
   the hidden width).
 
 Seconds are the matrix products' FLOPs over the device's matrix-product rate (discounted
-by :data:`EFFICIENCY`), plus the elementwise work over its elementwise rate, both measured
-once at start-up in a few milliseconds (:func:`measure_rates`). A service refuses a request whose
+by :data:`EFFICIENCY`, and the mixing by :data:`MIXING_EFFICIENCY`), plus the elementwise
+work at :data:`ELEMENT_FLOPS` FLOPs an element; the rate is measured once at start-up, in
+a few milliseconds (:func:`measure_rates`). A service refuses a request whose
 estimate is over its timeout (:class:`TimeBudgetError`) and says what would fit.
 
 The forward strategy is the only one counted here; a strategy's own branch (a reverse
@@ -45,29 +46,38 @@ HIDDEN_PASSES = 5
 #: The share of the measured matrix-product rate the propagation's products reach (they
 #: are smaller and thinner than the calibration's).
 EFFICIENCY = 0.35
-#: Side of the square matrices, and elements of the vector, of the start-up measurement.
+#: The share of that rate the attention mixing reaches (batched products over the
+#: causal triangle with a head's width, d_h, as their inner size: measured 0.05-0.07 on
+#: the embedded model at N = 512 and 2,000).
+MIXING_EFFICIENCY = 0.06
+#: What one element of elementwise work costs, in FLOPs of the measured matrix product
+#: (memory-bound passes over tensors far larger than the caches, with their allocations:
+#: measured 200 on the CPU, where a core's matrix product runs at 40-90 GFLOP/s).
+ELEMENT_FLOPS = 200
+#: Side of the square matrices of the start-up measurement.
 CALIBRATION_SIDE = 512
-CALIBRATION_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
 class Work:
     """The work of a planned request: FLOPs of matrix products (the forward pass, the
-    decomposition) and elementwise operations (elements touched, the decomposition)."""
+    decomposition's projections, its attention mixing) and elementwise operations
+    (elements touched, the decomposition)."""
 
     forward: float
     decompose: float
+    mixing: float
     elementwise: float
 
     @property
     def flops(self) -> float:
-        return self.forward + self.decompose
+        return self.forward + self.decompose + self.mixing
 
 
 @dataclass(frozen=True)
 class Rates:
-    """What the device does per second: FLOPs of a matrix product, elements of an
-    elementwise operation (measured by :func:`measure_rates`)."""
+    """What the device does per second: FLOPs of a matrix product, elements of
+    elementwise work (:func:`measure_rates`)."""
 
     matmul: float
     elementwise: float
@@ -90,7 +100,8 @@ def plan_work(shape: Shape, plan: Plan) -> Work:
     forward += 2 * d * m.vocab_size  # the last position's logits
     return Work(
         forward=float(forward),
-        decompose=float(layers * (row_positions * linear + mixing)),
+        decompose=float(layers * row_positions * linear),
+        mixing=float(layers * mixing),
         elementwise=float(layers * row_positions * (SPLIT_PASSES * width + HIDDEN_PASSES * d)),
     )
 
@@ -112,22 +123,24 @@ def row_starts(plan: Plan) -> list[int]:
 
 
 def measure_rates(device: torch.device, dtype: torch.dtype = torch.float32) -> Rates:
-    """The device's rates, each the best of a few short runs after a warm-up (about
-    10 ms on a CPU core): a square matrix product and an elementwise exponential."""
+    """The device's rates: a square matrix product's FLOPs per second (the best of a
+    few short runs after a warm-up, a few milliseconds on a CPU core), and from it the
+    elementwise rate (:data:`ELEMENT_FLOPS`; a separate elementwise measurement varies
+    several-fold with the allocator's state and the cache)."""
     a = torch.randn(CALIBRATION_SIDE, CALIBRATION_SIDE, device=device, dtype=dtype)
     b = torch.randn_like(a)
-    v = torch.randn(CALIBRATION_ELEMENTS, device=device, dtype=dtype)
     matmul = 2 * CALIBRATION_SIDE**3 / _best_time(device, lambda: torch.mm(a, b))
-    elementwise = CALIBRATION_ELEMENTS / _best_time(device, lambda: torch.exp(v))
-    return Rates(matmul=matmul, elementwise=elementwise)
+    return Rates(matmul=matmul, elementwise=matmul / ELEMENT_FLOPS)
 
 
 def seconds(work: Work, rates: Rates) -> float:
     """Estimated seconds of ``work`` at the measured ``rates``."""
-    return work.flops / (rates.matmul * EFFICIENCY) + work.elementwise / rates.elementwise
+    products = (work.forward + work.decompose) / (rates.matmul * EFFICIENCY)
+    mixing = work.mixing / (rates.matmul * MIXING_EFFICIENCY)
+    return products + mixing + work.elementwise / rates.elementwise
 
 
-def _best_time(device: torch.device, run: Callable[[], object], repeats: int = 4) -> float:
+def _best_time(device: torch.device, run: Callable[[], object], repeats: int = 10) -> float:
     best = float("inf")
     for _ in range(repeats + 1):  # the first is the warm-up
         _sync(device)

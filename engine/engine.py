@@ -237,7 +237,9 @@ class DePassEngine:
         count = kind.count(self, request, length, groups)
         snapshots = end - layers[0] + 1 if request.all_layers else len(layers)
         target_ids = None if request.targets is None else self.tokens.targets(request.targets)
-        first_token_rule = request.first_token_rule(self.tokens.starts_with_special(input_ids))
+        first_token_rule = request.applied_first_token_rule(
+            self.tokens.starts_with_special(input_ids)
+        )
         memory, chunk_budget = estimate(
             self.shape,
             rows=count + 1,

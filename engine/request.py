@@ -286,7 +286,7 @@ class AttributionRequest:
         """``start_layer`` as a list."""
         return list(self.start_layer) if isinstance(self.start_layer, list) else [self.start_layer]
 
-    def first_token_rule(self, starts_with_special: bool) -> bool:
+    def applied_first_token_rule(self, starts_with_special: bool) -> bool:
         """Whether the first-token rule is on: ``ignore_bos`` when given, else on for the
         granularities whose default it is (token runs) when the prompt's first token is
         a special token the tokenizer added (a BOS, a chat template's marker), whose

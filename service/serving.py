@@ -237,6 +237,15 @@ class Serving:
                 param="max_new_tokens",
             )
         prompt_ids = await self._input_ids(body, extra_tokens=body.max_new_tokens - 1)
+        # the attribution of every generated token, sized at the most tokens it can have
+        longest = AttributionRequest(
+            input_ids=prompt_ids + prompt_ids[-1:] * (body.max_new_tokens - 1),
+            positions=[-1],
+            ignore_bos=body.ignore_bos,
+        )
+        field = next(name for name in ("input_ids", "messages", "prompt") if getattr(body, name))
+        plan = await self._call(self.engine.plan, longest)
+        await self._call(self.engine.check_time, plan, self.settings.request_timeout_s, field)
         self.metrics.input_tokens.labels("generate").observe(len(prompt_ids))
         done = await self.worker.submit(
             lambda stop: self._guarded(

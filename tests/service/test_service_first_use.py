@@ -188,3 +188,13 @@ async def test_the_input_limit_is_what_the_model_was_built_for(llama_engine: DeP
     assert assert_envelope(refused, 413, "input_ids")["code"] == "input_too_long"
     async with running(llama_engine, max_input_tokens=300) as (_, client):
         assert (await client.post("/v1/attributions", json=ids)).status_code == 200
+
+
+async def test_a_generation_that_cannot_finish_in_time_is_refused(
+    llama_engine: DePassEngine,
+) -> None:
+    """/v1/generate attributes every generated token: sized at its longest, before it runs."""
+    body = {"input_ids": [5] * 250, "max_new_tokens": 6}
+    async with running(llama_engine, request_timeout_s=0.001, max_new_tokens=8) as (_, client):
+        refused = await client.post("/v1/generate", json=body)
+    assert assert_envelope(refused, 413, "input_ids")["code"] == "time_budget"

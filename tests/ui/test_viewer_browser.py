@@ -282,10 +282,8 @@ def test_byte_pieces_of_a_character_join_for_display(page: Any) -> None:
     """Tokens shown as bytes (byte-level BPE on CJK and emoji) join into the characters
     they spell, in the page's own module, in Chromium."""
     unlock(page)
-    joined = page.evaluate(
-        """async () => (await import('./svg.js')).pieces(
-            ['<s>', ' I', ' <0xE4><0xBD>', '<0xA0>', ' <0xF0><0x9F>', '<0x8E>', '<0x89>', '<0xFF>'])"""
-    )
+    tokens = ["<s>", " I", " <0xE4><0xBD>", "<0xA0>", " <0xF0><0x9F>", "<0x8E>", "<0x89>", "<0xFF>"]
+    joined = page.evaluate("async (tokens) => (await import('./svg.js')).pieces(tokens)", tokens)
     assert [(p["first"], p["last"], p["text"]) for p in joined] == [
         (0, 0, "<s>"),
         (1, 1, " I"),
