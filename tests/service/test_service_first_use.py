@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from depass_client import Attribution
 from engine import DePassEngine
 from tests.service.conftest import PROMPT, running, serve
 from tests.service.support import assert_envelope
@@ -77,6 +78,7 @@ async def test_the_first_token_rule_applied_is_reported(llama_engine: DePassEngi
             "/v1/attributions", json={"prompt": PROMPT, "granularity": "head", "start_layer": 0}
         )
     assert on.json()["ignore_bos"] is True
+    assert Attribution.from_json(on.json()).ignore_bos is True  # the SDK's type has it too
     assert off.json()["ignore_bos"] is False
     assert head.json()["ignore_bos"] is False
 
