@@ -15,8 +15,9 @@ own position on, so token runs grow as N^2):
 Seconds are the matrix products' FLOPs over the device's matrix-product rate (discounted
 by :data:`EFFICIENCY`, and the mixing by :data:`MIXING_EFFICIENCY`), plus the elementwise
 work at :data:`ELEMENT_FLOPS` FLOPs an element; the rate is measured once at start-up, in
-a few milliseconds (:func:`measure_rates`). A service refuses a request whose
-estimate is over its timeout (:class:`TimeBudgetError`) and says what would fit.
+about 0.1 s, as the median of short runs (:func:`measure_rates`). A service refuses a
+request whose estimate is over its timeout (:class:`TimeBudgetError`) and says what
+would fit.
 
 The forward strategy is the only one counted here; a strategy's own branch (a reverse
 pass) goes in :func:`plan_work`.
@@ -24,6 +25,7 @@ pass) goes in :func:`plan_work`.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -123,13 +125,13 @@ def row_starts(plan: Plan) -> list[int]:
 
 
 def measure_rates(device: torch.device, dtype: torch.dtype = torch.float32) -> Rates:
-    """The device's rates: a square matrix product's FLOPs per second (the best of a
-    few short runs after a warm-up, a few milliseconds on a CPU core), and from it the
-    elementwise rate (:data:`ELEMENT_FLOPS`; a separate elementwise measurement varies
+    """The device's rates: a square matrix product's FLOPs per second (the median of
+    short runs after a warm-up, about 0.1 s in all on a CPU core), and from it the
+    elementwise rate (:data:`ELEMENT_FLOPS`: a separate elementwise measurement varies
     several-fold with the allocator's state and the cache)."""
     a = torch.randn(CALIBRATION_SIDE, CALIBRATION_SIDE, device=device, dtype=dtype)
     b = torch.randn_like(a)
-    matmul = 2 * CALIBRATION_SIDE**3 / _best_time(device, lambda: torch.mm(a, b))
+    matmul = 2 * CALIBRATION_SIDE**3 / _typical_time(device, lambda: torch.mm(a, b))
     return Rates(matmul=matmul, elementwise=matmul / ELEMENT_FLOPS)
 
 
@@ -140,15 +142,18 @@ def seconds(work: Work, rates: Rates) -> float:
     return products + mixing + work.elementwise / rates.elementwise
 
 
-def _best_time(device: torch.device, run: Callable[[], object], repeats: int = 10) -> float:
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first is the warm-up
+def _typical_time(device: torch.device, run: Callable[[], object], repeats: int = 30) -> float:
+    """The median time of ``run`` over ``repeats`` runs after a warm-up: what the device
+    does now, other work on it included (the best run would be an idle device's)."""
+    times = []
+    for index in range(repeats + 1):
         _sync(device)
         clock = time.perf_counter()
         run()
         _sync(device)
-        best = min(best, time.perf_counter() - clock)
-    return max(best, 1e-9)
+        if index:  # the first is the warm-up
+            times.append(time.perf_counter() - clock)
+    return max(statistics.median(times), 1e-9)
 
 
 class TimeBudgetError(RequestError):
