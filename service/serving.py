@@ -33,6 +33,7 @@ from engine import (
     AttributionResult,
     DePassEngine,
     MemoryBudgetError,
+    Plan,
     RequestError,
     TimeBudgetError,
 )
@@ -206,8 +207,7 @@ class Serving:
                 code="response_too_large",
             )
         # what cannot finish within the timeout is refused now, not after holding the worker
-        field = next(name for name in ("input_ids", "messages", "prompt") if getattr(body, name))
-        await self._call(self.engine.check_time, plan, self.settings.request_timeout_s, field)
+        await self._check_time(plan, body)
         self.metrics.input_tokens.labels("attribute").observe(plan.num_tokens)
         small = plan.cells <= self.engine.batch_max_cells and self.settings.max_batch > 1
         done = await self.worker.submit(
@@ -243,9 +243,7 @@ class Serving:
             positions=[-1],
             ignore_bos=body.ignore_bos,
         )
-        field = next(name for name in ("input_ids", "messages", "prompt") if getattr(body, name))
-        plan = await self._call(self.engine.plan, longest)
-        await self._call(self.engine.check_time, plan, self.settings.request_timeout_s, field)
+        await self._check_time(await self._call(self.engine.plan, longest), body)
         self.metrics.input_tokens.labels("generate").observe(len(prompt_ids))
         done = await self.worker.submit(
             lambda stop: self._guarded(
@@ -381,6 +379,12 @@ class Serving:
                     param=field,
                     code="input_too_long",
                 )
+
+    async def _check_time(self, plan: Plan, body: AttributionBody | GenerateBody) -> None:
+        """413 ``time_budget`` (naming the input field) for a planned request whose
+        estimated compute time is over ``DEPASS_REQUEST_TIMEOUT_S``."""
+        field = next(name for name in ("input_ids", "messages", "prompt") if getattr(body, name))
+        await self._call(self.engine.check_time, plan, self.settings.request_timeout_s, field)
 
     def _check_input_length(self, tokens: int, field: str) -> None:
         limit = self.max_input_tokens

@@ -175,7 +175,9 @@ def test_a_request_that_cannot_finish_in_time_is_refused_at_once(
     assert fits and 1 < int(fits.group(1)) < 2000, message
     assert "token groups" in message
     assert refused_s < 1.0, refused_s
-    assert served.status_code == 200 and served_s < 1.0, (served.status_code, served_s)
+    # the next request found the worker free: it did not queue behind the long one
+    assert served.status_code == 200, served.text
+    assert served.json()["timings"]["queue_s"] < 0.5, (served.json()["timings"], served_s)
 
 
 async def test_the_input_limit_is_what_the_model_was_built_for(llama_engine: DePassEngine) -> None:
