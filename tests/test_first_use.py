@@ -103,3 +103,27 @@ def test_byte_fallback_pieces_keep_their_spelling() -> None:
     tokenizer.add_tokens(["<0xE4>"])
     piece = tokenizer.convert_tokens_to_ids("<0xE4>")
     assert Tokens(tokenizer, len(tokenizer)).texts([piece]) == ["<0xE4>"]
+
+
+def test_the_time_estimate_follows_the_work(with_bos: DePassEngine) -> None:
+    """Token runs grow as N^2 (N^3 in the mixing), groups and later start layers cost
+    less, and what the refusal says fits does fit."""
+    from engine import TimeBudgetError, cost
+
+    def plan(n: int, **fields: object):
+        return with_bos.plan(AttributionRequest(input_ids=[5] * n, positions=[-1], **fields))
+
+    work = {n: cost.plan_work(with_bos.shape, plan(n)) for n in (100, 200)}
+    assert 3.5 < work[200].decompose / work[100].decompose < 4.5
+    assert 7 < work[200].mixing / work[100].mixing < 9
+    grouped = cost.plan_work(with_bos.shape, plan(200, groups=[list(range(0, 100))]))
+    later = cost.plan_work(with_bos.shape, plan(200, start_layer=1))
+    assert grouped.flops < work[200].flops / 10 and later.flops < work[200].flops
+    budget = with_bos.estimate_seconds(plan(200)) / 3
+    with pytest.raises(TimeBudgetError) as caught:
+        with_bos.check_time(plan(200), budget, "input_ids")
+    fits = int(caught.value.message.split("an input of at most ")[1].split()[0])
+    assert 1 < fits < 200
+    assert (
+        with_bos.estimate_seconds(plan(fits)) <= budget < with_bos.estimate_seconds(plan(fits + 1))
+    )
