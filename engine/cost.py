@@ -48,7 +48,7 @@ HIDDEN_PASSES = 5
 #: The share of the measured matrix-product rate the propagation's products reach (they
 #: are smaller and thinner than the calibration's). This constant and the next two were
 #: fitted on the embedded model on one CPU core (token runs at N = 512 and 2,000); the
-#: same constants put SmolLM2-135M at N = 128 within 0.7x (docs/operations.md).
+#: same constants put SmolLM2-135M at N = 128 and 512 within 0.7-1.1x (docs/operations.md).
 EFFICIENCY = 0.6
 #: The share of that rate the attention mixing reaches (batched products over the
 #: causal triangle with a head's width, d_h, as their inner size).
