@@ -157,7 +157,13 @@ def test_a_request_that_cannot_finish_in_time_is_refused_at_once(
     """The real service, timeout 2 s: a 2,000-token token run (estimated at tens of
     seconds) is refused before it takes the worker, with the estimate and what would
     fit; the next request runs at once."""
-    env = {"DEPASS_REQUEST_TIMEOUT_S": "2", "DEPASS_MAX_INPUT_TOKENS": "2048"}
+    env = {
+        "DEPASS_REQUEST_TIMEOUT_S": "2",
+        "DEPASS_MAX_INPUT_TOKENS": "2048",
+        # a fixed budget, so that the memory check (which comes first) lets it through
+        # whatever this machine has free: the refusal must be the time estimate's
+        "DEPASS_MEMORY_BUDGET_BYTES": str(16 * 2**30),
+    }
     with serve(tiny_model_dir, tmp_path / "service.log", **env) as url:
         long = {"input_ids": [5 + i % 80 for i in range(2000)], "positions": [-1]}
         clock = time.perf_counter()
