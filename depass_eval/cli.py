@@ -23,11 +23,21 @@ from depass_batch.options import add_ray_arguments, ray_options
 from depass_eval import PROTOCOLS, run_protocol
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: X)`` to each option's help once: not where the help already says
+    its default (one computed when the value is None, e.g. L/2), nor for None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="depass-eval",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     p.add_argument("--model", required=True, help="model folder, hub id or .gguf file")
     p.add_argument("--protocol", required=True, choices=sorted(PROTOCOLS))

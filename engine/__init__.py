@@ -6,6 +6,7 @@ from engine.adapters import (
     UnsupportedArchitectureError,
     supported_architectures,
 )
+from engine.cost import TimeBudgetError
 from engine.engine import DePassEngine
 from engine.families import Family, register
 from engine.info import ModelInfo
@@ -30,6 +31,7 @@ __all__ = [
     "ModelInfo",
     "Plan",
     "RequestError",
+    "TimeBudgetError",
     "UnsupportedArchitectureError",
     "register",
     "supported_architectures",

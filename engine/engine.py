@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from engine.capture import ForwardTrace, trace_forward_many
+from engine.cost import Rates, TimeBudgetError, fitting, measure_rates, plan_work, seconds
 from engine.families import Family, family_for
 from engine.granularity import GRANULARITY_KINDS, Granularity, RunStart
 from engine.info import model_info
@@ -122,7 +123,8 @@ class DePassEngine:
         self.compile = compile
         self.traces = TraceCache(self.model, self.family, trace_cache_size, trace_cache_bytes)
         self.info = model_info(self.model, self.family)
-        self.tokens = Tokens(tokenizer, self.info.vocab_size)
+        bos = getattr(model.config, "bos_token_id", None)
+        self.tokens = Tokens(tokenizer, self.info.vocab_size, bos if isinstance(bos, int) else None)
         self.readout = Readout(
             final_norm=self.family.final_norm_module(self.model),
             unembed=self.family.unembed(self.model),
@@ -133,6 +135,7 @@ class DePassEngine:
         self.shape = Shape.of(
             self.info, self.family, self.model, self.compute_dtype, self.matmul_dtype
         )
+        self._rates: Rates | None = None
 
     @classmethod
     def from_pretrained(
@@ -244,6 +247,9 @@ class DePassEngine:
         count = kind.count(self, request, length, groups)
         snapshots = end - layers[0] + 1 if request.all_layers else len(layers)
         target_ids = None if request.targets is None else self.tokens.targets(request.targets)
+        first_token_rule = request.applied_first_token_rule(
+            self.tokens.starts_with_special(input_ids)
+        )
         memory, chunk_budget = estimate(
             self.shape,
             rows=count + 1,
@@ -298,6 +304,7 @@ class DePassEngine:
             late_starts=kind.late_starts(count),
             strategy=strategy,
             light_trace=light,
+            first_token_rule=first_token_rule,
         )
 
     def _strategy(
@@ -316,6 +323,29 @@ class DePassEngine:
             return "forward"
         cheaper = reverse_is_cheaper(count + 1, stages, 2 * end, scored)
         return "reverse" if cheaper else "forward"
+
+    # ------------------------------------------------------------------ time
+
+    def rates(self) -> Rates:
+        """The device's measured rates (:func:`engine.cost.measure_rates`, a few
+        milliseconds, once; a service measures them at start-up)."""
+        if self._rates is None:
+            device = next(self.model.parameters()).device
+            self._rates = measure_rates(device, self.matmul_dtype)
+        return self._rates
+
+    def estimate_seconds(self, plan: Plan) -> float:
+        """Estimated seconds of a planned request on this device (:mod:`engine.cost`)."""
+        return seconds(plan_work(self.shape, plan), self.rates())
+
+    def check_time(self, plan: Plan, budget_s: float, field: str = "prompt") -> float:
+        """The estimate of ``plan``, or :class:`engine.cost.TimeBudgetError` (naming
+        ``field``, with what would fit) when it is over ``budget_s``."""
+        estimate_s = self.estimate_seconds(plan)
+        if estimate_s > budget_s:
+            hints = fitting(self.shape, plan, self.rates(), budget_s)
+            raise TimeBudgetError(field, estimate_s, budget_s, hints)
+        return estimate_s
 
     def attribute(
         self, request: AttributionRequest, should_stop: Callable[[], bool] | None = None
@@ -428,7 +458,7 @@ class DePassEngine:
         split = SplitSettings(
             rule=lead.mlp_split,
             temperature=lead.temperature,
-            first_token_rule=lead.first_token_rule,
+            first_token_rule=plans[batch[0][0]].first_token_rule,
         )
         # Members whose start facts differ (a group layout, say) run as separate batches.
         by_facts: dict[StartFacts, list[int]] = {}
@@ -596,6 +626,7 @@ class DePassEngine:
             "decompose_s": sum(run.timings["decompose_s"] for run in runs),
             "batch_size": float(max(run.batch_size for run in runs)),
         }
+        result.ignore_bos = plan.first_token_rule
         return result
 
     def _check_layers(

@@ -30,7 +30,7 @@ in every internal setting (``SplitSettings``, ``StartFacts``, ``SplitSpec``).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,11 +59,14 @@ def token_start(
     layer: int,
     token_texts: Sequence[str],
     groups: Sequence[Sequence[int]] | None,
+    span_text: Callable[[Sequence[int]], str] | None = None,
 ) -> Start:
     """Token components of the residual entering ``layer`` (``resid`` (N, D)).
 
     Without groups, component ``k`` is position ``k``. With groups, each group is one
-    component, and positions in no group form a final ``ungrouped`` component.
+    component, and positions in no group form a final ``ungrouped`` component; a group
+    is labelled by the decoded text of its positions' tokens (``span_text``: positions ->
+    text; default: the token texts joined).
     """
     length = resid.shape[0]
     if groups is None:
@@ -80,7 +83,7 @@ def token_start(
             single_position=True,
         )
     first_alone = [0] in groups  # the first-token rule needs a group of the first token alone
-    groups, labels = token_components(length, token_texts, groups)
+    groups, labels = token_components(length, token_texts, groups, span_text)
     order = sorted(range(len(groups)), key=lambda j: groups[j][0])  # rows by first position
     output_rows = [0] * len(groups)
     values = resid.new_zeros(len(groups) + 1, length, resid.shape[1])
@@ -99,16 +102,22 @@ def token_start(
 
 
 def token_components(
-    length: int, token_texts: Sequence[str], groups: Sequence[Sequence[int]] | None
+    length: int,
+    token_texts: Sequence[str],
+    groups: Sequence[Sequence[int]] | None,
+    span_text: Callable[[Sequence[int]], str] | None = None,
 ) -> tuple[list[list[int]], list[str]]:
     """The positions of each token component and its label: one per position without
-    groups; else each group, then the positions in none (``ungrouped``)."""
+    groups; else each group (labelled by the decoded text of its tokens, ``span_text``:
+    positions -> text, default the token texts joined), then the positions in none
+    (``ungrouped``)."""
     if groups is None:
         return [[k] for k in range(length)], [
             f"tok[{k}]:{_quote(token_texts[k])}" for k in range(length)
         ]
+    span = span_text or (lambda positions: "".join(token_texts[p] for p in positions))
     out = [sorted(g) for g in groups]
-    labels = [_group_label(g, token_texts) for g in out]
+    labels = [_group_label(g, span) for g in out]
     covered = {p for g in out for p in g}
     rest = [p for p in range(length) if p not in covered]
     if rest:
@@ -117,9 +126,17 @@ def token_components(
     return out, labels
 
 
-def _group_label(group: list[int], token_texts: Sequence[str]) -> str:
-    text = "".join(token_texts[p] for p in group)
-    if group == list(range(group[0], group[-1] + 1)):
+def _group_label(group: list[int], span_text: Callable[[Sequence[int]], str]) -> str:
+    """``tok[1:4]:"When Mary and"``: the span, and the text of each run of consecutive
+    positions (runs joined by an ellipsis)."""
+    runs: list[list[int]] = []
+    for p in group:
+        if runs and p == runs[-1][-1] + 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    text = "…".join(span_text(run) for run in runs)
+    if len(runs) == 1:
         span = f"{group[0]}" if len(group) == 1 else f"{group[0]}:{group[-1] + 1}"
     else:
         span = ",".join(str(p) for p in group)
@@ -373,9 +390,17 @@ class TokenGranularity(Granularity):
     def late_starts(self, count: int) -> bool:
         return count > 1
 
+    @staticmethod
+    def _texts(run: RunStart) -> tuple[list[str], Callable[[Sequence[int]], str]]:
+        """Each token's text, and the decoded text of a span of positions."""
+        ids = run.trace.input_ids.tolist()
+        span = lambda positions: run.engine.tokens.span_text([ids[p] for p in positions])  # noqa: E731
+        return run.engine.token_texts(ids), span
+
     def start(self, run: RunStart) -> Start:
-        texts = run.engine.token_texts(run.trace.input_ids.tolist())
-        return token_start(run.cast(run.trace.resid(run.layer)), run.layer, texts, run.groups)
+        texts, span = self._texts(run)
+        resid = run.cast(run.trace.resid(run.layer))
+        return token_start(resid, run.layer, texts, run.groups, span)
 
     def reverse_scores(self, run: RunStart, grads: StageGradients) -> ReverseRun:
         # Component k is h^s at its positions: its score is h^s[n] . grad[n] summed there.
@@ -383,8 +408,8 @@ class TokenGranularity(Granularity):
         grad = grads.entering(stage)  # (K, N, D)
         resid = run.cast(run.trace.resid(run.layer)).to(grad.device, grad.dtype)
         per_position = torch.einsum("nd,knd->nk", resid, grad)  # (N, K)
-        texts = run.engine.token_texts(run.trace.input_ids.tolist())
-        parts, labels = token_components(resid.shape[0], texts, run.groups)
+        texts, span = self._texts(run)
+        parts, labels = token_components(resid.shape[0], texts, run.groups, span)
         if run.groups is None:
             scores = per_position
         else:

@@ -42,6 +42,7 @@ class Plan:
     # reverse: the trace keeps no attention probabilities (recomputed layer by layer), as
     # a long prompt's would not fit the budget otherwise
     light_trace: bool = False
+    first_token_rule: bool = False  # the rule applied (ignore_bos, or its default here)
 
     @property
     def num_tokens(self) -> int:
@@ -101,7 +102,7 @@ def batch_key(request: AttributionRequest, plan: Plan, layer: int) -> tuple:
         request.module,
         request.mlp_split,
         request.temperature,
-        request.first_token_rule,
+        plan.first_token_rule,
         request.all_layers,
         request.end_layer is None,
     )

@@ -58,7 +58,9 @@ FIELD_DOCS: dict[str, str] = {
     "mlp_split": "MLP split rule: softmax, relu, max, linear or taylor.",
     "temperature": f"Softmax temperature of the split (at least {MIN_TEMPERATURE:g}; "
     "below, use mlp_split='max').",
-    "ignore_bos": "First-token rule; None: on for token runs, off otherwise.",
+    "ignore_bos": "First-token rule; None: on for token runs whose first token is a special "
+    "token the tokenizer added (BOS, a chat template's), off otherwise. The result reports "
+    "the value applied.",
     "all_layers": "Token runs: the decomposition entering every layer from start.",
     "targets": "Token ids or strings to score at every position; None: each returned "
     "position's own top-1 next token.",
@@ -212,6 +214,8 @@ class AttributionRequest:
                 raise RequestError("targets", "must be a list of token ids or strings")
             if any(_is_int(t) and t < 0 for t in targets):
                 raise RequestError("targets", "token ids must be at least 0")
+            if not targets:
+                raise RequestError("targets", "must name at least one target (or be null)")
             self.targets = [int(t) if _is_int(t) else t for t in targets]
         if self.positions is not None:
             self.positions = _int_list("positions", self.positions)
@@ -284,6 +288,11 @@ class AttributionRequest:
                 )
             if not self.start_layer:
                 raise RequestError("start_layer", "the list of layers is empty")
+            repeated = [v for i, v in enumerate(self.start_layer) if v in self.start_layer[:i]]
+            if repeated:
+                raise RequestError(
+                    "start_layer", f"lists layer {repeated[0]} twice; list each layer once"
+                )
         for owner in GRANULARITY_KINDS.values():  # each field its granularity's alone
             for name in owner.fields:
                 value = getattr(self, name)
@@ -314,9 +323,11 @@ class AttributionRequest:
             return "gives the output's scores only, not all_layers"
         return None
 
-    @property
-    def first_token_rule(self) -> bool:
-        """Whether the first-token rule is on (its default depends on the granularity)."""
+    def applied_first_token_rule(self, starts_with_special: bool) -> bool:
+        """Whether the first-token rule is on: ``ignore_bos`` when given, else on for the
+        granularities whose default it is (token runs) when the prompt's first token is
+        a special token the tokenizer added (a BOS, a chat template's marker), whose
+        attention-sink share the rule exists for; off otherwise."""
         if self.ignore_bos is None:
-            return GRANULARITY_KINDS[self.granularity].first_token_rule
+            return GRANULARITY_KINDS[self.granularity].first_token_rule and starts_with_special
         return self.ignore_bos

@@ -51,6 +51,9 @@ class AttributionResult:
     # the request's ``top_k``: the component axis holds only the components among the k
     # largest |score| of some position and target (their union, in the original order)
     kept_top_k: int | None = None
+    # The first-token rule applied: the request's ``ignore_bos``, or its default for this
+    # prompt (on for token runs whose first token is a special token the tokenizer added)
+    ignore_bos: bool = False
 
     def labels(self, layer: int = -1) -> list[str]:
         """The component labels at one index of the layer axis (``components`` without one)."""

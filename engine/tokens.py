@@ -4,12 +4,51 @@ vocabulary (:class:`RequestError` names the field)."""
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import RequestError
 from engine.request import check_one_input
+
+#: A token spelled as one byte (SentencePiece byte fallback, and how partial UTF-8 shows).
+BYTE_PIECE = re.compile(r"(?:<0x[0-9A-Fa-f]{2}>)+")
+
+
+def show_bytes(raw: bytes) -> str:
+    """``raw`` as text, each byte that is not part of a whole UTF-8 character shown as
+    ``<0xE4>`` (what a byte-level token of half a character is)."""
+    out, i = [], 0
+    while i < len(raw):
+        for j in range(min(len(raw), i + 4), i, -1):
+            try:
+                out.append(raw[i:j].decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+            i = j
+            break
+        else:
+            out.append(f"<0x{raw[i]:02X}>")
+            i += 1
+    return "".join(out)
+
+
+def _byte_level_bytes(piece: str) -> bytes | None:
+    """The bytes of a byte-level BPE token (GPT-2's byte-to-character map), or None when
+    ``piece`` is not spelled in that map."""
+    table = _unicode_to_bytes()
+    if not all(char in table for char in piece):
+        return None
+    return bytes(table[char] for char in piece)
+
+
+@functools.cache
+def _unicode_to_bytes() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 @dataclass(frozen=True)
@@ -18,6 +57,20 @@ class Tokens:
 
     tokenizer: Any
     vocab_size: int
+    bos_token_id: int | None = None  # the model's, for engines without a tokenizer
+
+    def special_ids(self) -> set[int]:
+        """Ids of the tokenizer's special tokens (BOS, EOS, a chat template's markers...,
+        not the unknown token); without a tokenizer, the model's BOS."""
+        if self.tokenizer is None:
+            return set() if self.bos_token_id is None else {self.bos_token_id}
+        # the unknown token stands for text the vocabulary lacks: not a special one here
+        return set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}
+
+    def starts_with_special(self, ids: Sequence[int]) -> bool:
+        """Whether the first token is a special one (a BOS or a chat template's marker,
+        which the tokenizer adds): what the first-token rule is for, and its default."""
+        return bool(ids) and ids[0] in self.special_ids()
 
     def tokenize(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` as the model sees it (special tokens included)."""
@@ -62,6 +115,10 @@ class Tokens:
         else:
             ids, field = self.tokenize(prompt or ""), "prompt"
         self.check_ids(ids, field)
+        if field == "prompt" and set(ids) <= self.special_ids():
+            raise RequestError(
+                field, "tokenizes to special tokens only (no text to attribute); give some text"
+            )
         return ids, field
 
     def check_ids(self, ids: Sequence[int], field: str) -> None:
@@ -75,10 +132,30 @@ class Tokens:
             )
 
     def texts(self, ids: Sequence[int]) -> list[str]:
-        """Readable text of each token."""
+        """Readable text of each token; a token that is part of a UTF-8 character (byte
+        pieces of an emoji or CJK character) shows its bytes, ``<0xE4><0xBD>``, where
+        decoding it alone would give U+FFFD."""
         if self.tokenizer is None:
             return [str(i) for i in ids]
-        return [self.tokenizer.decode([i]) for i in ids]
+        return [self._text(i) for i in ids]
+
+    def span_text(self, ids: Sequence[int]) -> str:
+        """The decoded text of consecutive tokens, as the tokenizer joins them."""
+        if self.tokenizer is None:
+            return " ".join(str(i) for i in ids)
+        return str(self.tokenizer.decode(list(ids)))
+
+    def _text(self, token_id: int) -> str:
+        text = str(self.tokenizer.decode([token_id]))
+        if "\ufffd" not in text:
+            return text
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str) or "\ufffd" in piece:
+            return text  # the token really is U+FFFD (or unknown to the tokenizer)
+        if BYTE_PIECE.fullmatch(piece):
+            return piece  # a byte-fallback token of a SentencePiece vocabulary
+        raw = _byte_level_bytes(piece)
+        return text if raw is None else show_bytes(raw)
 
     def targets(self, targets: Sequence[int | str]) -> list[int]:
         """Target ids from ids or single-token strings (``RequestError`` on ``targets``)."""

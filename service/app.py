@@ -19,8 +19,9 @@ import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, RedirectResponse
 
 from engine import DePassEngine
 from service.api_router import router
@@ -86,6 +87,7 @@ def create_app(
     app.include_router(router)
     if settings.ui_enabled:
         mount_ui(app)
+    add_root_redirect(app, settings)
     register_error_handlers(app)
     # add_middleware wraps: the last one added runs first.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
@@ -93,6 +95,19 @@ def create_app(
     app.add_middleware(ApiKeyMiddleware, api_key=key, protected=_protected(settings))
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees all
     return app
+
+
+def add_root_redirect(app: FastAPI, settings: Settings) -> None:
+    """``/`` redirects to the viewer, or to the API docs when the viewer is off (a 404
+    when both are off)."""
+    target = "ui/" if settings.ui_enabled else "docs" if settings.docs_enabled else None
+    if target is None:
+        return
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        # relative, so that it also holds behind a proxy that serves the app under a prefix
+        return RedirectResponse(target, status_code=307)
 
 
 def _protected(settings: Settings) -> Callable[[str], bool]:
@@ -115,6 +130,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = await anyio.to_thread.run_sync(load_engine, settings)
         logger.info("model loaded in %.1f s", time.perf_counter() - clock)
     engine: DePassEngine = app.state.engine
+    rates = await anyio.to_thread.run_sync(engine.rates)  # for the time estimates
+    logger.info(
+        "device rates: %.1f GFLOP/s matrix products, %.0f M/s elementwise",
+        rates.matmul / 1e9,
+        rates.elementwise / 1e6,
+    )
     worker = Worker(
         settings.max_queue,
         on_skip=lambda reason: metrics.skipped.labels(reason).inc(),
@@ -190,7 +211,10 @@ def register_error_handlers(app: FastAPI) -> None:
                 f"the body is not valid JSON: {reason} (at character {where})"
             )
         else:
-            error = invalid_fields(errors)
+            body_field = getattr(request.scope.get("route"), "body_field", None)
+            model = getattr(getattr(body_field, "field_info", None), "annotation", None)
+            is_model = isinstance(model, type) and issubclass(model, BaseModel)
+            error = invalid_fields(errors, model if is_model else None)
         return await service_error(request, error)
 
     @app.exception_handler(HTTPException)

@@ -14,10 +14,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from service.protocol import ErrorDetail, ErrorResponse
+from service.schema_words import accepted, shown
 
 #: The response header that tells a client whether retrying this very request can help
 #: (the convention the anthropic and openai SDKs honour).
@@ -215,18 +217,31 @@ _QUOTED_FIELD = re.compile(r"'([a-z_]+)'")
 _NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type"}
 
 
-def invalid_fields(errors: Sequence[Mapping[str, Any]]) -> InvalidFieldError:
+def invalid_fields(
+    errors: Sequence[Mapping[str, Any]], model: type[BaseModel] | None = None
+) -> InvalidFieldError:
     """One 422 from pydantic's error list, naming the first offending field.
 
-    A field error's location gives the field; a cross-field error (location empty) names
-    it in its message, as ``"field: ..."`` or in quotes.
+    Each refused field of ``model`` (the route's body) reads as one sentence, whatever
+    pydantic tried (a union's members, a bound and a type): the value that was wrong and
+    what the field accepts (:mod:`service.schema_words`). A cross-field error (location
+    empty) names its field in its message, as ``"field: ..."`` or in quotes.
     """
     parts: list[str] = []
     first: str | None = None
-    for error in errors[:5]:
+    done: set[str] = set()
+    for error in errors:
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         location = [p for p in error.get("loc", ()) if p != "body"]
         param: str | None = location[0] if location and isinstance(location[0], str) else None
+        if param is not None and param in done:
+            continue  # one sentence per field
+        expected = accepted(model, param) if model is not None and param is not None else None
+        if param is not None and expected is not None:
+            done.add(param)
+            parts.append(_field_sentence(param, error, location, expected))
+            first = first or param
+            continue
         if param is None and (match := _FIELD_PREFIX.match(message)):
             param, message = match.group(1), message[match.end() :]
         if param is None and (match := _QUOTED_FIELD.search(message)):
@@ -237,6 +252,31 @@ def invalid_fields(errors: Sequence[Mapping[str, Any]]) -> InvalidFieldError:
             message = "the body must be a JSON object"
         parts.append(f"{param}: {message}" if param else message)
         first = first or param
-    if len(errors) > 5:
-        parts.append(f"and {len(errors) - 5} more")
+    if len(parts) > 5:
+        parts = [*parts[:5], f"and {len(parts) - 5} more"]
     return InvalidFieldError("; ".join(parts), param=first)
+
+
+def _is_member_name(part: str) -> bool:
+    """Whether a location part names a union member (``int``, ``list[constrained-int]``),
+    not a field."""
+    return part in _MEMBER_NAMES or not part.isidentifier()
+
+
+_MEMBER_NAMES = {"int", "str", "float", "bool", "list", "dict", "none", "function-after"}
+
+
+def _field_sentence(
+    param: str, error: Mapping[str, Any], location: list[Any], expected: str
+) -> str:
+    """``field: <value> is not accepted; expected <what the field accepts>``."""
+    # the place inside the field, without the union member names pydantic adds
+    inner = [p for p in location[1:] if isinstance(p, int) or not _is_member_name(p)]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in inner)
+    if error.get("type") == "missing":
+        wrong = f"{where.lstrip('.')} is missing" if where else "is missing"
+    else:
+        wrong = f"{shown(error.get('input'))} is not accepted"
+        if where:
+            wrong += f" (at {param}{where})"
+    return f"{param}: {wrong}; expected {expected}"

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
+from starlette.routing import Mount, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
@@ -132,16 +134,48 @@ def _content_length(scope: Scope) -> int | None:
 # ---------------------------------------------------------------------------- metrics
 
 
+class RouteNames:
+    """The route template a path was sent to (``/v1/attributions``, ``/ui``), known
+    before routing runs: a request answered before routing (a 401, a body over the
+    limit) is counted under its route too. The templates are the API's (the OpenAPI
+    document's paths) and the app's own routes and mounts (``/openapi.json``, ``/ui``);
+    read once, at the first request, when every route is in place."""
+
+    def __init__(self) -> None:
+        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
+
+    def __call__(self, scope: Scope) -> str:
+        if self._patterns is None:
+            self._patterns = _route_patterns(scope["app"])
+        path = scope["path"]
+        return next((name for pattern, name in self._patterns if pattern.match(path)), "unmatched")
+
+
+def _route_patterns(app: Any) -> list[tuple[re.Pattern[str], str]]:
+    templates = list(app.openapi().get("paths", {}))
+    mounts = []
+    for route in app.routes:
+        if isinstance(route, Mount):
+            mounts.append(route.path)
+        elif isinstance(getattr(route, "path", None), str):
+            templates.append(route.path)
+    patterns = [(compile_path(t)[0], t) for t in dict.fromkeys(templates)]
+    patterns += [(re.compile(re.escape(m) + "(/.*)?$"), m) for m in mounts]
+    return patterns
+
+
 class MetricsMiddleware:
     """Counts every HTTP request by route, granularity and status, and times it.
 
-    Requests refused before routing (401, a declared body over the limit) have the route
-    ``unmatched``.
+    A request is counted under the route it was sent to, also when it was answered
+    before routing (a 401, a declared body over the limit) or by a mount or a plain
+    route (``/ui``, ``/openapi.json``); only a path no route matches is ``unmatched``.
     """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self.route_name = RouteNames()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -149,6 +183,7 @@ class MetricsMiddleware:
             return
         clock = time.perf_counter()
         status = 500
+        path = self.route_name(scope)  # before routing rewrites the scope (mounts)
 
         async def recorded(message: Message) -> None:
             nonlocal status
@@ -159,8 +194,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, recorded)
         finally:
-            route: Any = scope.get("route")
-            path = getattr(route, "path", "unmatched")
             granularity = str(scope.get("state", {}).get("granularity", ""))
             self.metrics.requests.labels(path, scope["method"], granularity, str(status)).inc()
             self.metrics.request_duration.labels(path).observe(time.perf_counter() - clock)

@@ -128,7 +128,9 @@ class AttributionBody(ArrayOptions):
         None, description=f"granularity='subspace': {_doc('subspace')} An encoded array."
     )
     mlp_split: SplitRule = Field("softmax", description=_doc("mlp_split"))
-    temperature: float = Field(0.1, ge=MIN_TEMPERATURE, description=_doc("temperature"))
+    temperature: float = Field(
+        0.1, ge=MIN_TEMPERATURE, allow_inf_nan=False, description=_doc("temperature")
+    )
     ignore_bos: bool | None = Field(None, description=_doc("ignore_bos"))
     all_layers: bool = Field(False, description=_doc("all_layers"))
     targets: list[int | str] | None = Field(None, description=_doc("targets"))
@@ -184,6 +186,11 @@ class AttributionResponse(BaseModel):
         description="max |sum(components) + remainder - true state| (completeness check)."
     )
     relative_conservation_error: float = Field(description="conservation_error / max |true state|.")
+    ignore_bos: bool = Field(
+        description="The first-token rule applied: the request's ignore_bos, or its default "
+        "for this prompt (on for token runs whose first token is a special token the "
+        "tokenizer added, off otherwise)."
+    )
     timings: dict[str, float] = Field(
         description="Seconds: queue_s, forward_s, decompose_s, total_s; and batch_size, the "
         "requests run together with this one (1: alone), whose forward and decomposition "
@@ -262,7 +269,11 @@ class GenerateBody(ArrayOptions):
         description=f"Softmax temperature of the MLP split (not of sampling); at least "
         f"{MIN_TEMPERATURE:g}.",
     )
-    ignore_bos: bool | None = Field(None, description="First-token rule; None: on.")
+    ignore_bos: bool | None = Field(
+        None,
+        description="First-token rule; None: on when the prompt's first token is a special "
+        "token the tokenizer added (BOS, a chat template's), off otherwise.",
+    )
 
     @field_validator("temperature", "top_p", "split_temperature")
     @classmethod

@@ -33,7 +33,9 @@ from engine import (
     AttributionResult,
     DePassEngine,
     MemoryBudgetError,
+    Plan,
     RequestError,
+    TimeBudgetError,
 )
 from engine.granularity import GRANULARITY_KINDS
 from engine.loading import resolve_dtype
@@ -63,7 +65,7 @@ from service.protocol import (
     TokenizeBody,
     TokenizeResponse,
 )
-from service.settings import Settings
+from service.settings import Settings, input_limit
 from service.worker import Batchable, StopCheck, Worker
 
 logger = logging.getLogger(__name__)
@@ -122,9 +124,11 @@ def load_engine(settings: Settings) -> DePassEngine:
 
 def field_error(exc: RequestError) -> InvalidFieldError | PayloadTooLargeError:
     """The HTTP error for an engine request error: 413 (with the estimate) for a request
-    over the memory budget, 422 naming the field otherwise."""
+    over the memory budget or the time limit, 422 naming the field otherwise."""
     if isinstance(exc, MemoryBudgetError):
         return PayloadTooLargeError(str(exc), param=exc.field, code="memory_budget")
+    if isinstance(exc, TimeBudgetError):
+        return PayloadTooLargeError(str(exc), param=exc.field, code="time_budget")
     return InvalidFieldError(str(exc), param=exc.field)
 
 
@@ -178,6 +182,11 @@ class Serving:
         self.worker = worker
         self.fault_injector = fault_injector
         self.model_name = settings.model_name()
+        positions = getattr(engine.model.config, "max_position_embeddings", None)
+        #: The longest input served (DEPASS_MAX_INPUT_TOKENS, else the model's positions).
+        self.max_input_tokens = input_limit(
+            settings.max_input_tokens, positions if isinstance(positions, int) else None
+        )
         self._stop_ids = eos_token_ids(engine.model, engine.tokenizer)
 
     # ------------------------------------------------------------------ endpoints
@@ -197,6 +206,8 @@ class Serving:
                 _response_too_large(estimate, self.settings.max_response_bytes, body),
                 code="response_too_large",
             )
+        # what cannot finish within the timeout is refused now, not after holding the worker
+        await self._check_time(plan, body)
         self.metrics.input_tokens.labels("attribute").observe(plan.num_tokens)
         small = plan.cells <= self.engine.batch_max_cells and self.settings.max_batch > 1
         done = await self.worker.submit(
@@ -226,6 +237,13 @@ class Serving:
                 param="max_new_tokens",
             )
         prompt_ids = await self._input_ids(body, extra_tokens=body.max_new_tokens - 1)
+        # the attribution of every generated token, sized at the most tokens it can have
+        longest = AttributionRequest(
+            input_ids=prompt_ids + prompt_ids[-1:] * (body.max_new_tokens - 1),
+            positions=[-1],
+            ignore_bos=body.ignore_bos,
+        )
+        await self._check_time(await self._call(self.engine.plan, longest), body)
         self.metrics.input_tokens.labels("generate").observe(len(prompt_ids))
         done = await self.worker.submit(
             lambda stop: self._guarded(
@@ -297,7 +315,7 @@ class Serving:
             array_encodings=["auto", *ENCODINGS],
             auth_required=s.api_key is not None,
             limits=Limits(
-                max_input_tokens=s.max_input_tokens,
+                max_input_tokens=self.max_input_tokens,
                 max_new_tokens=s.max_new_tokens,
                 max_queue=s.max_queue,
                 request_timeout_s=s.request_timeout_s,
@@ -348,7 +366,7 @@ class Serving:
         self, body: AttributionBody | GenerateBody | TokenizeBody | NextTokensBody
     ) -> None:
         """413 for a prompt (or chat) too long to fit the token limit, before tokenizing it."""
-        limit = self.settings.max_input_tokens * MAX_CHARS_PER_TOKEN
+        limit = self.max_input_tokens * MAX_CHARS_PER_TOKEN
         messages = getattr(body, "messages", None) or []
         for field, size in (
             ("prompt", len(body.prompt or "")),
@@ -357,13 +375,19 @@ class Serving:
             if size > limit:
                 raise PayloadTooLargeError(
                     f"{field}: {size} characters cannot fit this service's limit of "
-                    f"{self.settings.max_input_tokens} tokens (at most {limit} characters)",
+                    f"{self.max_input_tokens} tokens (at most {limit} characters)",
                     param=field,
                     code="input_too_long",
                 )
 
+    async def _check_time(self, plan: Plan, body: AttributionBody | GenerateBody) -> None:
+        """413 ``time_budget`` (naming the input field) for a planned request whose
+        estimated compute time is over ``DEPASS_REQUEST_TIMEOUT_S``."""
+        field = next(name for name in ("input_ids", "messages", "prompt") if getattr(body, name))
+        await self._call(self.engine.check_time, plan, self.settings.request_timeout_s, field)
+
     def _check_input_length(self, tokens: int, field: str) -> None:
-        limit = self.settings.max_input_tokens
+        limit = self.max_input_tokens
         if tokens > limit:
             raise PayloadTooLargeError(
                 f"{field}: the input is {tokens} tokens, over this service's limit of {limit}",

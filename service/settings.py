@@ -22,6 +22,20 @@ class ModelNotFoundError(RuntimeError):
     """The configured model folder does not exist; the message says how to get one."""
 
 
+#: The input limit when neither DEPASS_MAX_INPUT_TOKENS nor the model says less.
+DEFAULT_MAX_INPUT_TOKENS = 2048
+
+
+def input_limit(configured: int | None, model_positions: int | None) -> int:
+    """The longest input served: the operator's setting when given, else the positions
+    the model was built for (``max_position_embeddings``), at most the default."""
+    if configured is not None:
+        return configured
+    if model_positions is None or model_positions < 1:
+        return DEFAULT_MAX_INPUT_TOKENS
+    return min(DEFAULT_MAX_INPUT_TOKENS, model_positions)
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment (prefix ``DEPASS_``)."""
 
@@ -55,7 +69,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="When set, /v1/* routes require 'Authorization: Bearer <key>'."
     )
-    max_input_tokens: int = Field(2048, ge=1, description="Longest accepted input, in tokens.")
+    max_input_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Longest accepted input, in tokens; unset: the model's "
+        f"max_position_embeddings, at most {DEFAULT_MAX_INPUT_TOKENS}. Set it to serve "
+        "inputs longer than the model was built for.",
+    )
     max_new_tokens: int = Field(64, ge=1, description="Largest max_new_tokens for /v1/generate.")
     max_queue: int = Field(16, ge=1, description="Requests waiting for the worker before 429.")
     request_timeout_s: float = Field(

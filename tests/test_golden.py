@@ -68,6 +68,10 @@ def request_for(entry: dict[str, Any], arrays: Any) -> dict[str, Any]:
         )
     else:
         raise AssertionError(f"unmapped reference call {method}")
+    if fields["granularity"] == "token":
+        # The reference applies the first-token rule to token runs whatever the first
+        # token is; the engine's default applies it only after a special token.
+        fields["ignore_bos"] = True
     return fields
 
 
@@ -104,6 +108,7 @@ def test_reference_scores(entry: dict[str, Any]) -> None:
             input_ids=entry["input_ids"],
             targets=[entry["args"]["decode_token_id"]],
             positions=[entry["args"]["token_idx"]],
+            ignore_bos=True,  # as the reference, whatever the first token
         )
     )
     got = result.scores[0, :, 0].numpy()

@@ -85,7 +85,7 @@ def test_absent_components_are_not_ranked(engine: DePassEngine) -> None:
     grouped = engine.attribute(
         AttributionRequest(prompt=PROMPT, groups=[[4, 5], [0]], positions=[1])
     )
-    assert grouped.components == ['tok[4:6]:"Franceis"', 'tok[0]:"<s>"', "ungrouped"]
+    assert grouped.components == ['tok[4:6]:"France is"', 'tok[0]:"<s>"', "ungrouped"]
     assert grouped.first_positions == [4, 0, 1]
     assert [name for name, _ in grouped.top_components(5)] == sorted(
         ['tok[0]:"<s>"', "ungrouped"],

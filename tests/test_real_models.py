@@ -29,7 +29,8 @@ LIMIT = 1e-4  # relative conservation error, float32
 PROMPT = "The capital of France is"
 
 #: (prompt, the model's greedy answer, a decisive input token): measured with the first-
-#: token rule on (the default), the decisive token ranks 1st-3rd among the input tokens.
+#: token rule on (``ignore_bos=True``; SmolLM2 adds no BOS, so its default is off), the
+#: decisive token ranks 1st-3rd among the input tokens.
 FACTS: list[tuple[str, str, str]] = [
     ("The capital of France is", " Paris", " France"),
     ("The Eiffel Tower is located in the city of", " Paris", "iffel"),
@@ -68,7 +69,7 @@ def test_dequantised_weights_are_cached_by_the_files_hash() -> None:
 def test_answers_known_facts_for_the_right_tokens(
     smollm2: DePassEngine, prompt: str, answer: str, decisive: str
 ) -> None:
-    result = smollm2.attribute(AttributionRequest(prompt=prompt, positions=[-1]))
+    result = smollm2.attribute(AttributionRequest(prompt=prompt, positions=[-1], ignore_bos=True))
     assert result.target_tokens == [answer]
     top = [label for label, _ in result.top_components(3)]
     assert any(label.endswith(":" + json.dumps(decisive)) for label in top), top
@@ -106,7 +107,8 @@ def test_matches_the_naive_implementation(smollm2: DePassEngine) -> None:
     """benchmarks/naive.py, written from the method page alone, on the same weights."""
     ids = smollm2.tokenize(FACTS[1][0])
     want, remainder = naive.naive_token_decomposition(smollm2.model, ids)
-    got = smollm2.attribute(AttributionRequest(input_ids=ids, outputs=["states"]))
+    # the naive code applies the first-token rule, as the reference does
+    got = smollm2.attribute(AttributionRequest(input_ids=ids, outputs=["states"], ignore_bos=True))
     scale = float(want.abs().max())
     assert float((got.states - want).abs().max()) <= 1e-5 * scale
     assert float((got.remainder - remainder).abs().max()) <= 1e-5 * scale
@@ -137,9 +139,10 @@ def test_bfloat16_weights_stay_close_to_float32(smollm2: DePassEngine) -> None:
     bfloat16 rounding of the frozen activations can tip them."""
     half = DePassEngine.from_pretrained(str(real_model_path("smollm2")), dtype="bfloat16")
     for prompt, answer, decisive in FACTS:
-        low = half.attribute(AttributionRequest(prompt=prompt, positions=[-1]))
+        ask = AttributionRequest(prompt=prompt, positions=[-1], ignore_bos=True)
+        low = half.attribute(ask)
         assert low.target_tokens == [answer]
-        full = smollm2.attribute(AttributionRequest(prompt=prompt, positions=[-1]))
+        full = smollm2.attribute(ask)
         logit = float(full.logits[0, 0])
         assert abs(float(low.logits[0, 0]) - logit) <= 0.3
         assert low.relative_conservation_error <= 5e-2
@@ -156,4 +159,23 @@ def test_the_service_serves_the_gguf_file(tmp_path: Path) -> None:
     assert body["tokens"] == ["The", " capital", " of", " France", " is"]
     assert body["relative_conservation_error"] <= LIMIT
     scores = [row[0] for row in body["scores"]["data"][0]]
-    assert scores.index(max(scores)) in (1, 3)  # " capital" or " France"
+    # no BOS: the first-token rule is off by default, and " is" and " capital" lead
+    assert body["ignore_bos"] is False
+    assert set(sorted(range(5), key=lambda i: -scores[i])[:2]) == {1, 4}, scores
+
+
+def test_the_first_token_rule_is_off_by_default_without_a_bos(smollm2: DePassEngine) -> None:
+    """SmolLM2 adds no BOS: the rule would fall on the first word and move the credit of
+    " Mary" to " drink" (issue 22: 2.29 against 7.81). Off by default, " Mary" leads."""
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    default = smollm2.attribute(AttributionRequest(prompt=prompt, positions=[-1]))
+    assert default.ignore_bos is False and default.target_tokens == [" Mary"]
+    assert default.top_components(1)[0][0] == 'tok[1]:" Mary"'
+    forced = smollm2.attribute(AttributionRequest(prompt=prompt, positions=[-1], ignore_bos=True))
+    assert forced.ignore_bos is True
+    assert forced.top_components(1)[0][0] == 'tok[12]:" drink"'
+    # a chat template's first token is a special one: the rule is on there
+    chat = smollm2.attribute(
+        AttributionRequest(messages=[{"role": "user", "content": prompt}], positions=[-1])
+    )
+    assert chat.tokens[0] == "<|im_start|>" and chat.ignore_bos is True

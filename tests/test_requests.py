@@ -24,6 +24,7 @@ PROMPT = "the capital of France is"
         ({"prompt": PROMPT, "start_layer": -1}, "start_layer"),
         ({"prompt": PROMPT, "start_layer": [0, 1]}, "start_layer"),
         ({"prompt": PROMPT, "granularity": "head", "start_layer": []}, "start_layer"),
+        ({"prompt": PROMPT, "granularity": "head", "start_layer": [1, 1]}, "start_layer"),
         ({"prompt": PROMPT, "granularity": "module"}, "module"),
         ({"prompt": PROMPT, "module": "attn"}, "module"),
         ({"prompt": PROMPT, "granularity": "module", "module": "ffn"}, "module"),
@@ -43,6 +44,7 @@ PROMPT = "the capital of France is"
         ({"prompt": PROMPT, "temperature": 1e-39}, "temperature"),
         ({"prompt": PROMPT, "all_layers": True, "granularity": "head"}, "all_layers"),
         ({"prompt": PROMPT, "outputs": []}, "outputs"),
+        ({"prompt": PROMPT, "targets": []}, "targets"),
         ({"prompt": PROMPT, "outputs": ["logits"]}, "outputs"),
     ],
 )
@@ -87,6 +89,25 @@ def test_model_dependent_errors_name_the_field(
         llama_engine.attribute(request)
     assert caught.value.field == field
     assert str(caught.value).startswith(field)
+
+
+@pytest.mark.parametrize("prompt", ["   ", "\n", "<s>"])
+def test_a_prompt_of_special_tokens_only_is_refused(
+    llama_engine: DePassEngine, prompt: str
+) -> None:
+    """Blank text tokenizes to the BOS alone, as "" would with nothing to attribute."""
+    with pytest.raises(RequestError, match="special tokens only") as caught:
+        llama_engine.plan(AttributionRequest(prompt=prompt))
+    assert caught.value.field == "prompt"
+
+
+def test_a_repeated_head_layer_is_refused_before_any_work(llama_engine: DePassEngine) -> None:
+    """It used to pass plan() and fail after the compute with a bare KeyError."""
+    with pytest.raises(RequestError, match="layer 1 twice") as caught:
+        llama_engine.attribute(
+            AttributionRequest(prompt=PROMPT, granularity="head", start_layer=[0, 1, 1])
+        )
+    assert caught.value.field == "start_layer"
 
 
 def test_token_run_may_start_at_the_output_residual(llama_engine: DePassEngine) -> None:

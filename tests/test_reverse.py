@@ -248,3 +248,23 @@ def test_long_prompt_trace_recomputes_probabilities(family: str) -> None:
         roomy.attribute(AttributionRequest(**{**fields, "strategy": "forward"})), got
     )
     torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-6)
+
+
+def test_the_time_estimate_of_a_reverse_run(llama_engine: DePassEngine) -> None:
+    """A reverse run's work grows as N (N^2 in the mixing), not N^2 x components, and a
+    forward taylor request refused for time is told that reverse would fit."""
+    from engine import TimeBudgetError, cost
+
+    def plan(n: int, strategy: str) -> Any:
+        fields = {"mlp_split": "taylor", "strategy": strategy, "positions": [-1]}
+        return llama_engine.plan(AttributionRequest(input_ids=[5] * n, **fields))
+
+    work = {n: cost.plan_work(llama_engine.shape, plan(n, "reverse")) for n in (100, 200)}
+    assert 1.8 < work[200].decompose / work[100].decompose < 2.2
+    assert 3.5 < work[200].mixing / work[100].mixing < 4.5
+    forward = llama_engine.estimate_seconds(plan(200, "forward"))
+    reverse = llama_engine.estimate_seconds(plan(200, "reverse"))
+    assert reverse < forward / 10
+    with pytest.raises(TimeBudgetError) as caught:
+        llama_engine.check_time(plan(200, "forward"), (forward + reverse) / 4, "input_ids")
+    assert "strategy='reverse'" in caught.value.message

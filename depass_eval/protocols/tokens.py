@@ -17,7 +17,6 @@ absolute score (``depass-<rule>-abs``).
 from __future__ import annotations
 
 import functools
-
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from depass_client import Attribution
-from depass_client.views import colour, shares
+from depass_client.views import colour, pieces, shares
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENS = ["<s>", "When", "Mary", "and", "John", "gave", "to"]
@@ -105,6 +105,33 @@ def test_token_html_colours_the_strongest_token_most_and_is_self_contained() -> 
     assert page.startswith("<!doctype html>") and fragment in page
     for text in (fragment, page):
         assert "<script" not in text.lower() and "http" not in text.lower()
+
+
+def test_byte_pieces_of_a_character_show_as_one_chip() -> None:
+    """Tokens shown as bytes (issue 22) join into the character they spell, with the
+    summed score; the hover names each token."""
+    tokens = ["<s>", " I", " <0xE4><0xBD>", "<0xA0>", "!", "<0xFF>"]
+    n = len(tokens)
+    scores = [0.1, 0.2, 1.0, 2.0, 0.5, 0.25]
+    result = Attribution(
+        tokens=tokens,
+        input_ids=list(range(n)),
+        components=[f"tok[{i}]" for i in range(n)],
+        positions=[n - 1],
+        targets=[4],
+        target_tokens=["x"],
+        scores=np.array(scores, np.float32).reshape(1, n, 1),
+    )
+    chips = [a for tag, a in parse(result.to_html()) if "depass-token" in (a.get("class") or "")]
+    assert [float(c["data-score"] or 0) for c in chips] == pytest.approx([0.1, 0.2, 3.0, 0.5, 0.25])
+    assert chips[2]["title"].startswith("tok[2]\ntok[3]\nscore 3.000000")
+    assert pieces(tokens) == [
+        (0, 0, "<s>"),
+        (1, 1, " I"),
+        (2, 3, " 你"),
+        (4, 4, "!"),
+        (5, 5, "<0xFF>"),  # bytes that make no character stay as they are
+    ]
 
 
 def test_head_html_is_a_layer_by_head_grid() -> None:

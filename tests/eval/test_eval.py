@@ -864,3 +864,14 @@ def test_tokens_protocol_with_the_peers(tiny: EvalModel, ioi_file: Path, tmp_pat
     assert all(results["methods"][p]["seconds_per_prompt"] > 0 for p in PEERS)
     assert all(r["peers"]["context-cite"]["response"].strip() == r["answer"] for r in rows)
     assert "| attnlrp |" in text and "| context-cite |" in text
+
+
+def test_help_gives_each_option_one_default() -> None:
+    """`--probe-layer` printed "(default: L/2) (default: None)" (issue 22)."""
+    import re
+
+    from depass_eval.cli import parser
+
+    text = " ".join(parser().format_help().split())
+    assert not re.search(r"\(default:[^)]*\) \(default:", text), text
+    assert "probe layer (default: L/2)" in text and "(default: None)" not in text

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from depass_client.cli import main
@@ -65,6 +67,35 @@ def test_attribute_colours_tokens_on_a_terminal(server: str) -> None:
     text = run(server, "attribute", PROMPT, out=Terminal())
     assert "\x1b[1;38;5;" in text.splitlines()[1]
     assert "\x1b[" not in run(server, "attribute", PROMPT)  # not on a pipe
+
+
+def _xterm_rgb(index: int) -> tuple[int, int, int]:
+    """The RGB of a colour of the 256-colour cube (16-231)."""
+    levels = (0, 95, 135, 175, 215, 255)
+    index -= 16
+    return levels[index // 36], levels[index // 6 % 6], levels[index % 6]
+
+
+def test_red_raises_and_blue_lowers_as_in_the_viewer_and_the_plots() -> None:
+    """The convention of the viewer, the HTML view and the plots (RdBu): red raises."""
+    from depass_client import Attribution
+    from depass_client.cli import _tokens_line
+
+    result = Attribution(
+        tokens=["up", "down"],
+        input_ids=[5, 6],
+        components=['tok[0]:"up"', 'tok[1]:"down"'],
+        positions=[1],
+        targets=[7],
+        target_tokens=["x"],
+        first_positions=[0, 1],
+        scores=np.array([[[2.0], [-2.0]]], dtype=np.float32),
+    )
+    line = _tokens_line(result, colour=True)
+    shades = [int(code) for code in re.findall(r"38;5;(\d+)m", line)]
+    (r_up, _, b_up), (r_down, _, b_down) = (_xterm_rgb(shade) for shade in shades)
+    assert r_up > b_up and b_down > r_down, shades
+    assert "red raises the target's logit, blue lowers it" in line
 
 
 def test_attribute_json_for_scripts(server: str) -> None:

@@ -302,3 +302,35 @@ def test_export_png_svg_and_json(page: Any, artifacts: Path) -> None:
     assert exchange["endpoint"] == "POST /v1/attributions"
     assert exchange["request"]["granularity"] == "token"
     assert exchange["response"]["target_tokens"] == ["Mary"]
+
+
+def test_a_new_prompt_takes_down_the_old_error_and_figure(page: Any) -> None:
+    """Clearing the prompt after an error left the error box and the previous prompt's
+    figure on screen (issue 22)."""
+    unlock(page)
+    assert page.eval_on_selector_all("#view-tokens g.token", "gs => gs.length") > 0
+    page.select_option("#target", "free")
+    page.fill("#free-target", "Mary John")
+    page.press("#free-target", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    page.fill("#prompt", "")
+    page.wait_for_selector("#error", state="hidden")
+    page.wait_for_selector("#limit:not(:empty)")
+    assert page.text_content("#limit") == "Type a prompt."
+    assert page.eval_on_selector_all("#view-tokens g.token", "gs => gs.length") == 0
+    assert page.get_attribute("#view-tokens", "data-ready") is None
+
+
+def test_byte_pieces_of_a_character_join_for_display(page: Any) -> None:
+    """Tokens shown as bytes (byte-level BPE on CJK and emoji) join into the characters
+    they spell, in the page's own module, in Chromium."""
+    unlock(page)
+    tokens = ["<s>", " I", " <0xE4><0xBD>", "<0xA0>", " <0xF0><0x9F>", "<0x8E>", "<0x89>", "<0xFF>"]
+    joined = page.evaluate("async (tokens) => (await import('./svg.js')).pieces(tokens)", tokens)
+    assert [(p["first"], p["last"], p["text"]) for p in joined] == [
+        (0, 0, "<s>"),
+        (1, 1, " I"),
+        (2, 3, " 你"),
+        (4, 6, " 🎉"),
+        (7, 7, "<0xFF>"),
+    ]

@@ -111,6 +111,7 @@ async function prepare() {
   if (changed) {
     state.tokens = [];
     state.position = null;
+    clearFigures();
   }
   state.overLimit = limitMessage(prompt, 0);
   if (!state.overLimit && changed) {
@@ -134,6 +135,16 @@ async function prepare() {
   showPositions(state.tokens);
   if (state.candidatesFor !== `${prompt}|${state.position}`) await loadCandidates();
   return true;
+}
+
+/** Take down what belonged to the previous prompt: its error and its figures. */
+function clearFigures() {
+  $("error").hidden = true;
+  $("tooltip").hidden = true;
+  for (const section of document.querySelectorAll("section.view")) {
+    section.textContent = "";
+    delete section.dataset.ready;
+  }
 }
 
 function showPositions(tokens) {

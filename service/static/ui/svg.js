@@ -77,8 +77,56 @@ export function shown(token) {
   return visible || "\u2205";
 }
 
+const BYTE = /<0x([0-9A-Fa-f]{2})>/g;
+
+/** The bytes a token text stands for: its text in UTF-8, `<0xE4>` pieces as their byte. */
+function bytesOf(token) {
+  const out = [];
+  let last = 0;
+  for (const match of token.matchAll(BYTE)) {
+    out.push(...new TextEncoder().encode(token.slice(last, match.index)));
+    out.push(parseInt(match[1], 16));
+    last = match.index + match[0].length;
+  }
+  out.push(...new TextEncoder().encode(token.slice(last)));
+  return Uint8Array.from(out);
+}
+
 /**
- * Tokens coloured by their scores, wrapped at `width`; returns the height used.
+ * The tokens as display pieces: a token shown as bytes (`<0xE4><0xBD>`, part of a UTF-8
+ * character) is joined with the tokens after it until the bytes make whole characters;
+ * every other token is a piece of its own. Each piece: `{first, last, text}`.
+ */
+export function pieces(tokens) {
+  const decoder = new TextDecoder("utf-8", { fatal: true });
+  const out = [];
+  for (let i = 0; i < tokens.length; i++) {
+    if (!tokens[i].match(BYTE)) {
+      out.push({ first: i, last: i, text: tokens[i] });
+      continue;
+    }
+    let j = i;
+    let bytes = bytesOf(tokens[i]);
+    let text = null;
+    for (;;) {
+      try {
+        text = decoder.decode(bytes);
+        break;
+      } catch {
+        if (j + 1 >= tokens.length || !tokens[j + 1].match(BYTE)) break;
+        j += 1;
+        bytes = Uint8Array.from([...bytes, ...bytesOf(tokens[j])]);
+      }
+    }
+    out.push({ first: i, last: j, text: text ?? tokens.slice(i, j + 1).join("") });
+    i = j;
+  }
+  return out;
+}
+
+/**
+ * Tokens coloured by their scores, wrapped at `width`; returns the height used. Tokens
+ * that are parts of one character (byte pieces) show as one cell with their summed score.
  *
  * options: `limit` (the scale's limit), `shares` (signed shares to show on hover),
  * `label(i)` (hover title of token i), `marked` (an index to outline), `dimFrom` (tokens
@@ -89,28 +137,34 @@ export function tokenStrip(parent, x0, y0, width, tokens, scores, options) {
   const gap = 4;
   let x = x0;
   let y = y0;
-  tokens.forEach((token, i) => {
-    const label = shown(token);
+  const sum = (values, p) => values.slice(p.first, p.last + 1).reduce((s, v) => s + v, 0);
+  for (const piece of pieces(tokens)) {
+    const i = piece.first;
+    const label = shown(piece.text);
     const w = Math.ceil(measure(label)) + 10;
     if (x > x0 && x + w > x0 + width) {
       x = x0;
       y += height + gap;
     }
-    const score = scores[i];
+    const score = sum(scores, piece);
     const faint = options.dimFrom !== undefined && i >= options.dimFrom;
-    const group = el("g", { class: "token", "data-index": i, "data-score": score,
-      "data-token": token, opacity: faint ? 0.45 : 1 });
+    const marked = options.marked !== undefined && piece.first <= options.marked &&
+      options.marked <= piece.last;
+    const group = el("g", { class: "token", "data-index": i, "data-last": piece.last,
+      "data-score": score, "data-token": piece.text, opacity: faint ? 0.45 : 1 });
     group.append(el("rect", { x, y, width: w, height, rx: 3, fill: colour(score, options.limit),
-      stroke: i === options.marked ? "#1f2328" : "#d0d7de",
-      "stroke-width": i === options.marked ? 2 : 1 }));
+      stroke: marked ? "#1f2328" : "#d0d7de", "stroke-width": marked ? 2 : 1 }));
     group.append(text(x + 5, y + 16, label, { fill: ink(score, options.limit) }));
-    const lines = [options.label(i), `score ${fmt(score, 6)}`];
-    if (options.shares) lines.push(`share ${pct(options.shares[i])}`);
+    const lines = [];
+    for (let k = piece.first; k <= piece.last; k++) lines.push(options.label(k));
+    lines.push(`score ${fmt(score, 6)}`);
+    if (piece.last > piece.first) lines.push(`(${piece.last - piece.first + 1} tokens summed)`);
+    if (options.shares) lines.push(`share ${pct(sum(options.shares, piece))}`);
     hover(group, lines);
-    if (options.onClick) group.addEventListener("click", () => options.onClick(i));
+    if (options.onClick) group.addEventListener("click", () => options.onClick(piece.last));
     parent.append(group);
     x += w + gap;
-  });
+  }
   return y + height - y0;
 }
 

@@ -116,6 +116,9 @@ class Attribution(_Result):
     logit_softcap: float | None = None
     strategy: str = "forward"
     kept_top_k: int | None = None
+    #: The first-token rule applied (the request's ``ignore_bos``, or the service's
+    #: default for this prompt); None from a service that does not say.
+    ignore_bos: bool | None = None
     scores: np.ndarray | None = None
     remainder_scores: np.ndarray | None = None
     states: np.ndarray | None = None

@@ -21,9 +21,10 @@ from depass_client._client import Client
 from depass_client._errors import APIStatusError, DePassError
 from depass_client._types import GRANULARITIES, Attribution
 
-#: 256-colour shades, faint to strong: green raises the target's logit, red lowers it.
-_GREENS = (151, 114, 77, 40, 46)
+#: 256-colour shades, faint to strong: red raises the target's logit, blue lowers it (the
+#: convention of the viewer, the HTML view and the plots: ColorBrewer's RdBu).
 _REDS = (181, 174, 167, 160, 196)
+_BLUES = (153, 110, 68, 26, 21)
 
 
 def _int_list(text: str) -> list[int]:
@@ -281,10 +282,10 @@ def _tokens_line(result: Attribution, colour: bool) -> str:
     largest = max(abs(s) for s in scores) or 1.0
     painted = []
     for text, score in zip(texts, scores, strict=True):
-        shades = _GREENS if score >= 0 else _REDS
+        shades = _REDS if score >= 0 else _BLUES
         shade = shades[min(len(shades) - 1, int(len(shades) * abs(score) / largest))]
         painted.append(f"\x1b[1;38;5;{shade}m{text}\x1b[0m")
-    return " ".join(painted) + "  (green raises the target's logit, red lowers it)"
+    return " ".join(painted) + "  (red raises the target's logit, blue lowers it)"
 
 
 if __name__ == "__main__":

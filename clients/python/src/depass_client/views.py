@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -151,13 +152,53 @@ def _token_map(result: Attribution, position: int, target: int, layer: int, pos:
         rem = float(rems[position, target])
     share = shares([*row.tolist(), rem])
     chips = []
-    for i, token in enumerate(result.tokens):
-        score = float(row[i])
-        hover = f"{result.components[i]}\nscore {score:.6f}\nshare {100 * share[i]:.1f} %"
-        extra = ";border:2px solid #1f2328" if i == pos else ""
-        extra += ";opacity:0.45" if i > pos else ""
-        chips.append(_chip(token, score, limit, hover, extra))
+    for first, last, text in pieces(result.tokens):  # byte pieces of a character: one chip
+        score = float(row[first : last + 1].sum())
+        names = "\n".join(result.components[first : last + 1])
+        hover = f"{names}\nscore {score:.6f}\nshare {100 * sum(share[first : last + 1]):.1f} %"
+        extra = ";border:2px solid #1f2328" if first <= pos <= last else ""
+        extra += ";opacity:0.45" if first > pos else ""
+        chips.append(_chip(text, score, limit, hover, extra))
     return f"<div>{''.join(chips)}</div>{_legend(limit)}"
+
+
+_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _bytes_of(token: str) -> bytes:
+    """The bytes a token text stands for: its text in UTF-8, ``<0xE4>`` as its byte."""
+    out, last = bytearray(), 0
+    for match in _BYTE.finditer(token):
+        out += token[last : match.start()].encode() + bytes([int(match.group(1), 16)])
+        last = match.end()
+    return bytes(out + token[last:].encode())
+
+
+def pieces(tokens: list[str]) -> list[tuple[int, int, str]]:
+    """The tokens as display pieces ``(first, last, text)``: a token shown as bytes
+    (``<0xE4><0xBD>``, part of a UTF-8 character) is joined with the tokens after it until
+    the bytes make whole characters; every other token is a piece of its own (the
+    viewer's ``pieces`` in ``service/static/ui/svg.js`` does the same)."""
+    out: list[tuple[int, int, str]] = []
+    i = 0
+    while i < len(tokens):
+        if not _BYTE.search(tokens[i]):
+            out.append((i, i, tokens[i]))
+            i += 1
+            continue
+        j, raw, text = i, _bytes_of(tokens[i]), None
+        while True:
+            try:
+                text = raw.decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                if j + 1 >= len(tokens) or not _BYTE.search(tokens[j + 1]):
+                    break
+                j += 1
+                raw += _bytes_of(tokens[j])
+        out.append((i, j, text if text is not None else "".join(tokens[i : j + 1])))
+        i = j + 1
+    return out
 
 
 def _head_grid(result: Attribution, position: int, target: int) -> str:
