@@ -166,11 +166,12 @@ class Settings(BaseSettings):
     def _empty_path_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("trace_cache_bytes", "memory_budget_bytes", mode="before")
+    @field_validator("trace_cache_bytes", "memory_budget_bytes", "max_input_tokens", mode="before")
     @classmethod
-    def _empty_bytes_is_none(cls, value: object) -> object:
-        """An empty ``DEPASS_TRACE_CACHE_BYTES=`` (as in .env.example) means no byte limit;
-        an empty ``DEPASS_MEMORY_BUDGET_BYTES=`` the measured budget."""
+    def _empty_is_none(cls, value: object) -> object:
+        """An empty ``DEPASS_TRACE_CACHE_BYTES=`` (as in .env.example) means no byte limit,
+        an empty ``DEPASS_MEMORY_BUDGET_BYTES=`` the measured budget, an empty
+        ``DEPASS_MAX_INPUT_TOKENS=`` the model's own limit (at most 2048)."""
         return None if isinstance(value, str) and not value.strip() else value
 
     def resolved_device(self) -> str:
