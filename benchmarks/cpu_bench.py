@@ -86,7 +86,10 @@ def run_engine(
         _ENGINES[key] = DePassEngine(model, trace_cache_size=0, compile=compile)
     engine = _ENGINES[key]
     positions = [-1] if last_only else None
-    request = AttributionRequest(input_ids=ids, outputs=["states"], positions=positions)
+    # the first-token rule on, as the naive implementation (and the reference) applies it
+    request = AttributionRequest(
+        input_ids=ids, outputs=["states"], positions=positions, ignore_bos=True
+    )
     return engine.attribute(request).states
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -116,7 +117,8 @@ def _ray_fan_out(
     from depass_eval.fanout import ContextSpec, ray_fan_out
 
     evaluate = getattr(module, "evaluate", None)
-    if evaluate is None or len(inspect.signature(evaluate).parameters) != 2:
+    required = [] if evaluate is None else _required_parameters(evaluate)
+    if len(required) != 2:  # evaluate(ctx, case), shipped to each actor
         raise ValueError(f"--ray fans out the tokens and components protocols, not {protocol}")
     if url is not None:
         raise ValueError("--ray runs DePass in each actor; it does not combine with --url")
@@ -152,3 +154,9 @@ def _excluded(runs: list[str]) -> set[str]:
         selection = json.loads((Path(run) / "selection.json").read_text(encoding="utf-8"))
         ids |= {case["id"] for case in selection["cases"]}
     return ids
+
+
+def _required_parameters(function: Callable[..., Any]) -> list[str]:
+    """The parameters of ``function`` that have no default."""
+    empty = inspect.Parameter.empty
+    return [p.name for p in inspect.signature(function).parameters.values() if p.default is empty]
