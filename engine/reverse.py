@@ -51,7 +51,6 @@ class StageGradients:
             layer (what a component entering at its MLP stage also reaches).
         bias: stage -> (K,) what that stage's constant (its biases) adds to each logit.
         readout_bias: (K,) what the read-out adds (final-norm and unembedding biases).
-        logits: (K,) the frozen map's value of each scored logit (the true state in).
         error, relative_error: conservation of the frozen map's final state.
     """
 
@@ -59,7 +58,6 @@ class StageGradients:
     mlp_input: dict[int, torch.Tensor]
     bias: dict[int, torch.Tensor]
     readout_bias: torch.Tensor
-    logits: torch.Tensor
     error: float
     relative_error: float
 
@@ -161,7 +159,6 @@ class FrozenPass:
         nodes: dict[int, torch.Tensor] = {}
         mlp_nodes: dict[int, torch.Tensor] = {}
         gates: dict[int, torch.Tensor] = {}  # stage -> scalar 1.0: d logit / d gate = bias part
-        constants: dict[int, torch.Tensor] = {}
         entering: torch.Tensor | None = None
         if self.parallel and self.stage0 % 2:  # the MLP of this layer reads h^l
             entering = self.trace.resid(self.stage0 // 2).to(x.dtype).detach().clone()
@@ -188,8 +185,7 @@ class FrozenPass:
                 out = torch.zeros_like(x) if split is None else split[0, 0]
                 constant = w.bias_of(w.mlp_bias, 0, x) + self._split_bias(w, layer, zero)
                 entering = None
-            gate = x.new_ones(()).requires_grad_(True)
-            gates[stage], constants[stage] = gate, constant
+            gates[stage] = gate = x.new_ones(()).requires_grad_(True)
             x = x + out + gate * constant
         end_stage = 2 * self.end_layer
         nodes[end_stage] = x
@@ -223,7 +219,6 @@ class FrozenPass:
             mlp_input={2 * layer + 1: g.detach() for layer, g in mlp_input.items()},
             bias={s: g.detach() for s, g in bias.items()},
             readout_bias=readout_bias.scores[:, 0].reshape(count).detach().to(flat.dtype),
-            logits=flat.detach(),
             error=view.error,
             relative_error=view.relative_error,
         )
