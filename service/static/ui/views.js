@@ -138,22 +138,24 @@ async function headsView(ctx, selected = null) {
   return svg;
 }
 
-/** Every neuron of every layer, ranked by |score|: one reverse-mode request (taylor split)
- * that keeps each layer's top k; the layers' picks are ranked together. */
-async function allNeurons(ctx, k) {
-  const layers = [...Array(ctx.card.num_layers).keys()];
-  const request = {
+/** The neuron scores of the chosen position and target, with the request's own `fields`. */
+function askNeurons(ctx, fields) {
+  return ctx.post("attributions", {
     prompt: ctx.prompt,
     granularity: "neuron",
-    start_layer: layers,
-    mlp_split: "taylor",
-    top_k: k,
     positions: [ctx.position],
     targets: [ctx.target],
     outputs: ["scores"],
     array_encoding: "list",
-  };
-  const answer = await ctx.post("attributions", request);
+    ...fields,
+  });
+}
+
+/** Every neuron of every layer, ranked by |score|: one reverse-mode request (taylor split)
+ * that keeps each layer's top k; the layers' picks are ranked together. */
+async function allNeurons(ctx, k) {
+  const layers = [...Array(ctx.card.num_layers).keys()];
+  const answer = await askNeurons(ctx, { start_layer: layers, mlp_split: "taylor", top_k: k });
   const perLayer = arrayOf(answer.scores); // (layers, 1, kept, 1)
   const neurons = [];
   perLayer.forEach((rows, l) => rows[0].forEach((row, i) => {
@@ -173,16 +175,7 @@ async function neuronsView(ctx) {
   if (layer === "all") {
     found = await allNeurons(ctx, k);
   } else {
-    const request = {
-      prompt: ctx.prompt,
-      granularity: "neuron",
-      start_layer: layer,
-      positions: [ctx.position],
-      targets: [ctx.target],
-      outputs: ["scores"],
-      array_encoding: "list",
-    };
-    const answer = await ctx.post("attributions", request);
+    const answer = await askNeurons(ctx, { start_layer: layer });
     const scores = arrayOf(answer.scores)[0].map((row) => row[0]); // (1 + I,): 0 is "rest"
     found = { answer, title: `layer ${layer}`, rest: scores[0],
       remainder: arrayOf(answer.remainder_scores)[0][0],
