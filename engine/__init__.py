@@ -1,14 +1,13 @@
 """DePass decomposition engine (arXiv 2510.18462): exact additive attributions for causal LMs."""
 
-from engine.adapters import (
-    ADAPTERS,
-    ArchitectureAdapter,
-    UnsupportedArchitectureError,
-    supported_architectures,
-)
 from engine.cost import TimeBudgetError
 from engine.engine import DePassEngine
-from engine.families import Family, register
+from engine.families import (
+    Family,
+    UnsupportedArchitectureError,
+    register,
+    supported_architectures,
+)
 from engine.info import ModelInfo
 from engine.memory import MemoryBudgetError, MemoryEstimate
 from engine.plan import Plan
@@ -18,9 +17,7 @@ from engine.result import AttributionResult
 from engine.splits import SPLIT_RULES
 
 __all__ = [
-    "ADAPTERS",
     "SPLIT_RULES",
-    "ArchitectureAdapter",
     "AttributionRequest",
     "AttributionResult",
     "Cancelled",

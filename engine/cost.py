@@ -99,7 +99,7 @@ def plan_work(shape: Shape, plan: Plan) -> Work:
     if plan.strategy == "reverse":
         # one frozen pass of the true state from the earliest start, and its backward
         # pass (about two passes) for each scored (position, target) logit
-        passes = 1 + 2 * len(plan.positions) * plan.targets
+        passes = 1 + 2 * len(plan.positions) * plan.target_count
         layers = (plan.end - min(plan.layers)) * passes
         if plan.light_trace:  # each layer's probabilities recomputed, twice
             forward += 2 * m.num_layers * n * (2 * heads * dh * d + 2 * heads * dh * n)

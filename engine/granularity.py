@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -43,9 +43,8 @@ from engine.reverse import batched_vjp
 
 if TYPE_CHECKING:
     from engine.capture import ForwardTrace
-    from engine.engine import DePassEngine
-    from engine.request import AttributionRequest
     from engine.reverse import StageGradients
+    from engine.view import ModelView
 
 SUBSPACE_ROUNDING = 1e-5
 
@@ -257,6 +256,19 @@ def neuron_start(
 Groups = list[list[int]] | None
 
 
+class RequestFields(Protocol):
+    """The request fields a granularity reads: an :class:`engine.request.AttributionRequest`
+    (or, for :meth:`Granularity.smaller`, the HTTP body, which has the same fields)."""
+
+    module: str | None
+    neurons: list[int] | None
+    subspace: Any
+    groups: Any
+
+    @property
+    def start_layers(self) -> list[int]: ...
+
+
 @dataclass(frozen=True)
 class Granularity:
     """One value of ``AttributionRequest.granularity``: what its components are, which
@@ -289,9 +301,7 @@ class Granularity:
         """The smallest end layer of a run starting at ``layer``."""
         return layer if self.of_residual else layer + 1
 
-    def count(
-        self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
-    ) -> int:
+    def count(self, model: ModelView, request: RequestFields, length: int, groups: Groups) -> int:
         """Components of one run (the remainder apart), checking the fields against the
         model (:class:`RequestError` names the field)."""
         raise NotImplementedError
@@ -300,7 +310,7 @@ class Granularity:
         """Components start at different positions (what caps the MLP chunks)."""
         return False
 
-    def start_bytes(self, engine: DePassEngine, count: int, length: int) -> int:
+    def start_bytes(self, model: ModelView, count: int, length: int) -> int:
         """Bytes the start builder holds beside the components."""
         return 0
 
@@ -308,9 +318,14 @@ class Granularity:
         """The initial components of ``run``."""
         raise NotImplementedError
 
-    def start_stage(self, layer: int, request: AttributionRequest) -> int:
+    def start_stage(self, layer: int, request: RequestFields) -> int:
         """The stage a run starting at ``layer`` propagates from."""
         return attention_stage(layer)
+
+    def batch_key(self, request: RequestFields) -> tuple[Any, ...]:
+        """The values of this granularity's fields that runs sharing a batch must agree
+        on (beyond the start facts, compared once the starts are built)."""
+        return ()
 
     def reverse_scores(self, run: RunStart, grads: StageGradients) -> ReverseRun:
         """Every component's score from the gradients of one reverse pass: each start
@@ -344,30 +359,22 @@ class ReverseRun:
 
 @dataclass(frozen=True)
 class RunStart:
-    """What starting one run takes: the engine, the request, its prompt's trace, the
-    start layer and the request's checked token groups."""
+    """What starting one run takes: the model's view, the request, its prompt's trace,
+    the start layer and the request's checked token groups."""
 
-    engine: DePassEngine
-    request: AttributionRequest
+    model: ModelView
+    request: RequestFields
     trace: ForwardTrace
     layer: int
     groups: Groups
 
     def cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` in the engine's compute dtype."""
-        return tensor.to(self.engine.compute_dtype)
+        """``tensor`` in the compute dtype."""
+        return self.model.cast(tensor)
 
     def layer_weights(self) -> LayerWeights:
         """The start layer's weights and frozen quantities, for this prompt alone."""
-        engine = self.engine
-        return LayerWeights(
-            engine.model,
-            engine.family,
-            [self.trace],
-            self.layer,
-            engine.compute_dtype,
-            engine.matmul_dtype,
-        )
+        return self.model.layer_weights(self.trace, self.layer)
 
 
 @dataclass(frozen=True)
@@ -379,9 +386,7 @@ class TokenGranularity(Granularity):
     fields: tuple[str, ...] = ("groups", "all_layers")
     first_token_rule: bool = True
 
-    def count(
-        self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
-    ) -> int:
+    def count(self, model: ModelView, request: RequestFields, length: int, groups: Groups) -> int:
         if groups is None:
             return length
         covered = sum(len(g) for g in groups)
@@ -394,8 +399,8 @@ class TokenGranularity(Granularity):
     def _texts(run: RunStart) -> tuple[list[str], Callable[[Sequence[int]], str]]:
         """Each token's text, and the decoded text of a span of positions."""
         ids = run.trace.input_ids.tolist()
-        span = lambda positions: run.engine.tokens.span_text([ids[p] for p in positions])  # noqa: E731
-        return run.engine.token_texts(ids), span
+        span = lambda positions: run.model.span_text([ids[p] for p in positions])  # noqa: E731
+        return run.model.token_texts(ids), span
 
     def start(self, run: RunStart) -> Start:
         texts, span = self._texts(run)
@@ -435,19 +440,17 @@ class SubspaceGranularity(Granularity):
     fields: tuple[str, ...] = ("subspace",)
     required: tuple[str, ...] = ("subspace",)
 
-    def count(
-        self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
-    ) -> int:
+    def count(self, model: ModelView, request: RequestFields, length: int, groups: Groups) -> int:
         shape = tuple(np.shape(request.subspace))
-        if shape[1:] != (length, engine.info.hidden_size):
+        if shape[1:] != (length, model.info.hidden_size):
             raise RequestError(
-                "subspace", f"shape {shape} must be (K, {length}, {engine.info.hidden_size})"
+                "subspace", f"shape {shape} must be (K, {length}, {model.info.hidden_size})"
             )
         return int(shape[0])
 
-    def start_bytes(self, engine: DePassEngine, count: int, length: int) -> int:
+    def start_bytes(self, model: ModelView, count: int, length: int) -> int:
         # the parts, as a tensor
-        return count * length * engine.info.hidden_size * engine.shape.compute_bytes
+        return count * length * model.info.hidden_size * model.shape.compute_bytes
 
     def start(self, run: RunStart) -> Start:
         resid = run.cast(run.trace.resid(run.layer))
@@ -464,14 +467,15 @@ class ModuleGranularity(Granularity):
     required: tuple[str, ...] = ("module",)
     several_layers: bool = True
 
-    def start_stage(self, layer: int, request: AttributionRequest) -> int:
+    def start_stage(self, layer: int, request: RequestFields) -> int:
         return (
             mlp_stage(layer) if (request.module or "attn") == "attn" else attention_stage(layer + 1)
         )
 
-    def count(
-        self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
-    ) -> int:
+    def batch_key(self, request: RequestFields) -> tuple[Any, ...]:
+        return (request.module,)  # attention or MLP: a different start stage
+
+    def count(self, model: ModelView, request: RequestFields, length: int, groups: Groups) -> int:
         return 2
 
     def start(self, run: RunStart) -> Start:
@@ -492,17 +496,15 @@ class HeadGranularity(Granularity):
     name: str = "head"
     several_layers: bool = True
 
-    def start_stage(self, layer: int, request: AttributionRequest) -> int:
+    def start_stage(self, layer: int, request: RequestFields) -> int:
         return mlp_stage(layer)
 
-    def count(
-        self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
-    ) -> int:
-        return engine.info.num_heads + 1
+    def count(self, model: ModelView, request: RequestFields, length: int, groups: Groups) -> int:
+        return model.info.num_heads + 1
 
-    def start_bytes(self, engine: DePassEngine, count: int, length: int) -> int:
+    def start_bytes(self, model: ModelView, count: int, length: int) -> int:
         # head outputs before placing
-        return (count + 1) * length * engine.info.hidden_size * engine.shape.compute_bytes
+        return (count + 1) * length * model.info.hidden_size * model.shape.compute_bytes
 
     def start(self, run: RunStart) -> Start:
         weights = run.layer_weights()
@@ -518,13 +520,11 @@ class NeuronGranularity(Granularity):
     fields: tuple[str, ...] = ("neurons",)
     several_layers: bool = True
 
-    def start_stage(self, layer: int, request: AttributionRequest) -> int:
+    def start_stage(self, layer: int, request: RequestFields) -> int:
         return attention_stage(layer + 1)
 
-    def count(
-        self, engine: DePassEngine, request: AttributionRequest, length: int, groups: Groups
-    ) -> int:
-        widths = [engine.neuron_width(layer) for layer in request.start_layers]
+    def count(self, model: ModelView, request: RequestFields, length: int, groups: Groups) -> int:
+        widths = [model.neuron_width(layer) for layer in request.start_layers]
         neurons = request.neurons
         if neurons is None:
             if len(set(widths)) > 1:
@@ -542,11 +542,11 @@ class NeuronGranularity(Granularity):
             raise RequestError("neurons", "repeats a neuron")
         return 1 + len(neurons)
 
-    def start_bytes(self, engine: DePassEngine, count: int, length: int) -> int:
+    def start_bytes(self, model: ModelView, count: int, length: int) -> int:
         # picked columns, the rest
-        d = engine.info.hidden_size
-        width = engine.info.intermediate_size
-        return (count * d + length * width + 2 * length * d) * engine.shape.compute_bytes
+        d = model.info.hidden_size
+        width = model.info.intermediate_size
+        return (count * d + length * width + 2 * length * d) * model.shape.compute_bytes
 
     def start(self, run: RunStart) -> Start:
         weights = run.layer_weights()

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine.errors import RequestError
+from engine.granularity import GRANULARITY_KINDS
 from engine.memory import MemoryEstimate, Shape, estimate
 from engine.request import AttributionRequest
 
@@ -49,8 +50,8 @@ class Plan:
         return len(self.input_ids)
 
     @property
-    def targets(self) -> int:
-        """Number of scored targets."""
+    def target_count(self) -> int:
+        """How many targets each position scores (its top-1 alone when none are asked)."""
         return 1 if self.target_ids is None else len(self.target_ids)
 
     @property
@@ -62,11 +63,11 @@ class Plan:
         """Bytes of the arrays the result will hold (states, remainder, scores, logits)."""
         size = element_bytes or self.element_bytes
         rows = self.snapshots * len(self.positions) * (self.components + 1)
-        total = self.snapshots * len(self.positions) * self.targets  # logits
+        total = self.snapshots * len(self.positions) * self.target_count  # logits
         if "states" in self.outputs:
             total += rows * self.hidden_size
         if "scores" in self.outputs:
-            total += rows * self.targets
+            total += rows * self.target_count
         return total * size
 
     def working_bytes(self) -> int:
@@ -99,7 +100,7 @@ def batch_key(request: AttributionRequest, plan: Plan, layer: int) -> tuple:
         layer,
         plan.end,
         request.granularity,
-        request.module,
+        GRANULARITY_KINDS[request.granularity].batch_key(request),
         request.mlp_split,
         request.temperature,
         plan.first_token_rule,
@@ -123,7 +124,7 @@ def batch_estimate(
         length=max(p.num_tokens for p in members),
         positions=max(len(p.positions) for p in members),
         snapshots=max(p.snapshots for p in members),
-        targets=max(p.targets for p in members),
+        targets=max(p.target_count for p in members),
         members=len(members),
         late_starts=all(p.late_starts for p in members),
         budget_bytes=budget_bytes,

@@ -1,18 +1,16 @@
-"""From propagated components to the result: the logit lens, scores, conservation, stacking."""
+"""From propagated components to scores: the frozen read-out (final norm and unembedding
+of the family's :class:`engine.parts.Readout` part), the logit lens, conservation."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from engine.capture import ForwardTrace
-from engine.parts import FrozenNorm, NormPart, cap_logits
+from engine.parts import FrozenNorm, NormPart
 from engine.propagate import Snapshot
-from engine.request import AttributionRequest
-from engine.result import AttributionResult
 
 
 @dataclass
@@ -40,7 +38,7 @@ TOP_TOKEN_CHUNK = 256
 
 
 @dataclass(frozen=True)
-class Readout:
+class FrozenReadout:
     """What reading components out needs of the model: its final norm and unembedding."""
 
     final_norm: nn.Module
@@ -126,66 +124,3 @@ class Readout:
             error=error,
             relative_error=error / magnitude,
         )
-
-
-@dataclass(frozen=True)
-class Labels:
-    """What names the axes of a result: components, their first positions, targets."""
-
-    components: list[str]  # (M,)
-    layer_components: list[list[str]] | None  # ([layers,] M) when they differ by layer
-    first_positions: list[int]  # (M,)
-    position_targets: list[list[int]]  # (P, T)
-    position_target_tokens: list[list[str]]  # (P, T)
-
-
-def assemble(
-    request: AttributionRequest,
-    labels: Labels,
-    views: list[View],
-    layers: list[int] | None,
-    end: int,
-    positions: list[int],
-    texts: list[str],
-    input_ids: Sequence[int],
-    softcap: float | None = None,
-) -> AttributionResult:
-    """Stack the views (a leading layer axis when ``layers`` is set) into a result;
-    ``softcap``: the model's final soft-cap, applied to the summed logits as well."""
-
-    def pick(arrays: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(arrays) if layers is not None else arrays[-1]
-
-    want_states = "states" in request.outputs
-    want_scores = "scores" in request.outputs
-    return AttributionResult(
-        tokens=texts,
-        input_ids=list(input_ids),
-        components=labels.components,
-        layer_components=labels.layer_components,
-        first_positions=labels.first_positions,
-        positions=positions,
-        targets=labels.position_targets[-1],
-        target_tokens=labels.position_target_tokens[-1],
-        position_targets=labels.position_targets,
-        position_target_tokens=labels.position_target_tokens,
-        granularity=request.granularity,
-        mlp_split=request.mlp_split,
-        end="output" if request.end_layer is None else f"layer {end}",
-        layers=layers,
-        states=pick([v.states[:, 1:] for v in views if v.states is not None])
-        if want_states
-        else None,
-        remainder=pick([v.states[:, 0] for v in views if v.states is not None])
-        if want_states
-        else None,
-        scores=pick([v.scores[:, 1:] for v in views]) if want_scores else None,
-        remainder_scores=pick([v.scores[:, 0] for v in views]) if want_scores else None,
-        logits=pick([v.scores.sum(1) for v in views]),
-        logit_softcap=softcap,
-        capped_logits=None
-        if softcap is None
-        else cap_logits(pick([v.scores.sum(1) for v in views]), softcap),
-        conservation_error=max(v.error for v in views),
-        relative_conservation_error=max(v.relative_error for v in views),
-    )

@@ -19,6 +19,7 @@ import torch
 from engine.errors import RequestError
 from engine.granularity import GRANULARITY_KINDS
 from engine.splits import SPLIT_RULES, SplitRule
+from engine.tokens import check_one_input
 
 Granularity = Literal["token", "module", "head", "neuron", "subspace"]
 Output = Literal["scores", "states"]
@@ -34,7 +35,6 @@ OUTPUTS: tuple[str, ...] = get_args(Output)
 ROLES: tuple[str, ...] = get_args(Role)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 #: The inputs a request may give, exactly one of them.
-INPUT_FIELDS = ("prompt", "input_ids", "messages")
 
 #: The smallest MLP-split temperature accepted (the engine and the HTTP schema). The
 #: float32 softmax split overflows near 1e-38; long before that it is the 'max' split.
@@ -109,23 +109,6 @@ def check_messages(value: Any) -> list[dict[str, str]]:
             raise RequestError("messages", f"message {index}: content must be a string")
         chat.append({"role": role, "content": content})
     return chat
-
-
-def check_one_input(
-    prompt: str | None, input_ids: list[int] | None, messages: list[Any] | None = None
-) -> None:
-    """Exactly one of ``prompt``, ``input_ids`` and ``messages``, and not an empty one."""
-    given = [
-        name
-        for name, v in zip(INPUT_FIELDS, (prompt, input_ids, messages), strict=True)
-        if v is not None
-    ]
-    if len(given) != 1:
-        raise RequestError("prompt", "give exactly one of 'prompt', 'input_ids' and 'messages'")
-    if input_ids is not None and not input_ids:
-        raise RequestError("input_ids", "must not be empty")
-    if prompt is not None and not prompt:
-        raise RequestError("prompt", "must not be empty")
 
 
 @dataclass

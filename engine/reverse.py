@@ -33,7 +33,7 @@ from engine.propagate import LayerWeights, Propagator, Snapshot
 from engine.splits import SplitSpec
 
 if TYPE_CHECKING:
-    from engine.readout import Readout, TargetHead
+    from engine.readout import FrozenReadout, TargetHead
 
 #: The split every reverse pass uses (the only rule with a reverse form).
 TAYLOR = SplitSpec(
@@ -141,7 +141,7 @@ class FrozenPass:
     @torch.enable_grad()
     def gradients(
         self,
-        readout: Readout,
+        readout: FrozenReadout,
         head: TargetHead,
         positions: torch.Tensor,
         scaled_output: bool,

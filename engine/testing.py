@@ -12,73 +12,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-FAMILIES: dict[str, tuple[str, str]] = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-}
-
-#: Config names that differ from Llama's (GPT-2's), and settings a family needs to build
-#: at this size (special token ids inside the small vocabulary).
-_FAMILY_CONFIG: dict[str, dict[str, Any]] = {
-    "gpt2": {
-        "n_embd": 32,
-        "n_inner": 48,
-        "n_layer": 2,
-        "n_head": 4,
-        "n_positions": 256,
-        "layer_norm_epsilon": 1e-5,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
-    "gpt_neox": {"layer_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "rotary_pct": 0.5},
-    "phi3": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
-    "olmo2": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
-    "gemma": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
-    "gemma2": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
-    "gemma3": {"pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2},
-    # four experts of 16 neurons, two chosen per position
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "qwen2_moe": {
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 24,
-        "pad_token_id": 3,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
-    "qwen3_moe": {
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 16,
-        "norm_topk_prob": True,
-        "pad_token_id": 3,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
-}
-_LLAMA_NAMES = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-    "rms_norm_eps",
-)
+from engine.families import family_called
+from engine.families.base import TINY_DEFAULTS, TINY_SPECIAL_IDS
 
 WORDS: tuple[str, ...] = tuple(
     (
@@ -94,7 +29,9 @@ def word_tokenizer(words: Sequence[str] = WORDS, bos: bool = True) -> PreTrained
     """A whitespace word-level tokenizer; ``bos`` prepends ``<s>`` like Llama's."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    ids = TINY_SPECIAL_IDS
+    vocab = {"<unk>": 0, "<s>": ids["bos_token_id"], "</s>": ids["eos_token_id"]}
+    vocab["<pad>"] = ids["pad_token_id"]
     for word in words:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -116,42 +53,33 @@ def tiny_model(
     family: str = "llama",
     seed: int = 0,
     vocab_size: int = 96,
-    bias_std: float = 0.1,
+    bias_std: float | None = None,
     **overrides: Any,
 ) -> PreTrainedModel:
-    """A small random causal LM of ``family`` with eager attention, in float32.
+    """A small random causal LM of the registered family called ``family``, built from
+    its declared :class:`~engine.families.base.TinyConfig`, with eager attention, in
+    float32.
 
-    Defaults follow the Hugging Face model testers: hidden 32, 2 layers, GQA 4/2, MLP 48.
     Norm gains are drawn around 1 (so a Gemma ``(1 + w)`` gain is around 2, far from
     ``w``) and every bias (Qwen2's q/k/v, GPT-2's LayerNorms and projections) with
-    ``bias_std``, so that bias handling is exercised.
+    ``bias_std`` (default: the family's), so that bias handling is exercised.
+    ``overrides`` are config values over the family's.
     """
     import transformers
 
-    config_name, model_name = FAMILIES[family]
+    declared = family_called(family)
+    tiny = declared.tiny
+    model_class = getattr(transformers, declared.architectures[0])
     settings: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 8,
-        "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-        "attn_implementation": "eager",
+        name: value for name, value in TINY_DEFAULTS.items() if name not in tiny.without
     }
-    if family == "gpt2":  # its own names; no GQA
-        settings = {k: v for k, v in settings.items() if k not in _LLAMA_NAMES}
-    if family == "gpt_neox":  # no GQA, LayerNorm
-        for name in ("num_key_value_heads", "head_dim", "rms_norm_eps"):
-            settings.pop(name)
-    settings.update(_FAMILY_CONFIG.get(family, {}))
+    settings.update(vocab_size=vocab_size, tie_word_embeddings=False, attn_implementation="eager")
+    settings.update(tiny.settings)
     settings.update(overrides)
-    config = getattr(transformers, config_name)(**settings)
+    config = model_class.config_class(**settings)
+    bias_std = tiny.bias_std if bias_std is None else bias_std
     torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config).eval()
+    model = model_class(config).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import RequestError
-from engine.request import check_one_input
 
 #: A token spelled as one byte (SentencePiece byte fallback, and how partial UTF-8 shows).
 BYTE_PIECE = re.compile(r"(?:<0x[0-9A-Fa-f]{2}>)+")
@@ -49,6 +48,27 @@ def _unicode_to_bytes() -> dict[str, int]:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+#: The request fields that give the input, exactly one of which a request sets.
+INPUT_FIELDS = ("prompt", "input_ids", "messages")
+
+
+def check_one_input(
+    prompt: str | None, input_ids: list[int] | None, messages: list[Any] | None = None
+) -> None:
+    """Exactly one of ``prompt``, ``input_ids`` and ``messages``, and not an empty one."""
+    given = [
+        name
+        for name, v in zip(INPUT_FIELDS, (prompt, input_ids, messages), strict=True)
+        if v is not None
+    ]
+    if len(given) != 1:
+        raise RequestError("prompt", "give exactly one of 'prompt', 'input_ids' and 'messages'")
+    if input_ids is not None and not input_ids:
+        raise RequestError("input_ids", "must not be empty")
+    if prompt is not None and not prompt:
+        raise RequestError("prompt", "must not be empty")
 
 
 @dataclass(frozen=True)

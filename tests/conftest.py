@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine import DePassEngine
+from engine.families import family_called, family_names
 from engine.testing import tiny_model, word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,40 +25,34 @@ import real_models  # noqa: E402
 
 torch.set_num_threads(2)
 
-#: family -> extra config: Mistral with a short sliding window, Qwen2 with q/k/v biases,
-#: Gemma 2 with a final soft-cap that bites at this scale, Gemma 2/3 with a local layer
-#: (window 3) before a global one, GPT-2 with LayerNorm and projection biases.
-FAMILY_SETTINGS: dict[str, dict] = {
-    "llama": {},
-    "mistral": {"sliding_window": 3},
-    "qwen2": {"bias_std": 0.2},
-    "qwen3": {},
-    "gemma": {},
-    "gemma2": {
-        "final_logit_softcapping": 2.0,
-        "sliding_window": 3,
-        "layer_types": ["sliding_attention", "full_attention"],
-    },
-    "gemma3": {"sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"]},
-    "olmo2": {},
-    "phi3": {},
-    "gpt2": {"bias_std": 0.2},
-    "gpt_neox": {"bias_std": 0.2},
-    "mixtral": {},
-    "qwen2_moe": {"bias_std": 0.2, "mlp_only_layers": [1]},  # a mixture, then a dense MLP
-    "qwen3_moe": {},
-}
+#: Every registered family: the family tests run on each one's declared tiny model
+#: (``Family.tiny``), so a family added to engine/families/ is under test with nothing
+#: else edited.
+FAMILY_NAMES: list[str] = family_names()
 
 
-@pytest.fixture(scope="session", params=sorted(FAMILY_SETTINGS))
+def shaped_like(name: str) -> list[str]:
+    """The registered families whose parts are those of the family called ``name`` (the
+    same module paths and maths under other architecture names), e.g. the families a
+    test may reach into with Llama's attribute names."""
+    model = family_called(name)
+    return [
+        other
+        for other in FAMILY_NAMES
+        if replace(family_called(other), name=model.name, architectures=model.architectures)
+        == model
+    ]
+
+
+@pytest.fixture(scope="session", params=FAMILY_NAMES)
 def family_engine(request: pytest.FixtureRequest) -> DePassEngine:
     """An engine on a tiny random model of each family."""
     return family_engine_for(request.param)
 
 
 def family_engine_for(family: str, **engine_kwargs) -> DePassEngine:
-    """An engine on the tiny random model of ``family`` (FAMILY_SETTINGS, seed 7)."""
-    model = tiny_model(family, seed=7, **FAMILY_SETTINGS[family])
+    """An engine on the tiny random model of ``family`` (its declared tiny config, seed 7)."""
+    model = tiny_model(family, seed=7)
     return DePassEngine(model, word_tokenizer(), **engine_kwargs)
 
 

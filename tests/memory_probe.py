@@ -36,8 +36,6 @@ def main() -> None:
     budget_arg = sys.argv[2] if len(sys.argv) > 2 else str(1 << 32)
     family = sys.argv[3] if len(sys.argv) > 3 else "llama"
     torch.set_num_threads(1)
-    # a mixture: four experts of 688 neurons, two chosen per position
-    experts = {"num_local_experts": 4, "num_experts_per_tok": 2} if family == "mixtral" else {}
     model = tiny_model(
         family,
         seed=0,
@@ -47,7 +45,6 @@ def main() -> None:
         num_attention_heads=8,
         num_key_value_heads=4,
         vocab_size=512,
-        **experts,
     )
     ids = torch.randint(4, 512, (TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
     request = AttributionRequest(input_ids=ids, **fields)

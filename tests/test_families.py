@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine import AttributionRequest, DePassEngine
-from engine.families import FAMILIES, Family, family_named, register
+from engine.families import FAMILIES, Family, family_called, family_for, family_named, register
 from engine.granularity import token_start
 from engine.parts import (
     FrozenMLP,
@@ -27,7 +27,7 @@ from engine.parts import (
     RMSNorm,
 )
 from engine.propagate import Member, Propagator, SplitSettings
-from tests.conftest import FAMILY_SETTINGS, family_engine_for
+from tests.conftest import FAMILY_NAMES, family_engine_for, shaped_like
 
 PROMPT = "the capital of France is Paris and the capital of Italy is Rome"
 
@@ -194,12 +194,7 @@ class _UpAsGate(GatedMLP):
         return ProjectionWeights(weight[weight.shape[0] // 2 :], None)
 
 
-def _declared(name: str) -> Family:
-    """The registered family called ``name``."""
-    return next(family for family in FAMILIES.values() if family.name == name)
-
-
-TEETH = [(name, mistake) for name in sorted(FAMILY_SETTINGS) for mistake in _wrong(_declared(name))]
+TEETH = [(name, mistake) for name in FAMILY_NAMES for mistake in _wrong(family_called(name))]
 
 
 @pytest.mark.parametrize(("name", "mistake"), TEETH)
@@ -215,7 +210,7 @@ def test_a_wrong_part_breaks_the_checks(name: str, mistake: str) -> None:
 def test_gpt_neox_without_parallel_residual_is_sequential() -> None:
     from engine.testing import tiny_model, word_tokenizer
 
-    model = tiny_model("gpt_neox", seed=7, bias_std=0.2, use_parallel_residual=False)
+    model = tiny_model("gpt_neox", seed=7, use_parallel_residual=False)
     engine = DePassEngine(model, word_tokenizer())
     assert not engine.family.parallel
     ids = engine.tokenize(PROMPT)
@@ -226,9 +221,30 @@ def test_gpt_neox_without_parallel_residual_is_sequential() -> None:
 
 
 def test_every_tiny_family_has_teeth_or_is_llama_shaped() -> None:
-    shaped_like_llama = {"llama", "mistral", "qwen2", "qwen3"}
     with_teeth = {name for name, _ in TEETH}
-    assert with_teeth == set(FAMILY_SETTINGS) - shaped_like_llama
+    assert with_teeth == set(FAMILY_NAMES) - set(shaped_like("llama"))
+    assert {"llama", "mistral", "qwen2", "qwen3"} <= set(shaped_like("llama"))
+
+
+@pytest.mark.parametrize(
+    "family",
+    sorted({f.name: f for f in FAMILIES.values()}.values(), key=lambda f: f.name),
+    ids=lambda f: f.name,
+)
+def test_every_registered_family_has_a_tiny_model_under_test(family: Family) -> None:
+    """The guard: each registered family builds its declared tiny model, which the
+    registry maps back to it, and the family tests' matrix (conftest's ``FAMILY_NAMES``)
+    runs it. A family registered without a tiny model that builds fails here."""
+    from engine.testing import tiny_model
+
+    assert family.name in FAMILY_NAMES
+    model = tiny_model(family.name, seed=0)
+    assert family_for(model) is family
+    assert type(model).__name__ in family.architectures
+    assert model.config.num_hidden_layers >= 2
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 6, 7]])).logits
+    assert torch.isfinite(logits).all()
 
 
 def test_registry_is_open_and_refuses_silent_replacement() -> None:
@@ -242,7 +258,9 @@ def test_registry_is_open_and_refuses_silent_replacement() -> None:
         FAMILIES.pop("MyLM", None)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize(
+    "name", [name for name in FAMILY_NAMES if isinstance(family_called(name).mlp, MixtureMLP)]
+)
 def test_mixture_neurons_are_their_experts_weighted_outputs(name: str) -> None:
     """Neuron components of a mixture layer: each expert's neurons add up to that
     expert's output times its routing weight where the router chose it, and are exactly

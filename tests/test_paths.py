@@ -20,7 +20,7 @@ PROMPT = "when Mary and John went to the store John gave a drink to Mary"
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return tiny_model("qwen2", seed=11, bias_std=0.2, num_hidden_layers=3)
+    return tiny_model("qwen2", seed=11, num_hidden_layers=3)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_causal_skipping_matches_full_computation(model: torch.nn.Module, rule: 
             start.first_position = [0] * len(start.first_position)
             start.single_position = False
         member = Member(start=start, length=trace.num_tokens, positions=positions)
-        propagator = Propagator(model, engine.adapter, [trace], torch.float32, 1 << 30)
+        propagator = Propagator(model, engine.family, [trace], torch.float32, 1 << 30)
         propagator.run([member], split, n_layers)
         results.append(member.snapshots[-1].values)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=2e-6)
@@ -299,13 +299,13 @@ def test_one_forward_pass_serves_every_start_layer(model: torch.nn.Module) -> No
     """A request over several start layers traces its prompt once, even with no cache."""
     engine = DePassEngine(model, word_tokenizer(), trace_cache_size=0)
     calls: list[int] = []
-    original = engine.trace_many
+    original = engine.traces.get_many
 
     def counting(prompts: Any) -> Any:
         calls.append(len(prompts))
         return original(prompts)
 
-    engine.trace_many = counting  # type: ignore[method-assign]
+    engine.traces.get_many = counting  # type: ignore[method-assign]
     request = AttributionRequest(prompt=PROMPT, granularity="head", start_layer=[0, 1, 2])
     result = engine.attribute(request)
     assert calls == [1] and result.layers == [0, 1, 2]

@@ -1,30 +1,19 @@
 """The registry of model families, keyed by Hugging Face architecture name.
 
-Each family is one declaration in its own file (:class:`engine.families.base.Family`);
-:func:`register` adds one from outside the package, e.g. a fine-tuned variant under its
-own architecture name.
+Each family is one declaration in its own file of this package, a module-level
+``FAMILY`` (:class:`engine.families.base.Family`: its parts and its tiny test model),
+found at import: a new family is one new file, with no list to edit. :func:`register`
+adds one from outside the package, e.g. a fine-tuned variant under its own architecture
+name.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from torch import nn
 
-from engine.families import (
-    gemma,
-    gemma2,
-    gemma3,
-    gpt2,
-    gpt_neox,
-    llama,
-    mistral,
-    mixtral,
-    olmo2,
-    phi3,
-    qwen2,
-    qwen2_moe,
-    qwen3,
-    qwen3_moe,
-)
 from engine.families.base import Family
 
 
@@ -50,23 +39,37 @@ def register(family: Family, replace: bool = False) -> Family:
     return family
 
 
-for _module in (
-    llama,
-    mistral,
-    qwen2,
-    qwen3,
-    gemma,
-    gemma2,
-    gemma3,
-    olmo2,
-    phi3,
-    gpt2,
-    gpt_neox,
-    mixtral,
-    qwen2_moe,
-    qwen3_moe,
-):
-    register(_module.FAMILY)
+def _discover() -> None:
+    """Register the ``FAMILY`` of every module of this package (``base`` excepted):
+    adding a family is adding its file."""
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if module_info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        family = getattr(module, "FAMILY", None)
+        if not isinstance(family, Family):
+            raise TypeError(f"{module.__name__} declares no FAMILY (an engine Family)")
+        register(family)
+
+
+_discover()
+
+
+def family_names() -> list[str]:
+    """The short names of the registered families (``llama``, ``gemma3``...), sorted."""
+    return sorted({family.name for family in FAMILIES.values()})
+
+
+def family_called(name: str) -> Family:
+    """The registered family whose short name is ``name``.
+
+    Raises:
+        KeyError: none is; the message lists the names.
+    """
+    for family in FAMILIES.values():
+        if family.name == name:
+            return family
+    raise KeyError(f"no family called {name!r}; registered: {', '.join(family_names())}")
 
 
 def supported_architectures() -> list[str]:
@@ -104,8 +107,10 @@ __all__ = [
     "FAMILIES",
     "Family",
     "UnsupportedArchitectureError",
+    "family_called",
     "family_for",
     "family_named",
+    "family_names",
     "register",
     "supported_architectures",
 ]

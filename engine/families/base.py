@@ -8,7 +8,9 @@ to both sub-blocks. The read-out is the final norm and the unembedding.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from torch import nn
 
@@ -16,6 +18,48 @@ from engine.parts import Attention, GatedMLP, MixtureMLP, NormPart, Readout, RMS
 
 #: The norm roles of a layer, in the order the forward pass meets them.
 NORM_ROLES: tuple[str, ...] = ("attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm")
+
+
+#: The special token ids of the tests' word tokenizer (engine/testing.py), for configs
+#: whose defaults point outside a tiny vocabulary.
+TINY_SPECIAL_IDS: Mapping[str, int] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+
+
+#: The tiny models' shared config (Llama's names): hidden 32, 2 layers, GQA 4/2, MLP 48.
+TINY_DEFAULTS: Mapping[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+}
+#: The defaults a config with names of its own (GPT-2's) does not take.
+TINY_LLAMA_NAMES: tuple[str, ...] = tuple(TINY_DEFAULTS)
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """The tiny random model a family is tested on (like a Hugging Face ``ModelTester``'s
+    ``get_config``), declared beside its parts so that a new family is one file.
+
+    :func:`engine.testing.tiny_model` builds it: the model class is the family's first
+    architecture, its config class that model's ``config_class``, and the config the
+    shared small defaults (hidden 32, 2 layers, GQA 4/2, MLP 48) with ``without``
+    dropped and ``settings`` laid over them.
+
+    Attributes:
+        settings: config values over the defaults: what the family needs to build at this
+            size, and what gives its parts teeth (a sliding window, a soft-cap that bites).
+        without: default config names the family's config does not take.
+        bias_std: the spread of the random biases (larger where biases are a part).
+    """
+
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    without: tuple[str, ...] = ()
+    bias_std: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -35,6 +79,7 @@ class Family:
             have both layouts; :meth:`for_config` reads it).
         final_norm: the norm before the unembedding (path from the model root).
         readout: the unembedding and its soft-cap.
+        tiny: the tiny random model every family test runs on (ignored by equality).
     """
 
     name: str
@@ -51,6 +96,7 @@ class Family:
     parallel_attr: str | None = None  # config attribute that decides ``parallel`` (NeoX)
     final_norm: NormPart = field(default_factory=lambda: RMSNorm("model.norm"))
     readout: Readout = field(default_factory=Readout)
+    tiny: TinyConfig = field(default_factory=TinyConfig, compare=False)
 
     def for_config(self, config: object) -> Family:
         """This family as it applies to a model of ``config`` (its layout decided)."""

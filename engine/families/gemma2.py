@@ -9,6 +9,7 @@ up to the logit ``z`` before the cap (the result reports both).
 
 from dataclasses import replace
 
+from engine.families.base import TINY_SPECIAL_IDS, TinyConfig
 from engine.families.gemma import FAMILY as GEMMA
 from engine.parts import Readout, RMSNorm
 
@@ -20,4 +21,13 @@ FAMILY = replace(
     mlp_norm=RMSNorm("pre_feedforward_layernorm", offset=1.0),
     mlp_post_norm=RMSNorm("post_feedforward_layernorm", offset=1.0),
     readout=Readout(softcap_attr="final_logit_softcapping"),
+    # a soft-cap that bites at this scale; a local layer (window 3) before a global one
+    tiny=TinyConfig(
+        {
+            **TINY_SPECIAL_IDS,
+            "final_logit_softcapping": 2.0,
+            "sliding_window": 3,
+            "layer_types": ["sliding_attention", "full_attention"],
+        }
+    ),
 )

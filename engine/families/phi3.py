@@ -1,7 +1,7 @@
 """Phi-3: Llama's layout with fused projections, ``qkv_proj`` (rows ``[q | k | v]``) and
 ``gate_up_proj`` (the gate is the first half)."""
 
-from engine.families.base import Family
+from engine.families.base import TINY_SPECIAL_IDS, Family, TinyConfig
 from engine.parts import FusedAttention, GatedMLP
 
 FAMILY = Family(
@@ -9,4 +9,5 @@ FAMILY = Family(
     architectures=("Phi3ForCausalLM",),
     attention=FusedAttention(qkv="self_attn.qkv_proj"),
     mlp=GatedMLP(gate="mlp.gate_up_proj", fused=True),
+    tiny=TinyConfig(TINY_SPECIAL_IDS),
 )
