@@ -223,3 +223,30 @@ def test_tables_rank_only_components_present_at_the_position() -> None:
     assert len(result.top_components(3, position=1)) == 3
     assert result.target(0) == (7, "c") and result.target(1) == (8, "d")
     assert result.table(position=0).startswith("target 'c' (id 7) at position 1 'a'")
+
+
+def test_keep_top_keeps_what_the_engine_keeps() -> None:
+    """``keep_top`` selects as the engine's ``AttributionResult.keep_top`` (the union of
+    each position's and layer's top-k by |score|, in the original order)."""
+    import torch
+
+    from engine.result import AttributionResult
+
+    result = dc.Attribution.from_json(_heads_over_layers())
+    kept = result.keep_top(1)
+    assert kept.kept_top_k == 1 and kept.components == ["H0", "H1"]
+    assert kept.layer_components == [["L1.H0", "L1.H1"], ["L2.H0", "L2.H1"]]
+    np.testing.assert_array_equal(kept.scores, result.scores[:, :, 1:])
+    assert result.keep_top(5).components == result.components
+    fields = {f: getattr(result, f) for f in result.__dataclass_fields__}
+    arrays = {
+        k: None if v is None else torch.from_numpy(v)
+        for k, v in fields.items()
+        if k in dc.Attribution.ARRAYS
+    }
+    engine = AttributionResult(
+        **{k: v for k, v in fields.items() if k not in dc.Attribution.ARRAYS and k != "model"},
+        **{k: v for k, v in arrays.items() if k != "capped_logits"},
+    )
+    for k in (1, 2, 3):
+        assert engine.keep_top(k).components == result.keep_top(k).components

@@ -11,8 +11,9 @@ import os
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple, TypeAlias
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, NamedTuple, TypeAlias, TypeVar
 
 import httpx
 import numpy as np
@@ -21,7 +22,7 @@ from depass_client import _arrays
 from depass_client._errors import APIConnectionError, APITimeoutError, DePassError, status_error
 from depass_client._params import AttributionParams
 from depass_client._retry import RetryPolicy
-from depass_client._types import Attribution, Generation
+from depass_client._types import Attribution, Generation, ModelCard, NextTokens, Tokenization
 
 try:  # the one version, from clients/python/pyproject.toml
     __version__ = importlib.metadata.version("depass-client")
@@ -72,6 +73,21 @@ ROUTES: dict[str, Route] = {
     "metrics": Route("GET", "/metrics", accept="text/plain"),
 }
 
+ResultT = TypeVar("ResultT")
+
+
+@dataclass(frozen=True)
+class Call(Generic[ResultT]):
+    """One call of an operation: what to send, with this call's options, and how to read
+    a successful answer. Built by :class:`BaseClient`, sent by either client."""
+
+    route: Route
+    parse: Callable[[httpx.Response], ResultT]
+    body: Any = None
+    binary: bool = False
+    timeout: Timeout | NotGiven = NOT_GIVEN
+    extra_headers: Mapping[str, str] | None = None
+
 
 class BaseClient:
     """Configuration and policy of a DePass Serve client.
@@ -119,24 +135,18 @@ class BaseClient:
         return headers
 
     def _build_request(
-        self,
-        http: httpx.Client | httpx.AsyncClient,
-        route: Route,
-        body: Any = None,
-        *,
-        binary: bool = False,
-        timeout: Timeout | NotGiven = NOT_GIVEN,
-        extra_headers: Mapping[str, str] | None = None,
+        self, http: httpx.Client | httpx.AsyncClient, call: Call[Any]
     ) -> httpx.Request:
         """One attempt's request; the call's ``timeout`` and ``extra_headers`` win over
         the client's."""
-        accept = SAFETENSORS_MEDIA_TYPE if binary else route.accept
+        accept = SAFETENSORS_MEDIA_TYPE if call.binary else call.route.accept
+        timeout = self.timeout if isinstance(call.timeout, NotGiven) else call.timeout
         return http.build_request(
-            route.method,
-            f"{self.base_url}{route.path}",
-            json=body,
-            headers=self._headers(accept, extra_headers),
-            timeout=self.timeout if isinstance(timeout, NotGiven) else timeout,
+            call.route.method,
+            f"{self.base_url}{call.route.path}",
+            json=call.body,
+            headers=self._headers(accept, call.extra_headers),
+            timeout=timeout,
         )
 
     @staticmethod
@@ -157,6 +167,73 @@ class BaseClient:
     def _ready_wait(self, timeout_s: float, interval_s: float) -> ReadyWait:
         """The pauses of ``wait_until_ready``, from now."""
         return ReadyWait(self.base_url, timeout_s, interval_s)
+
+    # ------------------------------------------------------------------ operations
+    # What each method of both clients sends, and how it reads the answer.
+
+    def _attribute_call(
+        self,
+        prompt: str | None,
+        fields: Mapping[str, Any],
+        binary: bool,
+        timeout: Timeout | NotGiven,
+        extra_headers: Mapping[str, str] | None,
+    ) -> Call[Attribution]:
+        body = self._body(prompt, fields)
+        return Call(ROUTES["attribute"], _attribution, body, binary, timeout, extra_headers)
+
+    def _generate_call(
+        self,
+        prompt: str | None,
+        fields: Mapping[str, Any],
+        binary: bool,
+        timeout: Timeout | NotGiven,
+        extra_headers: Mapping[str, str] | None,
+    ) -> Call[Generation]:
+        body = self._body(prompt, fields)
+        return Call(ROUTES["generate"], _generation, body, binary, timeout, extra_headers)
+
+    def _next_tokens_call(
+        self,
+        prompt: str | None,
+        fields: Mapping[str, Any],
+        timeout: Timeout | NotGiven,
+        extra_headers: Mapping[str, str] | None,
+    ) -> Call[NextTokens]:
+        body = self._body(prompt, fields, arrays=False)
+        return Call(ROUTES["next_tokens"], _next_tokens, body, False, timeout, extra_headers)
+
+    @staticmethod
+    def _tokenize_call(
+        prompt: str, timeout: Timeout | NotGiven, extra_headers: Mapping[str, str] | None
+    ) -> Call[Tokenization]:
+        body = {"prompt": prompt}
+        return Call(ROUTES["tokenize"], _tokenization, body, False, timeout, extra_headers)
+
+    @staticmethod
+    def _model_call(
+        timeout: Timeout | NotGiven, extra_headers: Mapping[str, str] | None
+    ) -> Call[ModelCard]:
+        return Call(ROUTES["model"], _model_card, timeout=timeout, extra_headers=extra_headers)
+
+    @staticmethod
+    def _health_call(
+        timeout: Timeout | NotGiven, extra_headers: Mapping[str, str] | None
+    ) -> Call[dict[str, Any]]:
+        return Call(ROUTES["health"], _json_object, timeout=timeout, extra_headers=extra_headers)
+
+    @staticmethod
+    def _metrics_call(
+        timeout: Timeout | NotGiven, extra_headers: Mapping[str, str] | None
+    ) -> Call[str]:
+        return Call(ROUTES["metrics"], _text, timeout=timeout, extra_headers=extra_headers)
+
+    @staticmethod
+    def _ready_call(
+        timeout: Timeout | NotGiven, extra_headers: Mapping[str, str] | None
+    ) -> Call[bool]:
+        """One probe, sent once: any answer but 200 (or none) is "not ready"."""
+        return Call(ROUTES["ready"], _is_ok, timeout=timeout, extra_headers=extra_headers)
 
     # ------------------------------------------------------------------ failures
 
@@ -210,19 +287,42 @@ class BaseClient:
             )
         return items
 
-    # ------------------------------------------------------------------ responses
 
-    @staticmethod
-    def _parse_attribution(response: httpx.Response) -> Attribution:
-        if _is_binary(response):
-            return Attribution.from_safetensors_bytes(response.content)
-        return Attribution.from_json(response.json())
+def _attribution(response: httpx.Response) -> Attribution:
+    if _is_binary(response):
+        return Attribution.from_safetensors_bytes(response.content)
+    return Attribution.from_json(response.json())
 
-    @staticmethod
-    def _parse_generation(response: httpx.Response) -> Generation:
-        if _is_binary(response):
-            return Generation.from_safetensors_bytes(response.content)
-        return Generation.from_json(response.json())
+
+def _generation(response: httpx.Response) -> Generation:
+    if _is_binary(response):
+        return Generation.from_safetensors_bytes(response.content)
+    return Generation.from_json(response.json())
+
+
+def _next_tokens(response: httpx.Response) -> NextTokens:
+    return NextTokens.from_json(response.json())
+
+
+def _tokenization(response: httpx.Response) -> Tokenization:
+    return Tokenization.from_json(response.json())
+
+
+def _model_card(response: httpx.Response) -> ModelCard:
+    return ModelCard.from_json(response.json())
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _text(response: httpx.Response) -> str:
+    return response.text
+
+
+def _is_ok(response: httpx.Response) -> bool:
+    return response.status_code == 200
 
 
 class ReadyWait:

@@ -21,10 +21,10 @@ from depass_client._base import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     NOT_GIVEN,
-    ROUTES,
     BaseClient,
+    Call,
     NotGiven,
-    Route,
+    ResultT,
     Timeout,
 )
 from depass_client._errors import DePassError
@@ -105,14 +105,7 @@ class Client(BaseClient):
                 ``subspace`` as a numpy array, ``array_dtype``, ...); see docs/api.md.
                 ``None`` or left out: the service's default.
         """
-        response = self._request(
-            ROUTES["attribute"],
-            self._body(prompt, fields),
-            binary=binary,
-            timeout=timeout,
-            extra_headers=extra_headers,
-        )
-        return self._parse_attribution(response)
+        return self._send(self._attribute_call(prompt, fields, binary, timeout, extra_headers))
 
     def generate(
         self,
@@ -125,14 +118,7 @@ class Client(BaseClient):
     ) -> Generation:
         """``POST /v1/generate``: continue a prompt (or ``messages``) and attribute each
         generated token (``fields``: :class:`GenerationFields`)."""
-        response = self._request(
-            ROUTES["generate"],
-            self._body(prompt, fields),
-            binary=binary,
-            timeout=timeout,
-            extra_headers=extra_headers,
-        )
-        return self._parse_generation(response)
+        return self._send(self._generate_call(prompt, fields, binary, timeout, extra_headers))
 
     def next_tokens(
         self,
@@ -145,11 +131,7 @@ class Client(BaseClient):
         """``POST /v1/next_tokens``: the model's most likely next tokens after some
         ``positions`` (default the last), ``top_k`` of them (default 5), from one forward
         pass; a candidate's ``id`` is a ready attribution target."""
-        body = self._body(prompt, fields, arrays=False)
-        response = self._request(
-            ROUTES["next_tokens"], body, timeout=timeout, extra_headers=extra_headers
-        )
-        return NextTokens.from_json(response.json())
+        return self._send(self._next_tokens_call(prompt, fields, timeout, extra_headers))
 
     def tokenize(
         self,
@@ -159,10 +141,7 @@ class Client(BaseClient):
         extra_headers: Mapping[str, str] | None = None,
     ) -> Tokenization:
         """``POST /v1/tokenize``: token ids and texts as the model sees them."""
-        response = self._request(
-            ROUTES["tokenize"], {"prompt": prompt}, timeout=timeout, extra_headers=extra_headers
-        )
-        return Tokenization.from_json(response.json())
+        return self._send(self._tokenize_call(prompt, timeout, extra_headers))
 
     def model(
         self,
@@ -171,8 +150,7 @@ class Client(BaseClient):
         extra_headers: Mapping[str, str] | None = None,
     ) -> ModelCard:
         """``GET /v1/model``: the loaded model and the limits in force."""
-        response = self._request(ROUTES["model"], timeout=timeout, extra_headers=extra_headers)
-        return ModelCard.from_json(response.json())
+        return self._send(self._model_call(timeout, extra_headers))
 
     def health(
         self,
@@ -181,9 +159,7 @@ class Client(BaseClient):
         extra_headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """``GET /health``: liveness."""
-        response = self._request(ROUTES["health"], timeout=timeout, extra_headers=extra_headers)
-        body: dict[str, Any] = response.json()
-        return body
+        return self._send(self._health_call(timeout, extra_headers))
 
     def metrics(
         self,
@@ -192,8 +168,7 @@ class Client(BaseClient):
         extra_headers: Mapping[str, str] | None = None,
     ) -> str:
         """``GET /metrics``: the service's Prometheus metrics, as text."""
-        response = self._request(ROUTES["metrics"], timeout=timeout, extra_headers=extra_headers)
-        return response.text
+        return self._send(self._metrics_call(timeout, extra_headers))
 
     def ready(
         self,
@@ -202,11 +177,9 @@ class Client(BaseClient):
         extra_headers: Mapping[str, str] | None = None,
     ) -> bool:
         """``GET /ready`` once, without retries: whether the model is loaded."""
-        request = self._build_request(
-            self._http, ROUTES["ready"], timeout=timeout, extra_headers=extra_headers
-        )
+        call = self._ready_call(timeout, extra_headers)
         try:
-            return self._http.send(request).status_code == 200
+            return call.parse(self._http.send(self._build_request(self._http, call)))
         except httpx.TransportError:
             return False
 
@@ -270,33 +243,18 @@ class Client(BaseClient):
 
     # ------------------------------------------------------------------ plumbing
 
-    def _request(
-        self,
-        route: Route,
-        body: Any = None,
-        *,
-        binary: bool = False,
-        timeout: Timeout | NotGiven = NOT_GIVEN,
-        extra_headers: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
-        """Send, retrying as the policy says; a successful response or the SDK's error."""
+    def _send(self, call: Call[ResultT]) -> ResultT:
+        """Send, retrying as the policy says; the parsed answer or the SDK's error."""
         attempt = 0
         while True:
-            request = self._build_request(
-                self._http,
-                route,
-                body,
-                binary=binary,
-                timeout=timeout,
-                extra_headers=extra_headers,
-            )
+            request = self._build_request(self._http, call)
             try:
                 response = self._http.send(request)
             except httpx.TransportError as exc:
                 delay = self._retry_delay(attempt, request, error=exc)
             else:
                 if response.is_success:
-                    return response
+                    return call.parse(response)
                 delay = self._retry_delay(attempt, request, response=response)
                 response.close()
             self._sleep(delay)
@@ -343,14 +301,8 @@ class AsyncClient(BaseClient):
         **fields: Unpack[AttributionFields],
     ) -> Attribution:
         """See :meth:`Client.attribute`."""
-        response = await self._request(
-            ROUTES["attribute"],
-            self._body(prompt, fields),
-            binary=binary,
-            timeout=timeout,
-            extra_headers=extra_headers,
-        )
-        return self._parse_attribution(response)
+        call = self._attribute_call(prompt, fields, binary, timeout, extra_headers)
+        return await self._send(call)
 
     async def generate(
         self,
@@ -362,14 +314,8 @@ class AsyncClient(BaseClient):
         **fields: Unpack[GenerationFields],
     ) -> Generation:
         """See :meth:`Client.generate`."""
-        response = await self._request(
-            ROUTES["generate"],
-            self._body(prompt, fields),
-            binary=binary,
-            timeout=timeout,
-            extra_headers=extra_headers,
-        )
-        return self._parse_generation(response)
+        call = self._generate_call(prompt, fields, binary, timeout, extra_headers)
+        return await self._send(call)
 
     async def next_tokens(
         self,
@@ -380,11 +326,7 @@ class AsyncClient(BaseClient):
         **fields: Unpack[NextTokensFields],
     ) -> NextTokens:
         """See :meth:`Client.next_tokens`."""
-        body = self._body(prompt, fields, arrays=False)
-        response = await self._request(
-            ROUTES["next_tokens"], body, timeout=timeout, extra_headers=extra_headers
-        )
-        return NextTokens.from_json(response.json())
+        return await self._send(self._next_tokens_call(prompt, fields, timeout, extra_headers))
 
     async def tokenize(
         self,
@@ -394,10 +336,7 @@ class AsyncClient(BaseClient):
         extra_headers: Mapping[str, str] | None = None,
     ) -> Tokenization:
         """See :meth:`Client.tokenize`."""
-        response = await self._request(
-            ROUTES["tokenize"], {"prompt": prompt}, timeout=timeout, extra_headers=extra_headers
-        )
-        return Tokenization.from_json(response.json())
+        return await self._send(self._tokenize_call(prompt, timeout, extra_headers))
 
     async def model(
         self,
@@ -406,10 +345,7 @@ class AsyncClient(BaseClient):
         extra_headers: Mapping[str, str] | None = None,
     ) -> ModelCard:
         """See :meth:`Client.model`."""
-        response = await self._request(
-            ROUTES["model"], timeout=timeout, extra_headers=extra_headers
-        )
-        return ModelCard.from_json(response.json())
+        return await self._send(self._model_call(timeout, extra_headers))
 
     async def health(
         self,
@@ -418,11 +354,7 @@ class AsyncClient(BaseClient):
         extra_headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """See :meth:`Client.health`."""
-        response = await self._request(
-            ROUTES["health"], timeout=timeout, extra_headers=extra_headers
-        )
-        body: dict[str, Any] = response.json()
-        return body
+        return await self._send(self._health_call(timeout, extra_headers))
 
     async def metrics(
         self,
@@ -431,10 +363,7 @@ class AsyncClient(BaseClient):
         extra_headers: Mapping[str, str] | None = None,
     ) -> str:
         """See :meth:`Client.metrics`."""
-        response = await self._request(
-            ROUTES["metrics"], timeout=timeout, extra_headers=extra_headers
-        )
-        return response.text
+        return await self._send(self._metrics_call(timeout, extra_headers))
 
     async def ready(
         self,
@@ -443,11 +372,9 @@ class AsyncClient(BaseClient):
         extra_headers: Mapping[str, str] | None = None,
     ) -> bool:
         """See :meth:`Client.ready`."""
-        request = self._build_request(
-            self._http, ROUTES["ready"], timeout=timeout, extra_headers=extra_headers
-        )
+        call = self._ready_call(timeout, extra_headers)
         try:
-            return (await self._http.send(request)).status_code == 200
+            return call.parse(await self._http.send(self._build_request(self._http, call)))
         except httpx.TransportError:
             return False
 
@@ -490,33 +417,18 @@ class AsyncClient(BaseClient):
         finally:
             bar.close()
 
-    async def _request(
-        self,
-        route: Route,
-        body: Any = None,
-        *,
-        binary: bool = False,
-        timeout: Timeout | NotGiven = NOT_GIVEN,
-        extra_headers: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
-        """See :meth:`Client._request`."""
+    async def _send(self, call: Call[ResultT]) -> ResultT:
+        """See :meth:`Client._send`."""
         attempt = 0
         while True:
-            request = self._build_request(
-                self._http,
-                route,
-                body,
-                binary=binary,
-                timeout=timeout,
-                extra_headers=extra_headers,
-            )
+            request = self._build_request(self._http, call)
             try:
                 response = await self._http.send(request)
             except httpx.TransportError as exc:
                 delay = self._retry_delay(attempt, request, error=exc)
             else:
                 if response.is_success:
-                    return response
+                    return call.parse(response)
                 delay = self._retry_delay(attempt, request, response=response)
                 await response.aclose()
             await self._sleep(delay)

@@ -139,6 +139,39 @@ class Attribution(_Result):
         they are the same at every layer)."""
         return self.components if self.layer_components is None else self.layer_components[layer]
 
+    def keep_top(self, k: int) -> Attribution:
+        """This result with only the components among the ``k`` largest |score| of some
+        position and target (and layer entry), in their original order, as the request's
+        ``top_k`` and the engine's ``AttributionResult.keep_top`` keep them; the
+        remainder, logits and conservation are unchanged."""
+        if self.scores is None:
+            raise ValueError("keep_top selects scores; this result holds none")
+        scores = self.scores if self.layers is not None else self.scores[None]
+        count = scores.shape[-2]
+        if k < count:
+            # (layers, P, M, T) -> every component index that is some entry's top-k
+            top = np.argsort(-np.abs(scores), axis=-2, kind="stable")[..., :k, :]
+            kept = np.unique(top)
+        else:
+            kept = np.arange(count)
+
+        def pick(array: np.ndarray | None) -> np.ndarray | None:  # the M axis is -2
+            return None if array is None else np.take(array, kept, axis=-2)
+
+        return dataclasses.replace(
+            self,
+            components=[self.components[i] for i in kept],
+            layer_components=None
+            if self.layer_components is None
+            else [[names[i] for i in kept] for names in self.layer_components],
+            first_positions=None
+            if self.first_positions is None
+            else [self.first_positions[i] for i in kept],
+            scores=pick(self.scores),
+            states=pick(self.states),
+            kept_top_k=k,
+        )
+
     def present(self, position: int = -1) -> np.ndarray:
         """Indices of the components that exist at index ``position`` of ``positions``
         (every one when the service does not say)."""
