@@ -25,7 +25,7 @@ def test_retries_429_honouring_retry_after() -> None:
     script = Script(envelope(429, **{"Retry-After": "3"}), OK)
     client = RecordingClient(script)
     result = client.attribute("a")
-    assert result.top_k(1) == [('tok[0]:"<s>"', 0.5)]
+    assert result.top_components(1) == [('tok[0]:"<s>"', 0.5)]
     assert len(script.requests) == 2 and client.sleeps == [3.0]
 
 

@@ -79,7 +79,7 @@ def test_safetensors_codec_interoperates_with_the_reference_library() -> None:
 
 def test_attribution_helpers(tmp_path: object) -> None:
     result = dc.Attribution.from_json(ATTRIBUTION)
-    assert result.top_k(5) == [('tok[0]:"<s>"', 0.5), ('tok[1]:"a"', -0.25)]
+    assert result.top_components(5) == [('tok[0]:"<s>"', 0.5), ('tok[1]:"a"', -0.25)]
     table = result.table()
     assert "target 'b' (id 7) at position 1 'a', logit 0.2500" in table
     assert "remainder" in table and "conservation error" in table
@@ -93,7 +93,7 @@ def test_attribution_helpers(tmp_path: object) -> None:
     assert again.states is None
     assert json.loads(json.dumps(result.to_dict()))["scores"] == [[[0.5], [-0.25]]]
     with pytest.raises(ValueError, match="scores"):
-        dc.Attribution.from_json({**ATTRIBUTION, "scores": None}).top_k()
+        dc.Attribution.from_json({**ATTRIBUTION, "scores": None}).top_components()
 
 
 def test_progress_bar_draws_in_place_on_a_terminal() -> None:
@@ -177,8 +177,8 @@ def _heads_over_layers() -> dict:
 
 def test_each_layer_is_named_by_its_own_labels() -> None:
     result = dc.Attribution.from_json(_heads_over_layers())
-    assert result.top_k(1, layer=0) == [("L1.H0", pytest.approx(0.9))]
-    assert result.top_k(1, layer=1) == [("L2.H1", pytest.approx(0.7))]
+    assert result.top_components(1, layer=0) == [("L1.H0", pytest.approx(0.9))]
+    assert result.top_components(1, layer=1) == [("L2.H1", pytest.approx(0.7))]
     assert result.labels(0)[1] == "L1.H0" and result.labels(-1)[2] == "L2.H1"
     table = result.table(k=2, layer=0)
     assert "layer 1" in table.splitlines()[0] and "L1.H0" in table and "L2." not in table
@@ -219,22 +219,34 @@ def test_tables_rank_only_components_present_at_the_position() -> None:
     }
     result = dc.Attribution.from_json(body)
     # at position 1 the later token (exactly 0) is absent, not ranked above the negatives
-    assert result.top_k(3, position=0) == [('tok[1]:"a"', -0.25), ('tok[0]:"<s>"', -0.5)]
-    assert len(result.top_k(3, position=1)) == 3
+    assert result.top_components(3, position=0) == [('tok[1]:"a"', -0.25), ('tok[0]:"<s>"', -0.5)]
+    assert len(result.top_components(3, position=1)) == 3
     assert result.target(0) == (7, "c") and result.target(1) == (8, "d")
     assert result.table(position=0).startswith("target 'c' (id 7) at position 1 'a'")
 
 
-def test_sdk_facts_equal_the_services() -> None:
-    """The SDK imports neither torch nor the service: these tests hold its copies equal."""
-    import dataclasses
+def test_keep_top_keeps_what_the_engine_keeps() -> None:
+    """``keep_top`` selects as the engine's ``AttributionResult.keep_top`` (the union of
+    each position's and layer's top-k by |score|, in the original order)."""
+    import torch
 
-    from depass_client._types import GRANULARITIES, ModelCard
-    from engine.request import GRANULARITIES as ENGINE_GRANULARITIES
-    from service.protocol import AttributionResponse, ModelResponse
+    from engine.result import AttributionResult
 
-    assert GRANULARITIES == ENGINE_GRANULARITIES
-    card = {f.name for f in dataclasses.fields(ModelCard)}
-    assert card == set(ModelResponse.model_fields) - {"object"}
-    attribution = {f.name for f in dataclasses.fields(dc.Attribution)}
-    assert attribution == set(AttributionResponse.model_fields) - {"object"}
+    result = dc.Attribution.from_json(_heads_over_layers())
+    kept = result.keep_top(1)
+    assert kept.kept_top_k == 1 and kept.components == ["H0", "H1"]
+    assert kept.layer_components == [["L1.H0", "L1.H1"], ["L2.H0", "L2.H1"]]
+    np.testing.assert_array_equal(kept.scores, result.scores[:, :, 1:])
+    assert result.keep_top(5).components == result.components
+    fields = {f: getattr(result, f) for f in result.__dataclass_fields__}
+    arrays = {
+        k: None if v is None else torch.from_numpy(v)
+        for k, v in fields.items()
+        if k in dc.Attribution.ARRAYS
+    }
+    engine = AttributionResult(
+        **{k: v for k, v in fields.items() if k not in dc.Attribution.ARRAYS and k != "model"},
+        **{k: v for k, v in arrays.items() if k != "capped_logits"},
+    )
+    for k in (1, 2, 3):
+        assert engine.keep_top(k).components == result.keep_top(k).components

@@ -163,10 +163,10 @@ def test_sdk_messages_and_per_layer_tables(server: str) -> None:
     """The SDK over real HTTP: a list of head layers gives each layer's own labels."""
     with Client(server, max_retries=0) as client:
         result = client.attribute(PROMPT, granularity="head", start_layer=[0, 1], positions=[-1])
-        assert [name for name, _ in result.top_k(5, layer=0) if name != "rest"]
+        assert [name for name, _ in result.top_components(5, layer=0) if name != "rest"]
         assert all(
             name.startswith(f"L{layer}.") or name == "rest"
             for index, layer in enumerate(result.layers)
-            for name, _ in result.top_k(5, layer=index)
+            for name, _ in result.top_components(5, layer=index)
         )
         copy.deepcopy(result)  # results are plain data

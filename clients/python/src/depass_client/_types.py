@@ -1,8 +1,11 @@
-"""Typed results: attributions, generations, tokenizations and the model card.
+"""Typed results: attributions, generations, next tokens, tokenizations, the model card.
 
-Results keep the engine's names (``tokens``, ``components``, ``positions``, ``targets``,
-``target_tokens``, ``conservation_error``) and hold numpy arrays. Unknown response fields
-are ignored, so that an older SDK keeps working against a newer service.
+Results keep the engine's names, fields (``tokens``, ``components``, ``positions``,
+``targets``, ``target_tokens``, ``conservation_error``, ``kept_top_k``) and methods
+(:meth:`Attribution.top_components`, :meth:`Attribution.labels`, as
+``engine.AttributionResult``'s), and hold numpy arrays. Their fields are the response
+schemas' (a contract test holds them equal to the service's OpenAPI document). Unknown
+response fields are ignored, so that an older SDK keeps working against a newer service.
 """
 
 from __future__ import annotations
@@ -19,9 +22,6 @@ import numpy as np
 from depass_client import _arrays, _safetensors
 
 METADATA_KEY = "depass"
-#: What the components of an attribution can be (the engine's ``GRANULARITIES``; a test
-#: holds the two equal, as the SDK does not import the engine).
-GRANULARITIES = ("token", "module", "head", "neuron", "subspace")
 ResultT = TypeVar("ResultT", bound="_Result")
 
 
@@ -126,7 +126,9 @@ class Attribution(_Result):
     logits: np.ndarray | None = None
     capped_logits: np.ndarray | None = None
 
-    def _score_row(self, position: int, target: int, layer: int) -> np.ndarray:
+    def score_row(self, position: int = -1, target: int = 0, layer: int = -1) -> np.ndarray:
+        """(M,) every component's score at one index of the position, target and layer
+        axes, in float64 (components absent at that position score exactly 0)."""
         if self.scores is None:
             raise ValueError("this result holds no scores; ask for outputs=['scores']")
         scores = self.scores if self.layers is None else self.scores[layer]
@@ -136,6 +138,39 @@ class Attribution(_Result):
         """The component labels at index ``layer`` of the layer axis (``components`` when
         they are the same at every layer)."""
         return self.components if self.layer_components is None else self.layer_components[layer]
+
+    def keep_top(self, k: int) -> Attribution:
+        """This result with only the components among the ``k`` largest |score| of some
+        position and target (and layer entry), in their original order, as the request's
+        ``top_k`` and the engine's ``AttributionResult.keep_top`` keep them; the
+        remainder, logits and conservation are unchanged."""
+        if self.scores is None:
+            raise ValueError("keep_top selects scores; this result holds none")
+        scores = self.scores if self.layers is not None else self.scores[None]
+        count = scores.shape[-2]
+        if k < count:
+            # (layers, P, M, T) -> every component index that is some entry's top-k
+            top = np.argsort(-np.abs(scores), axis=-2, kind="stable")[..., :k, :]
+            kept = np.unique(top)
+        else:
+            kept = np.arange(count)
+
+        def pick(array: np.ndarray | None) -> np.ndarray | None:  # the M axis is -2
+            return None if array is None else np.take(array, kept, axis=-2)
+
+        return dataclasses.replace(
+            self,
+            components=[self.components[i] for i in kept],
+            layer_components=None
+            if self.layer_components is None
+            else [[names[i] for i in kept] for names in self.layer_components],
+            first_positions=None
+            if self.first_positions is None
+            else [self.first_positions[i] for i in kept],
+            scores=pick(self.scores),
+            states=pick(self.states),
+            kept_top_k=k,
+        )
 
     def present(self, position: int = -1) -> np.ndarray:
         """Indices of the components that exist at index ``position`` of ``positions``
@@ -153,7 +188,7 @@ class Attribution(_Result):
             target
         ]
 
-    def top_k(
+    def top_components(
         self, k: int = 10, position: int = -1, target: int = 0, layer: int = -1
     ) -> list[tuple[str, float]]:
         """The ``k`` components with the largest score; components that do not exist yet
@@ -164,7 +199,7 @@ class Attribution(_Result):
             target: index into the target axis.
             layer: index into ``layers`` when the result has a layer axis.
         """
-        row = self._score_row(position, target, layer)
+        row = self.score_row(position, target, layer)
         present = self.present(position)
         order = present[np.argsort(-row[present], kind="stable")[:k]]
         names = self.labels(layer)
@@ -185,7 +220,7 @@ class Attribution(_Result):
 
     def table(self, k: int = 10, position: int = -1, target: int = 0, layer: int = -1) -> str:
         """A plain-text table of the top ``k`` components, with bars."""
-        top = self.top_k(k, position, target, layer)
+        top = self.top_components(k, position, target, layer)
         pos = self.positions[position]
         target_id, target_text = self.target(position, target)
         head = f"target {target_text!r} (id {target_id}) at position {pos} {self.tokens[pos]!r}"
@@ -231,7 +266,7 @@ class Generation(_Result):
     remainder_scores: np.ndarray | None = None
     logits: np.ndarray | None = None
 
-    def top_k(self, index: int = 0, k: int = 10) -> list[tuple[str, float]]:
+    def top_components(self, k: int = 10, index: int = 0) -> list[tuple[str, float]]:
         """The ``k`` tokens that contributed most to generated token ``index``."""
         if self.scores is None:
             raise ValueError("this result holds no scores")
@@ -244,7 +279,60 @@ class Generation(_Result):
         lines = [f"{self.text!r} ({self.finish_reason})"]
         for i, token in enumerate(self.generated_tokens):
             lines.append(f"[{i}] {token!r}")
-            lines.extend("  " + line for line in _score_lines(self.top_k(i, k), ranked=k))
+            lines.extend("  " + line for line in _score_lines(self.top_components(k, i), ranked=k))
+        return "\n".join(lines)
+
+
+@dataclass
+class NextToken:
+    """One candidate next token (send its ``id`` as an attribution target)."""
+
+    id: int
+    token: str
+    logit: float
+    probability: float
+
+
+@dataclass
+class NextTokens:
+    """The most likely next tokens after each asked position (``POST /v1/next_tokens``).
+
+    ``predictions[i]`` holds the candidates after ``positions[i]``, most likely first;
+    ``probability`` is the softmax of the logits over the whole vocabulary.
+    """
+
+    tokens: list[str]
+    input_ids: list[int]
+    positions: list[int]
+    predictions: list[list[NextToken]]
+    model: str = ""
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> NextTokens:
+        """Build from a JSON response body (unknown fields ignored)."""
+        names = {f.name for f in dataclasses.fields(NextToken)}
+        predictions = [
+            [NextToken(**{k: v for k, v in c.items() if k in names}) for c in candidates]
+            for candidates in body["predictions"]
+        ]
+        return cls(
+            body["tokens"], body["input_ids"], body["positions"], predictions, body.get("model", "")
+        )
+
+    def table(self) -> str:
+        """For each position, its candidates with their probability and logit."""
+        lines = []
+        for position, candidates in zip(self.positions, self.predictions, strict=True):
+            lines.append(f"after position {position} {self.tokens[position]!r}")
+            width = max((len(repr(c.token)) for c in candidates), default=5)
+            lines.append(
+                f"{'rank':>4}  {'token':<{width}}  {'id':>8}  {'probability':>11}  {'logit':>10}"
+            )
+            for rank, c in enumerate(candidates, 1):
+                lines.append(
+                    f"{rank:>4}  {c.token!r:<{width}}  {c.id:>8}  {c.probability:>11.4g}"
+                    f"  {c.logit:>10.4f}"
+                )
         return "\n".join(lines)
 
 

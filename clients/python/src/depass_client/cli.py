@@ -1,4 +1,4 @@
-"""The ``depass`` command line: attribute, generate, tokenize, model, health.
+"""The ``depass`` command line: attribute, generate, next-tokens, tokenize, model, health.
 
 ``depass attribute "The capital of France is" --granularity head --layer 1`` prints the top
 components with their scores (the tokens coloured by score on a terminal; one table per
@@ -10,16 +10,18 @@ and ``--api-key`` fall back to ``DEPASS_BASE_URL`` and ``DEPASS_API_KEY``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from depass_client._base import __version__
 from depass_client._client import Client
 from depass_client._errors import APIStatusError, DePassError
-from depass_client._types import GRANULARITIES, Attribution
+from depass_client._params import GRANULARITIES, STRATEGIES
+from depass_client._types import Attribution
 
 #: 256-colour shades, faint to strong: red raises the target's logit, blue lowers it (the
 #: convention of the viewer, the HTML view and the plots: ColorBrewer's RdBu).
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--split", default=None, help="MLP split rule (default softmax)")
     attribute.add_argument(
         "--strategy",
-        choices=["auto", "forward", "reverse"],
+        choices=STRATEGIES,
         default=None,
         help="reverse: every score from one gradient (--split taylor); default auto",
     )
@@ -122,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--top", type=int, default=3, help="contributors per token")
     generate.add_argument("--json", action="store_true")
+
+    next_tokens = commands.add_parser(
+        "next-tokens", parents=[common], help="the model's most likely next tokens"
+    )
+    next_tokens.add_argument("prompt")
+    next_tokens.add_argument(
+        "--positions", type=_int_list, default=None, help="e.g. -1 or 2,5 (default: the last)"
+    )
+    next_tokens.add_argument("--top-k", type=int, default=None, help="tokens per position (5)")
+    next_tokens.add_argument("--json", action="store_true")
 
     tokenize = commands.add_parser("tokenize", parents=[common], help="show token ids")
     tokenize.add_argument("text")
@@ -166,29 +178,24 @@ def _input(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _attribute(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    fields: dict[str, Any] = {
+    module: Literal["attn", "mlp"] | None = args.module
+    if args.granularity == "module" and module is None:
+        module = "attn"
+    result = client.attribute(  # None: the service's default
         **_input(args),
-        "granularity": args.granularity,
-        "positions": [args.position],
-        "outputs": ["scores"],
-    }
-    optional = {
-        "start_layer": args.layer,
-        "end_layer": args.end_layer,
-        "module": args.module,
-        "neurons": args.neurons,
-        "mlp_split": args.split,
-        "strategy": args.strategy,
-        "top_k": args.top_k,
-    }
-    fields.update({k: v for k, v in optional.items() if v is not None})
-    if args.granularity == "module" and args.module is None:
-        fields["module"] = "attn"
-    if args.target is not None:
-        fields["targets"] = [args.target]
-    if args.json:
-        fields["array_encoding"] = "list"
-    result = client.attribute(**fields)
+        granularity=args.granularity,
+        start_layer=args.layer,
+        end_layer=args.end_layer,
+        module=module,
+        neurons=args.neurons,
+        mlp_split=args.split,
+        strategy=args.strategy,
+        top_k=args.top_k,
+        targets=None if args.target is None else [args.target],
+        positions=[args.position],
+        outputs=["scores"],
+        array_encoding="list" if args.json else None,
+    )
     if args.html:
         with open(args.html, "w", encoding="utf-8") as page:
             page.write(result.to_html())
@@ -210,21 +217,27 @@ def _attribute(client: Client, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    fields: dict[str, Any] = {
+    result = client.generate(
         **_input(args),
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-    }
-    if args.seed is not None:
-        fields["seed"] = args.seed
-    if args.json:
-        fields["array_encoding"] = "list"
-    result = client.generate(**fields)
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        array_encoding="list" if args.json else None,
+    )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2), file=out)
     else:
         print(result.table(k=args.top), file=out)
+    return 0
+
+
+def _next_tokens(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    result = client.next_tokens(args.prompt, positions=args.positions, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2), file=out)
+    else:
+        print(result.table(), file=out)
     return 0
 
 
@@ -260,6 +273,7 @@ def _health(client: Client, args: argparse.Namespace, out: TextIO) -> int:
 _COMMANDS = {
     "attribute": _attribute,
     "generate": _generate,
+    "next-tokens": _next_tokens,
     "tokenize": _tokenize,
     "model": _model,
     "health": _health,

@@ -67,11 +67,11 @@ def token_heatmap(
     """The input tokens as cells coloured by their score, ``per_row`` to a row.
 
     ``result`` is a token run without groups; ``position``, ``target``, ``layer`` are
-    indices as in :meth:`Attribution.top_k`.
+    indices as in :meth:`Attribution.top_components`.
     """
     if result.granularity != "token" or len(result.components) != len(result.tokens):
         raise ValueError("token_heatmap needs a token result without groups")
-    scores = result._score_row(position, target, layer)  # (N,)
+    scores = result.score_row(position, target, layer)  # (N,)
     n = len(scores)
     rows = -(-n // per_row)
     grid = np.full((rows, per_row), np.nan)
@@ -129,7 +129,7 @@ def top_components(
     ax: Axes | None = None,
 ) -> Figure:
     """The ``k`` components with the largest |score|, largest at the top."""
-    row = result._score_row(position, target, layer)  # (M,)
+    row = result.score_row(position, target, layer)  # (M,)
     order = np.argsort(-np.abs(row), kind="stable")[:k]
     values = row[order][::-1]
     labels = [result.components[i] for i in order][::-1]

@@ -94,7 +94,7 @@ def attribution_html(
     result: Attribution, position: int = -1, target: int = 0, layer: int = -1
 ) -> str:
     """The result as an HTML fragment (a ``<div>``): a token heat map, a layer x head grid,
-    or a ranked table (``position``, ``target``, ``layer``: indices as in ``top_k``)."""
+    or a ranked table (``position``, ``target``, ``layer``: indices as in ``top_components``)."""
     if result.scores is None:
         return f'<div style="{_STYLE}">{html.escape(repr(result))}</div>'
     pos = result.positions[position]
@@ -144,7 +144,7 @@ def _numbers(result: Attribution, position: int, target: int, layer: int) -> str
 
 
 def _token_map(result: Attribution, position: int, target: int, layer: int, pos: int) -> str:
-    row = result._score_row(position, target, layer)  # (N,)
+    row = result.score_row(position, target, layer)  # (N,)
     limit = float(np.abs(row).max()) if row.size else 0.0
     rem = 0.0
     if result.remainder_scores is not None:
@@ -230,7 +230,7 @@ def _head_grid(result: Attribution, position: int, target: int) -> str:
 
 def _ranked(result: Attribution, position: int, target: int, layer: int, k: int = 12) -> str:
     """The components with the largest |score|, with bars."""
-    row = result._score_row(position, target, layer)  # (M,)
+    row = result.score_row(position, target, layer)  # (M,)
     order = np.argsort(-np.abs(row), kind="stable")[:k]
     limit = float(np.abs(row[order]).max()) if order.size else 0.0
     share = shares(row.tolist())
