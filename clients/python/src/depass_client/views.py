@@ -17,12 +17,31 @@ import html
 import json
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from depass_client._types import Attribution
+
+class Attribution(Protocol):
+    """What the views read of an attribution (:class:`depass_client.Attribution`); a
+    protocol, so that the result type imports the views and not the reverse."""
+
+    tokens: list[str]
+    components: list[str]
+    positions: list[int]
+    targets: list[int]
+    target_tokens: list[str]
+    granularity: str
+    layers: list[int] | None
+    conservation_error: float
+    relative_conservation_error: float
+    model: str
+    scores: np.ndarray | None
+    remainder_scores: np.ndarray | None
+    logits: np.ndarray | None
+
+    def score_row(self, position: int = -1, target: int = 0, layer: int = -1) -> np.ndarray: ...
+
 
 _POSITIVE = ("#f7f7f7", "#fddbc7", "#f4a582", "#d6604d", "#b2182b", "#67001f")
 _NEGATIVE = ("#f7f7f7", "#d1e5f0", "#92c5de", "#4393c3", "#2166ac", "#053061")
