@@ -272,7 +272,7 @@ class EvalModel:
     def _residual_batch(self, ids: torch.Tensor, layer: int) -> torch.Tensor:
         """(B, N, D) the residual entering ``layer`` (``layer == L``: leaving the last
         one): the input of that decoder layer, so that whatever the model adds to the
-        token embeddings (GPT-2's positions, Gemma's scale) is in it."""
+        token embeddings (GPT-2's position embeddings) is in it."""
         captured: list[torch.Tensor] = []
 
         def stop_before(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:

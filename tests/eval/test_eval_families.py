@@ -78,7 +78,7 @@ def test_facts_are_the_engines(model: EvalModel) -> None:
 
 def test_residuals_enter_each_layer(model: EvalModel) -> None:
     """The residual entering layer l is what the model's hidden states hold there (GPT-2's
-    includes its position embeddings, Gemma's the embedding scale)."""
+    includes its position embeddings)."""
     prompts = [model.encode(CASE["prompt"]), model.encode(OTHER_PROMPT)]
     layers = list(range(model.num_layers))
     every = model.residuals_at(prompts, layers)  # (L, B, D) from the hidden states
