@@ -20,7 +20,7 @@ from typing import Any
 
 from depass_batch.options import RayOptions
 from depass_batch.runner import actor_pool_batches, actor_threads
-from depass_eval.model import EvalModel, load_model
+from depass_eval.model import EvalModel
 from depass_eval.runner import Context, FanOut, jsonable
 from depass_eval.source import LocalDePass
 
@@ -41,12 +41,10 @@ class ContextSpec:
 
     def build(self) -> Context:
         """The model (in float32, eager), DePass on it in-process, the run's options."""
-        from engine import DePassEngine
-
-        evaluated = EvalModel(*load_model(self.model, self.threads), name=self.name)
+        evaluated = EvalModel.load(self.model, self.threads, self.name)
         return Context(
             model=evaluated,
-            depass=LocalDePass(engine=DePassEngine(evaluated.model, evaluated.tokenizer)),
+            depass=LocalDePass(engine=evaluated.engine),
             out_dir=Path(self.out_dir),
             seed=self.seed,
             options=dict(self.options),

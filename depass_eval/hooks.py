@@ -1,12 +1,14 @@
 """Zeroing attention heads and MLP neurons with forward hooks, and gradient x activation
 at the same places.
 
-A head's output is its slice of the input of the attention's output projection
-(``o_proj``); a neuron's output is its entry of the input of the MLP's down projection
-(``down_proj``, the activation ``act(gate) * up``). Zeroing there removes exactly that
-head's or neuron's write to the residual stream at every position. The hooks take one mask
-per batch row, so many maskings of one prompt run as one batched forward, and are removed
-when the ``with`` block ends (nothing is patched globally).
+A head's output is its slice of the input of the attention's output projection (the
+family's ``o_proj``: Llama's ``self_attn.o_proj``, GPT-2's ``attn.c_proj``, GPT-NeoX's
+``attention.dense``); a neuron's output is its activation on the engine's neuron axis
+(a dense MLP's down-projection input, ``act(gate) * up``; a mixture's experts', weighted
+by their routing: :meth:`depass_eval.model.EvalModel.neuron_hook`). Zeroing there removes
+exactly that head's or neuron's write to the residual stream at every position. The hooks
+take one mask per batch row, so many maskings of one prompt run as one batched forward,
+and are removed when the ``with`` block ends (nothing is patched globally).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from depass_eval.model import BATCH_ROWS, EvalModel
+from depass_eval.model import BATCH_ROWS, Edit, EvalModel
 
 
 @contextmanager
@@ -28,27 +30,23 @@ def masked(
     neuron_keep: dict[int, torch.Tensor] | None = None,
 ) -> Iterator[None]:
     """Inside the block, multiply head outputs by ``head_keep`` (B, L, H) and the neurons
-    of layer ``l`` by ``neuron_keep[l]`` (B, I); 0 zeroes, 1 keeps. B is the batch size
+    of layer ``l`` by ``neuron_keep[l]`` (B, W_l); 0 zeroes, 1 keeps. B is the batch size
     of the forwards run inside."""
     handles = []
 
-    def scale(mask: torch.Tensor, repeat: int) -> Any:
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            x = args[0]
-            factor = mask.to(x.dtype).repeat_interleave(repeat, dim=-1)
-            return (x * factor.view(x.shape[0], 1, -1), *args[1:])
+    def scale(mask: torch.Tensor, repeat: int) -> Edit:
+        def edit(x: torch.Tensor) -> torch.Tensor:
+            factor = mask.to(x.device, x.dtype).repeat_interleave(repeat, dim=-1)
+            return x * factor.view(x.shape[0], 1, -1)
 
-        return hook
+        return edit
 
     try:
         if head_keep is not None:
             for layer in range(model.num_layers):
-                o_proj = model.output_projection(layer)
-                hook = scale(head_keep[:, layer], model.head_dim)
-                handles.append(o_proj.register_forward_pre_hook(hook))
+                handles += model.head_hook(layer, scale(head_keep[:, layer], model.head_dim))
         for layer, keep in (neuron_keep or {}).items():
-            down = model.down_projection(layer)
-            handles.append(down.register_forward_pre_hook(scale(keep, 1)))
+            handles += model.neuron_hook(layer, scale(keep, 1))
         yield
     finally:
         for handle in handles:
@@ -80,26 +78,16 @@ def gradient_x_activation(
     model: EvalModel, ids: Sequence[int], target: int, neuron_layers: Sequence[int]
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Gradient x activation of the target's logit at every head output (L, H) and at the
-    neurons of ``neuron_layers`` ({layer: (I,)}), summed over positions (one backward)."""
+    neurons of ``neuron_layers`` ({layer: (W_l,)}), summed over positions (one backward)."""
     heads: dict[int, torch.Tensor] = {}
     neurons: dict[int, torch.Tensor] = {}
     handles = []
-
-    def keep(store: dict[int, torch.Tensor], layer: int) -> Any:
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            args[0].retain_grad()
-            store[layer] = args[0]
-
-        return hook
-
     embed = model.embeddings()
     try:
         for layer in range(model.num_layers):
-            o_proj = model.output_projection(layer)
-            handles.append(o_proj.register_forward_pre_hook(keep(heads, layer)))
+            handles += model.head_hook(layer, _retained(heads, layer))
         for layer in neuron_layers:
-            down = model.down_projection(layer)
-            handles.append(down.register_forward_pre_hook(keep(neurons, layer)))
+            handles += model.neuron_hook(layer, _retained(neurons, layer))
         with torch.enable_grad():
             embeds = embed(torch.tensor([list(ids)], device=model.device)).detach()
             embeds.requires_grad_(True)
@@ -120,6 +108,18 @@ def gradient_x_activation(
         ]
     )
     return per_head, {layer: score(x) for layer, x in neurons.items()}
+
+
+def _retained(store: dict[int, torch.Tensor], layer: int) -> Edit:
+    """An edit that changes nothing and keeps the activations, their gradient retained,
+    as ``store[layer]``."""
+
+    def edit(x: torch.Tensor) -> torch.Tensor:
+        x.retain_grad()
+        store[layer] = x
+        return x
+
+    return edit
 
 
 def masked_generate(
@@ -159,9 +159,9 @@ def paper_component_scores(
       residual space) cut into H contiguous chunks of D / H; per chunk the sum of
       ``|activation x gradient|``, or the chunk's norm. (A chunk is not a head: ``o_proj``
       mixes the heads; the per-head reading is :func:`gradient_x_activation`.)
-    - ``atp`` / ``coef`` / ``norm`` ({layer: (I,)}): at the ``down_proj`` input,
-      ``|activation x gradient|``, ``|activation|`` and the norm of the neuron's write,
-      ``|activation| * ||W_down[:, i]||``.
+    - ``atp`` / ``coef`` / ``norm`` ({layer: (W_l,)}): at the neurons (a dense MLP's
+      ``down_proj`` input), ``|activation x gradient|``, ``|activation|`` and the norm of
+      the neuron's write, ``|activation| * ||W_down[:, i]||``.
     """
     outputs: dict[int, torch.Tensor] = {}
     inputs: dict[int, torch.Tensor] = {}
@@ -174,20 +174,11 @@ def paper_component_scores(
 
         return hook
 
-    def keep_input(layer: int) -> Any:
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            args[0].retain_grad()
-            inputs[layer] = args[0]
-
-        return hook
-
     try:
         for layer in range(model.num_layers):
             handles.append(model.output_projection(layer).register_forward_hook(keep_output(layer)))
         for layer in neuron_layers:
-            handles.append(
-                model.down_projection(layer).register_forward_pre_hook(keep_input(layer))
-            )
+            handles += model.neuron_hook(layer, _retained(inputs, layer))
         with torch.enable_grad():
             embeds = model.embeddings()(torch.tensor([list(ids)], device=model.device)).detach()
             embeds.requires_grad_(True)
@@ -213,7 +204,7 @@ def paper_component_scores(
     neurons: dict[str, dict[int, torch.Tensor]] = {"atp": {}, "coef": {}, "norm": {}}
     for layer in neuron_layers:
         act, grad = last(inputs[layer])
-        columns = model.down_projection(layer).weight.detach().float().cpu().norm(dim=0)
+        columns = model.neuron_columns(layer).detach().float().cpu().norm(dim=0)
         neurons["atp"][layer] = (act * grad).abs()
         neurons["coef"][layer] = act.abs()
         neurons["norm"][layer] = act.abs() * columns

@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from depass_eval import report
-from depass_eval.model import EvalModel, load_model
+from depass_eval.model import EvalModel
 from depass_eval.runner import Context, FanOut, finish_run_info, read_rows, write_run_info
 from depass_eval.source import DePassSource, LocalDePass, RemoteDePass
 
@@ -66,7 +66,7 @@ def run_protocol(
     options = dict(options or {})
     options["exclude"] = _excluded(options.get("exclude_runs", []))
     out_dir = Path(out_dir)
-    evaluated = loaded or EvalModel(*load_model(model, threads), name=Path(model).name)
+    evaluated = loaded or EvalModel.load(model, threads)
     ctx = Context(
         model=evaluated,
         depass=_source(evaluated, url, api_key),
@@ -134,11 +134,9 @@ def _ray_fan_out(
 
 
 def _source(model: EvalModel, url: str | None, api_key: str | None) -> DePassSource:
-    """The in-process engine on the loaded model, or the service at ``url``."""
+    """The loaded model's own engine in-process, or the service at ``url``."""
     if url is None:
-        from engine import DePassEngine
-
-        return LocalDePass(engine=DePassEngine(model.model, model.tokenizer))
+        return LocalDePass(engine=model.engine)
     from depass_client import Client
 
     remote = RemoteDePass(client=Client(base_url=url, api_key=api_key))

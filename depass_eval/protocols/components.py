@@ -95,6 +95,25 @@ def _order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(scores, dtype=np.float64).reshape(-1), kind="stable")
 
 
+def _neuron_scores(
+    ctx: Context,
+    ids: list[int],
+    answer: int,
+    layers: list[int],
+    widths: list[int],
+    split: Split | None,
+) -> np.ndarray:
+    """DePass scores of the neurons of ``layers``, layer after layer, flat: one request
+    per width (the engine asks every layer of one request for all its neurons at one
+    width; Qwen2-MoE's dense layers are narrower than its mixtures)."""
+    per_layer: dict[int, np.ndarray] = {}
+    for width in dict.fromkeys(widths):
+        group = [layer for layer, w in zip(layers, widths, strict=True) if w == width]
+        scores = ctx.depass.neuron_scores_of_layers(ids, answer, group, split)
+        per_layer.update(zip(group, scores, strict=True))
+    return np.concatenate([per_layer[layer] for layer in layers])
+
+
 def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
     """Rankings of every method and the answer under each top-k zeroing."""
     model = ctx.model
@@ -102,7 +121,7 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
     ids = model.encode(case["prompt"])
     answer = model.answer_id(case["answer"])
     layers = neuron_layers(ctx)
-    width = model.intermediate_size
+    widths = [model.neuron_width(layer) for layer in layers]  # a mixture's: every expert's
     seconds: dict[str, float] = {}
     rule = ctx.options.get("component_split")
     split = Split(rule, ctx.options.get("temperatures", [0.1])[0], False) if rule else None
@@ -111,9 +130,7 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
     seconds["depass_heads"] = clock.seconds
     neuron_split = neuron_split_of(ctx, split)
     with Timer() as clock:
-        neuron_scores = ctx.depass.neuron_scores_of_layers(
-            ids, answer, layers, neuron_split
-        ).reshape(-1)
+        neuron_scores = _neuron_scores(ctx, ids, answer, layers, widths, neuron_split)
     seconds["depass_neurons"] = clock.seconds
     with Timer() as clock:
         gxa_heads, gxa_neurons = gradient_x_activation(model, ids, answer, layers)
@@ -153,14 +170,16 @@ def evaluate(ctx: Context, case: dict[str, Any]) -> dict[str, Any]:
     variants = [(kind, method, k) for kind in KINDS for method in methods[kind] for k in ks[kind]]
     rows = 1 + len(variants)  # row 0: nothing zeroed
     head_keep = torch.ones(rows, model.num_layers, model.num_heads)
-    neuron_keep = {layer: torch.ones(rows, width) for layer in layers}
+    neuron_keep = {layer: torch.ones(rows, model.neuron_width(layer)) for layer in layers}
+    starts = np.cumsum([0, *widths[:-1]])  # each layer's first index in the flat ranking
     for row, (kind, method, k) in enumerate(variants, start=1):
         top = rankings[kind][method][:k]
         if kind == "heads":
             head_keep[row].view(-1)[torch.as_tensor(top)] = 0.0
         else:
             for flat in top:
-                neuron_keep[layers[int(flat) // width]][row, int(flat) % width] = 0.0
+                at = int(np.searchsorted(starts, flat, side="right")) - 1
+                neuron_keep[layers[at]][row, int(flat - starts[at])] = 0.0
     generated: list[str] = []
     with Timer() as clock:
         if paper:

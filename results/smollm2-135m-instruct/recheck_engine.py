@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from depass_eval import perturb
-from depass_eval.model import EvalModel, load_model
+from depass_eval.model import EvalModel
 from depass_eval.source import LocalDePass, Split
-from engine import DePassEngine
 
 RULES = ("softmax", "relu", "max", "linear", "taylor")
 
@@ -34,9 +33,8 @@ def main() -> None:
     model_path, run, span = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     write = "--write" in sys.argv[4:]
     lo, hi = (int(v) for v in span.split(":")) if ":" in span else (0, int(span))
-    model, tokenizer = load_model(model_path, threads=1)
-    evaluated = EvalModel(model, tokenizer, name=Path(model_path).name)
-    depass = LocalDePass(engine=DePassEngine(model, tokenizer))
+    evaluated = EvalModel.load(model_path, threads=1, name=Path(model_path).name)
+    depass = LocalDePass(engine=evaluated.engine)
     path = run / "rows.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     commit = subprocess.run(

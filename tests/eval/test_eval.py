@@ -24,7 +24,7 @@ from depass_eval.baselines import PAPER_BASELINES
 from depass_eval.cli import main as cli_main
 from depass_eval.data import Case
 from depass_eval.hooks import gradient_x_activation, masked, masked_logits
-from depass_eval.model import EvalModel, load_model
+from depass_eval.model import EvalModel
 from depass_eval.peers import PEERS
 from depass_eval.probes import fit_probe, texts_and_labels
 from depass_eval.runner import Context, run_rows, select_correct
@@ -42,12 +42,18 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def tiny() -> EvalModel:
-    return EvalModel(*load_model(str(TINY)), name="depass-tiny")
+    return EvalModel.load(str(TINY), name="depass-tiny")
 
 
 @pytest.fixture(scope="module")
 def depass(tiny: EvalModel) -> LocalDePass:
-    return LocalDePass(engine=DePassEngine(tiny.model, tiny.tokenizer))
+    return LocalDePass(engine=tiny.engine)
+
+
+def _down_projection(model: EvalModel, layer: int) -> torch.nn.Module:
+    """The dense MLP output projection of ``layer`` (its input: the neurons)."""
+    block = model.block(layer)
+    return block.get_submodule(model.family.mlp.for_layer(block).down)
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +307,7 @@ def test_tokens_protocol_in_paper_mode(tiny: EvalModel, ioi_file: Path, tmp_path
 def test_masking_hooks_change_exactly_what_they_mask(tiny: EvalModel) -> None:
     ids = tiny.encode(tasks.held_out_ioi(1)[0].prompt)
     plain = tiny.last_logits([ids])[0]
-    layers, heads, width = tiny.num_layers, tiny.num_heads, tiny.intermediate_size
+    layers, heads, width = tiny.num_layers, tiny.num_heads, tiny.neuron_width(tiny.num_layers - 1)
     head_keep = torch.ones(3, layers, heads)
     head_keep[1, 2, 1] = 0.0  # row 1: one head zeroed
     neuron_keep = {layers - 1: torch.ones(3, width)}
@@ -311,7 +317,7 @@ def test_masking_hooks_change_exactly_what_they_mask(tiny: EvalModel) -> None:
     assert (logits[1] - plain).abs().max() > 1e-3
     # the last MLP zeroed = the model with that MLP's output removed, computed by hand
     captured: dict[str, torch.Tensor] = {}
-    mlp = tiny.down_projection(layers - 1)
+    mlp = _down_projection(tiny, layers - 1)
     handle = mlp.register_forward_hook(lambda _m, _i, out: captured.setdefault("mlp", out))
     tiny.last_logits([ids])
     handle.remove()
@@ -332,7 +338,7 @@ def test_gradient_x_activation_matches_autograd(tiny: EvalModel) -> None:
     ids, answer = tiny.encode(case.prompt), tiny.answer_id(case.answer)
     heads, neurons = gradient_x_activation(tiny, ids, answer, [tiny.num_layers - 1])
     assert heads.shape == (tiny.num_layers, tiny.num_heads)
-    assert neurons[tiny.num_layers - 1].shape == (tiny.intermediate_size,)
+    assert neurons[tiny.num_layers - 1].shape == (tiny.neuron_width(tiny.num_layers - 1),)
     assert torch.isfinite(heads).all() and heads.abs().sum() > 0
 
 
@@ -347,7 +353,7 @@ def test_paper_component_baselines_are_chunks_of_the_attention_output(tiny: Eval
     layer, last_layer = 2, tiny.num_layers - 1
     got = paper_component_scores(tiny, ids, [last_layer])
     store: dict[str, torch.Tensor] = {}
-    o_proj, down = tiny.output_projection(layer), tiny.down_projection(last_layer)
+    o_proj, down = tiny.output_projection(layer), _down_projection(tiny, last_layer)
     handles = [
         o_proj.register_forward_hook(lambda _m, _a, out: store.setdefault("out", out)),
         down.register_forward_pre_hook(lambda _m, args: store.setdefault("act", args[0])),
@@ -384,7 +390,7 @@ def test_every_layers_neurons_in_one_request(tiny: EvalModel, depass: LocalDePas
     layers = list(range(tiny.num_layers))
     split = Split("taylor", ignore_bos=False)
     together = depass.neuron_scores_of_layers(ids, answer, layers, split)
-    assert together.shape == (tiny.num_layers, tiny.intermediate_size)
+    assert together.shape == (tiny.num_layers, tiny.info.intermediate_size)
     for layer in layers:
         np.testing.assert_allclose(
             together[layer], depass.neuron_scores(ids, answer, layer, split), atol=1e-4
