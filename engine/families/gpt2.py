@@ -15,6 +15,6 @@ FAMILY = Family(
         module="attn", qkv="attn.c_attn", o_proj="attn.c_proj", transposed=True
     ),
     mlp_norm=LayerNorm("ln_2"),
-    mlp=PlainMLP(gate="mlp.c_fc", down="mlp.c_proj", transposed=True),
+    mlp=PlainMLP(in_proj="mlp.c_fc", down="mlp.c_proj", transposed=True),
     final_norm=LayerNorm("transformer.ln_f"),
 )
