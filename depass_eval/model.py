@@ -33,7 +33,7 @@ from torch.utils.hooks import RemovableHandle
 from engine import DePassEngine
 from engine.families import Family
 from engine.info import ModelInfo
-from engine.parts import FrozenMLP, GatedMLP, Hook, MixtureMLP
+from engine.parts import DenseMLP, FrozenMLP, Hook, MixtureMLP
 
 #: Rows of one batched forward (equal-length prompts); bounds the activation memory.
 BATCH_ROWS = 64
@@ -259,7 +259,7 @@ class EvalModel:
         """
         block = self.block(layer)
         part = self.family.mlp.for_layer(block)
-        if isinstance(part, GatedMLP):  # one projection reads every neuron
+        if isinstance(part, DenseMLP):  # one projection reads every neuron
 
             def dense(
                 _module: nn.Module, args: tuple[torch.Tensor, ...]

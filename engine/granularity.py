@@ -234,13 +234,13 @@ def neuron_start(
     index in the batch ``weights`` was built for.
     """
     length = resid_mid.shape[0]
-    chosen = list(range(weights.w_down.shape[1])) if neurons is None else list(neurons)
+    chosen = list(range(weights.neurons.width)) if neurons is None else list(neurons)
     index = torch.tensor(chosen, dtype=torch.long, device=weights.device)
     act = weights.act[member, :length]  # (N, I)
     values = resid_mid.new_empty(len(chosen) + 2, *resid_mid.shape)
     values[0] = weights.bias_of(weights.mlp_bias, member, resid_mid)
-    w_down = weights.w_down[:, index].to(resid_mid.dtype)  # (D, K)
-    torch.mul(act[:, index].T[:, :, None], w_down.T[:, None, :], out=values[2:])  # (K, N, D)
+    directions = weights.neurons.directions(index, resid_mid.dtype)  # (K, D)
+    torch.mul(act[:, index].T[:, :, None], directions[:, None, :], out=values[2:])  # (K, N, D)
     if not weights.mlp_post.identity:  # each neuron's output through the frozen post-norm
         post = weights.mlp_post
         values[2:] = post(values[2:], post.at(member, slice(None, length)))

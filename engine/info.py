@@ -41,25 +41,24 @@ class ModelInfo:
 
 
 def model_info(model: nn.Module, family: Family) -> ModelInfo:
-    """The facts of ``model``, read from its family's parts' weights (configs name them
-    differently)."""
+    """The facts of ``model``, from its family's parts (configs name them differently)."""
     config = model.config
-    heads = int(config.num_attention_heads)
     first = family.layer(model, 0)
-    head_dim = family.attention.output(first, config).weight.shape[1] // heads  # H d_h / H
+    attention = family.attention.shape(first, config)
     embed = family.embeddings(model)
+    parameter = next(embed.parameters())  # (V, D) the embedding table
     num_layers = len(family.decoder_layers(model))
     return ModelInfo(
         architecture=type(model).__name__,
         family=family.name,
         num_layers=num_layers,
-        num_heads=heads,
-        num_kv_heads=family.attention.value(first, config).weight.shape[0] // head_dim,
-        head_dim=head_dim,
-        hidden_size=int(embed.weight.shape[1]),
+        num_heads=attention.heads,
+        num_kv_heads=attention.kv_heads,
+        head_dim=attention.head_dim,
+        hidden_size=int(parameter.shape[1]),
         intermediate_size=max(family.neuron_width(model, i) for i in range(num_layers)),
-        vocab_size=int(family.unembed(model).weight.shape[0]),
-        dtype=str(embed.weight.dtype).removeprefix("torch."),
-        device=str(embed.weight.device),
+        vocab_size=family.readout.vocab_size(family.unembed(model)),
+        dtype=str(parameter.dtype).removeprefix("torch."),
+        device=str(parameter.device),
         logit_softcap=family.readout.softcap(config),
     )

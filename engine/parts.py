@@ -7,20 +7,29 @@ module it stands for by a dotted path (from the model root, or from one decoder 
   :class:`LayerNorm`, which centres each component by its own per-position mean and gives
   its bias to the remainder). A norm freezes the per-position inverse scale of its true
   input (:meth:`inverse_scale`, from a pre-hook on its module) and is then linear:
-  :class:`FrozenNorm` carries components through it.
+  :meth:`freeze` gives the :class:`FrozenNorm` that carries components through it.
 - **Attention** (:class:`Attention` with separate projections, :class:`FusedAttention`
   with one fused q/k/v projection, stored as rows or, Conv1D, transposed). Once its
-  probabilities are frozen it is linear in its input; the part gives the value and
-  output projections that :mod:`engine.propagate` needs.
-- **MLPs** (:class:`GatedMLP`, fused or not, :class:`PlainMLP`, ``act(W_in x + b)``, and
-  :class:`MixtureMLP`, a mixture of experts with its routing frozen). All freeze the
+  probabilities are frozen it is linear in its input: :meth:`Attention.freeze` gives its
+  frozen operator (:class:`FrozenAttention`, the :class:`AttentionOperator` protocol):
+  values, mixing with the frozen probabilities, output projection, per-head outputs and
+  the bias that goes to the remainder.
+- **MLPs** (:class:`GatedMLP`, fused or not, :class:`PlainMLP`, ``out(act(in(x) + b))``,
+  and :class:`MixtureMLP`, a mixture of experts with its routing frozen). All freeze the
   true pre-activations ``g`` of the split input projection and the neuron activations
   ``a``; a gated MLP's ``g`` is its gate, a plain MLP's the pre-activation itself (its
   bias on the remainder's), so every split rule applies to all unchanged. An MLP is one
   or more :class:`NeuronBlock` runs of one neuron axis: a dense MLP one, a mixture one
   per expert (each expert's activations times its frozen routing weight) and its shared
-  expert.
+  expert; :meth:`freeze` gives them cast for propagation (:class:`FrozenNeurons`: each
+  run's split input and output projections, the remainder's pre-activation bias and
+  where its expert was chosen).
 - **Read-out** (:class:`Readout`): the unembedding, with an optional final soft-cap.
+
+Parts own their maths: :mod:`engine.propagate` runs the frozen objects these parts give
+and reads no weight itself. A new layout is a new part type implementing the same
+protocol (:class:`AttentionPart` with its :class:`AttentionOperator`, or an MLP part
+whose :meth:`freeze` gives :class:`FrozenNeurons`); the propagation loop stays untouched.
 
 Each part lists the hooks it needs (:meth:`hooks`) as ``(path, kind, key)`` triples;
 :mod:`engine.capture` installs them and knows no family.
@@ -28,6 +37,8 @@ Each part lists the hooks it needs (:meth:`hooks`) as ``(path, kind, key)`` trip
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -58,13 +69,13 @@ class FrozenNorm:
     """A norm with its per-position scale frozen: linear in its input.
 
     ``scale``: (R, N, D) inverse scale times gain (``None``: no norm, the identity);
-    ``centred``: subtract each vector's own mean first (LayerNorm); ``bias``: (D,) added
-    to the remainder's output only.
+    ``centred``: subtract each vector's own mean first (LayerNorm); ``shift``: (D,) the
+    norm's bias, added to the remainder's output only.
     """
 
     scale: torch.Tensor | None
     centred: bool = False
-    bias: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         """``x`` through the norm; ``scale`` is the view of :attr:`scale` matching ``x``'s
@@ -79,7 +90,7 @@ class FrozenNorm:
 
     @property
     def identity(self) -> bool:
-        return self.scale is None and not self.centred and self.bias is None
+        return self.scale is None and not self.centred and self.shift is None
 
 
 IDENTITY = FrozenNorm(scale=None)
@@ -88,8 +99,15 @@ IDENTITY = FrozenNorm(scale=None)
 class NormPart(Protocol):
     """A normalisation module: frozen by its per-position inverse scale."""
 
-    path: str
-    centred: bool
+    @property
+    def path(self) -> str:
+        """The norm module (inside one layer, or from the root for the final norm)."""
+        ...
+
+    @property
+    def centred(self) -> bool:
+        """Whether it subtracts each vector's own mean first (LayerNorm)."""
+        ...
 
     def inverse_scale(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(..., N, 1) float32 inverse scale of ``x`` (..., N, D), as ``module`` computes it."""
@@ -103,6 +121,41 @@ class NormPart(Protocol):
         """(D,) added after the gain (LayerNorm), or ``None``."""
         ...
 
+    def freeze(
+        self, module: nn.Module, inverse: torch.Tensor, device: torch.device, dtype: torch.dtype
+    ) -> FrozenNorm:
+        """The norm with its (R, N, 1) ``inverse`` scale frozen, on ``device`` in ``dtype``."""
+        ...
+
+
+class _Norm:
+    """What every norm part shares: freezing from its gain and bias."""
+
+    centred: bool
+
+    def gain(self, module: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bias(self, module: nn.Module) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def freeze(
+        self, module: nn.Module, inverse: torch.Tensor, device: torch.device, dtype: torch.dtype
+    ) -> FrozenNorm:
+        """The norm with its (R, N, 1) ``inverse`` scale frozen: (R, N, D) scale times
+        gain, and its bias (the remainder's), on ``device`` in ``dtype``."""
+        bias = self.bias(module)
+        return FrozenNorm(
+            scale=inverse * _cast(self.gain(module), device, dtype),
+            centred=self.centred,
+            shift=None if bias is None else _cast(bias, device, dtype),
+        )
+
+
+def _cast(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` detached, on ``device`` in ``dtype`` (itself when it already is)."""
+    return tensor.detach().to(device, dtype)
+
 
 def _eps(module: nn.Module) -> float:
     for name in ("variance_epsilon", "eps", "epsilon"):
@@ -112,7 +165,7 @@ def _eps(module: nn.Module) -> float:
 
 
 @dataclass(frozen=True)
-class RMSNorm:
+class RMSNorm(_Norm):
     """``x / rms(x) * (w + offset)``; Gemma's RMSNorm has ``offset = 1``."""
 
     path: str
@@ -131,7 +184,7 @@ class RMSNorm:
 
 
 @dataclass(frozen=True)
-class LayerNorm:
+class LayerNorm(_Norm):
     """``(x - mean(x)) / std(x) * w + b``: centring is linear (each component by its own
     mean), the bias goes to the remainder."""
 
@@ -163,6 +216,31 @@ def apply_norm(
 
 # ---------------------------------------------------------------------------- attention
 
+#: The MLP split (gates, coefficients, shares) always runs in float32: a softmax over
+#: components at temperature 0.1 in bfloat16 would round shares to 3 significant digits.
+SPLIT_DTYPE = torch.float32
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x @ weight.T`` computed in ``weight``'s dtype, returned in ``out_dtype``."""
+    return (x.to(weight.dtype) @ weight.T).to(out_dtype)
+
+
+def stack_padded(tensors: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """(R, length, ...) from R tensors of shape (n_r, ...), zero-padded at the end."""
+    if len(tensors) == 1 and tensors[0].shape[0] == length:
+        return tensors[0][None]
+    out = tensors[0].new_zeros(len(tensors), length, *tensors[0].shape[1:])
+    for r, tensor in enumerate(tensors):
+        out[r, : tensor.shape[0]] = tensor
+    return out
+
+
+def optional_sum(*terms: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of the terms that are not ``None`` (``None`` if all are)."""
+    present = [t for t in terms if t is not None]
+    return None if not present else sum(present[1:], present[0])
+
 
 @dataclass(frozen=True)
 class ProjectionWeights:
@@ -185,8 +263,182 @@ def _linear(module: nn.Module, transposed: bool, rows: slice | None = None) -> P
 
 
 @dataclass(frozen=True)
+class AttentionShape:
+    """Query heads ``H``, key/value heads ``H_kv`` and head width ``d_h`` of a layer."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+class AttentionOperator(Protocol):
+    """Attention with its probabilities frozen: a linear map of its (normalised) input.
+
+    What :mod:`engine.propagate` runs; it reads no weight. Contexts are per-head mixed
+    values ``(.., H * d_h)`` as the output projection reads them, in the matmul dtype.
+    """
+
+    #: (R, H, N, N) the frozen probabilities, zero-padded to the batch's longest prompt.
+    probs: torch.Tensor
+    shape: AttentionShape
+    #: (D,) what the value and output biases (and the pre-norm's bias, through the values:
+    #: probabilities sum to one) add at every position: the remainder's, before a post-norm.
+    constant: torch.Tensor
+
+    @property
+    def value_width(self) -> int:
+        """Width of the values (``H_kv d_h``): what a key position costs to project."""
+        ...
+
+    @property
+    def context_width(self) -> int:
+        """Width of the contexts (``H d_h``): what the output projection reads."""
+        ...
+
+    def head_context(
+        self, x: torch.Tensor, start: int = 0, probs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, R, Q, H d_h) contexts of ``x`` (B, R, N', D), the normalised components at
+        positions ``start..``, mixed by ``probs`` (R, H, Q, N') (default: every query from
+        ``start`` on): project every key position, then mix."""
+        ...
+
+    def query_context(self, x: torch.Tensor, probs: torch.Tensor, start: int) -> torch.Tensor:
+        """:meth:`head_context` for a few queries: mix the inputs over the keys, then
+        project the H Q mixtures."""
+        ...
+
+    def output(self, context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(.., D) the output projection of ``context`` (.., H d_h), in ``dtype``."""
+        ...
+
+    def head_outputs(self, context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(H, N, D) each head's share of the output of ``context`` (N, H d_h), in ``dtype``."""
+        ...
+
+    def head_vectors(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """(B, R, H, D) each head's output of one value, ``W_O,h W_V,h x``, for ``x``
+        (B, R, D) the normalised components at positions ``at`` (B,): what the frozen
+        probabilities spread over the queries when a component lives at one position."""
+        ...
+
+
+class AttentionPart(Protocol):
+    """An attention module of a layer: its hooks, shape and frozen operator.
+
+    A new attention layout (DeepSeek-V3's multi-head latent attention, whose value is
+    ``kv_b_proj(norm(kv_a_proj(x)))``, say) is a new part type with its own
+    :class:`AttentionOperator`; :mod:`engine.propagate` stays as it is.
+    """
+
+    @property
+    def module(self) -> str:
+        """The attention module (inside one layer), whose output is ``(output, probs)``."""
+        ...
+
+    def hooks(self) -> list[Hook]: ...
+
+    def shape(self, layer: nn.Module, config: object) -> AttentionShape:
+        """Heads, key/value heads and head width, read from the weights."""
+        ...
+
+    def freeze(
+        self,
+        layer: nn.Module,
+        config: object,
+        probs: torch.Tensor,
+        input_bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        matmul_dtype: torch.dtype,
+    ) -> AttentionOperator:
+        """The frozen operator of ``layer``'s attention for ``probs`` (R, H, N, N) in the
+        matmul dtype; ``input_bias`` (D,): the pre-norm's bias, which every position's
+        input carries (the remainder's); biases in ``dtype``, projections in
+        ``matmul_dtype``, on ``probs``' device."""
+        ...
+
+
+@dataclass
+class FrozenAttention:
+    """Attention with separate (or already split) value and output projections and its
+    probabilities frozen (:class:`AttentionOperator`).
+
+    ``values`` (H_kv d_h, D) and ``out`` (D, H d_h) in the matmul dtype; query heads of a
+    group ``G = H / H_kv`` share their key/value head. Mixing runs per key/value head in
+    head space, one batched product over (R H_kv, G Q, B d_h), so that the probabilities
+    are read once for every component of a block.
+    """
+
+    values: torch.Tensor
+    out: torch.Tensor
+    probs: torch.Tensor
+    shape: AttentionShape
+    constant: torch.Tensor
+
+    @property
+    def value_width(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def context_width(self) -> int:
+        return int(self.out.shape[1])
+
+    def head_context(
+        self, x: torch.Tensor, start: int = 0, probs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        batch, members, length, _ = x.shape
+        kv, dh = self.shape.kv_heads, self.shape.head_dim
+        group = self.shape.heads // kv
+        values = (x.to(self.values.dtype) @ self.values.T).view(batch, members, length, kv, dh)
+        values = values.permute(1, 3, 2, 0, 4).reshape(members * kv, length, batch * dh)
+        if probs is None:
+            probs = self.probs[:, :, start:, start:]
+        queries = probs.shape[2]
+        probs = probs.reshape(members * kv, group * queries, length)
+        context = torch.bmm(probs, values)  # (R * H_kv, G * Q, B * d_h)
+        context = context.view(members, kv, group, queries, batch, dh).permute(4, 0, 3, 1, 2, 5)
+        return context.reshape(batch, members, queries, self.shape.heads * dh)
+
+    def query_context(self, x: torch.Tensor, probs: torch.Tensor, start: int) -> torch.Tensor:
+        """Each head's probabilities first average the normalised inputs over the keys,
+        and only those averages go through the value projection: ``H Q`` projections per
+        component instead of one per key position (``start``: unused, the values do not
+        depend on the position)."""
+        batch, members, _, hidden = x.shape
+        kv, dh, heads = self.shape.kv_heads, self.shape.head_dim, self.shape.heads
+        queries = probs.shape[2]
+        # (B, R, H, Q, D); an einsum, so that no (B, R, H, N', D) broadcast is materialised
+        mixed = torch.einsum("rhqn,brnd->brhqd", probs, x.to(probs.dtype))
+        w_v = self.values.view(kv, 1, dh, hidden).expand(-1, heads // kv, -1, -1)
+        w_v = w_v.reshape(heads, dh, hidden)
+        context = torch.einsum("brhqd,hkd->brqhk", mixed.to(w_v.dtype), w_v)
+        return context.reshape(batch, members, queries, heads * dh)
+
+    def output(self, context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return project(context, self.out, dtype)
+
+    def head_outputs(self, context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        heads, dh = self.shape.heads, self.shape.head_dim
+        context = context.view(context.shape[0], heads, dh).to(dtype)  # (N, H, d_h)
+        w_o = self.out.to(dtype).view(-1, heads, dh)  # (D, H, d_h)
+        return torch.einsum("nhd,ehd->hne", context, w_o)
+
+    def head_vectors(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        rows, members, hidden = x.shape
+        heads, dh = self.shape.heads, self.shape.head_dim
+        group = heads // self.shape.kv_heads
+        v = (x.to(self.values.dtype) @ self.values.T).view(rows, members, -1, 1, dh)
+        v = v.expand(-1, -1, -1, group, -1).reshape(rows, members, heads, dh)
+        return torch.einsum("brhd,ehd->brhe", v, self.out.view(hidden, heads, dh))
+
+
+@dataclass(frozen=True)
 class Attention:
-    """Self-attention with separate projections; ``module`` returns ``(output, probs)``."""
+    """Self-attention with separate projections; ``module`` returns ``(output, probs)``.
+
+    Its frozen operator is :class:`FrozenAttention` over :meth:`value` and :meth:`output`;
+    a part type whose projections are stored otherwise overrides those two.
+    """
 
     module: str = "self_attn"
     v_proj: str = "self_attn.v_proj"
@@ -203,12 +455,52 @@ class Attention:
         """(D, H d_h) output projection."""
         return _linear(layer.get_submodule(self.o_proj), transposed=False)
 
+    def shape(self, layer: nn.Module, config: object) -> AttentionShape:
+        heads = int(config.num_attention_heads)  # type: ignore[attr-defined]
+        head_dim = int(self.output(layer, config).weight.shape[1]) // heads  # H d_h / H
+        kv_heads = int(self.value(layer, config).weight.shape[0]) // head_dim
+        return AttentionShape(heads, kv_heads, head_dim)
+
+    def freeze(
+        self,
+        layer: nn.Module,
+        config: object,
+        probs: torch.Tensor,
+        input_bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        matmul_dtype: torch.dtype,
+    ) -> FrozenAttention:
+        value, output = self.value(layer, config), self.output(layer, config)
+        device = probs.device
+        w_v = _cast(value.weight, device, matmul_dtype)  # (H_kv * d_h, D)
+        w_o = _cast(output.weight, device, matmul_dtype)  # (D, H * d_h)
+        heads = int(probs.shape[1])
+        head_dim = w_o.shape[1] // heads
+        shape = AttentionShape(heads, w_v.shape[0] // head_dim, head_dim)
+        # Biases belong to no input: the attention output of the value bias and of the
+        # pre-norm's bias (probabilities sum to one), and the output bias.
+        value_bias = optional_sum(
+            None if value.bias is None else _cast(value.bias, device, dtype),
+            None if input_bias is None else _cast(value.weight, device, dtype) @ input_bias,
+        )
+        bias = torch.zeros(w_o.shape[0], device=device, dtype=dtype)
+        if value_bias is not None:
+            group = shape.heads // shape.kv_heads
+            b_v = value_bias.view(shape.kv_heads, 1, shape.head_dim)
+            bias += _cast(output.weight, device, dtype) @ b_v.expand(-1, group, -1).reshape(-1)
+        if output.bias is not None:
+            bias += _cast(output.bias, device, dtype)
+        return FrozenAttention(values=w_v, out=w_o, probs=probs, shape=shape, constant=bias)
+
 
 @dataclass(frozen=True)
 class FusedAttention(Attention):
     """One projection computing queries, keys and values (Phi-3 ``qkv_proj``: the rows
     are ``[q | k | v]``; GPT-2 ``c_attn``: the same, stored transposed as a Conv1D;
-    GPT-NeoX ``query_key_value``: ``[q_h | k_h | v_h]`` for each head ``h``)."""
+    GPT-NeoX ``query_key_value``: ``[q_h | k_h | v_h]`` for each head ``h``).
+
+    Its own maths is the split of the fused projection (:meth:`value`, and a transposed
+    output projection); once split, its frozen operator is :class:`FrozenAttention`."""
 
     qkv: str = "self_attn.qkv_proj"
     layout: Literal["blocks", "per_head"] = "blocks"
@@ -253,6 +545,109 @@ class NeuronBlock:
     expert: int | None = None
 
 
+@dataclass
+class FrozenNeuronBlock:
+    """A :class:`NeuronBlock` cast for propagation: ``columns`` of the neuron axis, its
+    split input (I_b, D) and output (D, I_b) projections in the matmul dtype,
+    ``remainder_bias`` (I_b,) float32, the remainder's own pre-activation (the input
+    bias, and the pre-norm's bias through the input projection), and ``routed`` (R, N):
+    where its expert was chosen (``None``: everywhere)."""
+
+    columns: slice
+    split_input: torch.Tensor
+    out: torch.Tensor
+    remainder_bias: torch.Tensor | None
+    routed: torch.Tensor | None
+
+    @property
+    def width(self) -> int:
+        """Neurons of the run (``I_b``)."""
+        return int(self.split_input.shape[0])
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """(.., I_b) float32 what each component ``x`` (.., D) gives the split input."""
+        return project(x, self.split_input, SPLIT_DTYPE)
+
+    def output(self, shares: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(.., D) the output projection of neuron ``shares`` (.., I_b), in ``dtype``."""
+        return project(shares, self.out, dtype)
+
+
+@dataclass
+class FrozenNeurons:
+    """A layer's MLP with its activations frozen, as propagation runs it: the neuron axis
+    as runs (``blocks``) of one projection pair, and ``output_bias`` (D,): the output
+    biases, the remainder's (``None``: none)."""
+
+    blocks: list[FrozenNeuronBlock]
+    output_bias: torch.Tensor | None
+
+    @property
+    def width(self) -> int:
+        """Neurons of the axis (``W``)."""
+        return self.blocks[-1].columns.stop
+
+    @property
+    def split_width(self) -> int:
+        """The widest run: what one MLP chunk holds per position."""
+        return max(block.width for block in self.blocks)
+
+    @functools.cached_property
+    def _out(self) -> torch.Tensor:
+        """(D, W) the output projection of the whole axis (matmul dtype)."""
+        if len(self.blocks) == 1:
+            return self.blocks[0].out
+        return torch.cat([b.out for b in self.blocks], dim=1)
+
+    def output(self, act: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(.., D) the output projection of activations ``act`` (.., W), in ``dtype``."""
+        return project(act, self._out, dtype)
+
+    def directions(self, neurons: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(K, D) the output direction of each of the ``neurons`` (K,), in ``dtype``."""
+        return self._out[:, neurons].to(dtype).T
+
+
+def freeze_blocks(
+    blocks: Sequence[NeuronBlock],
+    routes: Sequence[torch.Tensor | None],
+    input_bias: torch.Tensor | None,
+    length: int,
+    dtype: torch.dtype,
+    matmul_dtype: torch.dtype,
+    device: torch.device,
+) -> FrozenNeurons:
+    """``blocks`` cast for propagation on ``device`` (see :meth:`DenseMLP.freeze`)."""
+
+    def freeze(block: NeuronBlock) -> FrozenNeuronBlock:
+        if block.expert is not None and block.output.bias is not None:
+            raise ValueError("an expert's output bias would need its routing weight")
+        split_input = block.split_input
+        routed = None
+        if block.expert is not None:
+            chosen = [(r == block.expert).any(-1) for r in routes]  # type: ignore[union-attr]
+            routed = stack_padded([c.to(device) for c in chosen], length)
+        return FrozenNeuronBlock(
+            columns=block.columns,
+            split_input=_cast(split_input.weight, device, matmul_dtype),  # (I_b, D)
+            out=_cast(block.output.weight, device, matmul_dtype),  # (D, I_b)
+            # (I_b,) the remainder's own pre-activation: the input bias, the pre-norm's bias
+            remainder_bias=optional_sum(
+                None if split_input.bias is None else _cast(split_input.bias, device, SPLIT_DTYPE),
+                None
+                if input_bias is None
+                else (_cast(split_input.weight, device, dtype) @ input_bias).to(SPLIT_DTYPE),
+            ),
+            routed=routed,
+        )
+
+    frozen = [freeze(block) for block in blocks]
+    output_bias = optional_sum(
+        *(_cast(b.output.bias, device, dtype) for b in blocks if b.output.bias is not None)
+    )
+    return FrozenNeurons(frozen, output_bias)
+
+
 @dataclass(frozen=True)
 class FrozenMLP:
     """What one forward pass of an MLP leaves, per position: the true pre-activations
@@ -265,39 +660,41 @@ class FrozenMLP:
     routes: torch.Tensor | None = None
 
 
-@dataclass(frozen=True)
-class GatedMLP:
-    """``down(act(gate(x)) * up(x))``; the split reads the gate. ``fused``: ``gate`` is a
-    fused gate/up projection whose first half is the gate (Phi-3 ``gate_up_proj``)."""
+class DenseMLP:
+    """What every dense MLP part shares (:class:`GatedMLP`, :class:`PlainMLP`): one run of
+    neurons that one split input projection (:meth:`split_input`) and one output
+    projection serve at every position. A subclass says where its projections are.
 
-    gate: str = "mlp.gate_proj"
-    down: str = "mlp.down_proj"
-    module: str = "mlp"
-    fused: bool = False
-    transposed: bool = False
+    An MLP part (this, :class:`MixtureMLP`, or a new layout's) gives :meth:`blocks` and
+    :meth:`freeze`, its frozen split inputs; :mod:`engine.propagate` runs those and reads
+    no weight.
+    """
+
+    down: str
+    module: str
+    transposed: bool
+
+    #: (.., D) temporaries per row and position an MLP chunk holds beyond a dense MLP's.
+    temporaries = 0
+
+    @property
+    def split_path(self) -> str:
+        """The module whose output is the split's pre-activation."""
+        raise NotImplementedError
 
     def hooks(self) -> list[Hook]:
-        gate_kind: HookKind = "first_half" if self.fused else "output"
-        return [Hook(self.gate, gate_kind, "gate"), Hook(self.down, "input", "act")]
+        return [Hook(self.split_path, "output", "gate"), Hook(self.down, "input", "act")]
 
     def split_input(self, layer: nn.Module) -> ProjectionWeights:
         """(I, D) the projection whose per-component outputs decide the split, and its
         bias (given to the remainder)."""
-        projection = _linear(layer.get_submodule(self.gate), self.transposed)
-        if not self.fused:
-            return projection
-        width = projection.weight.shape[0] // 2
-        bias = None if projection.bias is None else projection.bias[:width]
-        return ProjectionWeights(projection.weight[:width], bias)
+        return _linear(layer.get_submodule(self.split_path), self.transposed)
 
     def output(self, layer: nn.Module) -> ProjectionWeights:
         """(D, I) the output projection."""
         return _linear(layer.get_submodule(self.down), self.transposed)
 
-    #: (.., D) temporaries per row and position an MLP chunk holds beyond a dense MLP's.
-    temporaries = 0
-
-    def for_layer(self, layer: nn.Module) -> GatedMLP:
+    def for_layer(self, layer: nn.Module) -> DenseMLP:
         """The part that serves ``layer``'s MLP (a dense MLP serves every layer)."""
         return self
 
@@ -319,6 +716,29 @@ class GatedMLP:
         width = split_input.weight.shape[0]
         return [NeuronBlock(slice(0, width), split_input, self.output(layer))]
 
+    def freeze(
+        self,
+        layer: nn.Module,
+        routes: Sequence[torch.Tensor | None],
+        input_bias: torch.Tensor | None,
+        length: int,
+        dtype: torch.dtype,
+        matmul_dtype: torch.dtype,
+        device: torch.device,
+    ) -> FrozenNeurons:
+        """The frozen split inputs of ``layer``'s MLP for a batch of prompts.
+
+        Args:
+            routes: per prompt, the chosen experts (N, k) on the neuron axis
+                (:meth:`on_axis`; ``None`` for a dense MLP).
+            input_bias: (D,) the pre-norm's bias (the remainder's), or ``None``.
+            length: the batch's longest prompt (routing is zero-padded to it).
+            dtype, matmul_dtype: of the biases, and of the projections.
+        """
+        return freeze_blocks(
+            self.blocks(layer), routes, input_bias, length, dtype, matmul_dtype, device
+        )
+
     def neuron_name(self, layer: nn.Module, index: int) -> str:
         """The label of neuron ``index`` of the axis."""
         return f"N{index}"
@@ -334,13 +754,48 @@ class GatedMLP:
 
 
 @dataclass(frozen=True)
-class PlainMLP(GatedMLP):
-    """``out(act(in(x) + b))`` (GPT-2, GPT-NeoX): each neuron is split by the components'
+class GatedMLP(DenseMLP):
+    """``down(act(gate(x)) * up(x))``; the split reads the gate. ``fused``: ``gate`` is a
+    fused gate/up projection whose first half is the gate (Phi-3 ``gate_up_proj``)."""
+
+    gate: str = "mlp.gate_proj"
+    down: str = "mlp.down_proj"
+    module: str = "mlp"
+    fused: bool = False
+    transposed: bool = False
+
+    @property
+    def split_path(self) -> str:
+        return self.gate
+
+    def hooks(self) -> list[Hook]:
+        gate_kind: HookKind = "first_half" if self.fused else "output"
+        return [Hook(self.gate, gate_kind, "gate"), Hook(self.down, "input", "act")]
+
+    def split_input(self, layer: nn.Module) -> ProjectionWeights:
+        projection = super().split_input(layer)
+        if not self.fused:
+            return projection
+        width = projection.weight.shape[0] // 2
+        bias = None if projection.bias is None else projection.bias[:width]
+        return ProjectionWeights(projection.weight[:width], bias)
+
+
+@dataclass(frozen=True)
+class PlainMLP(DenseMLP):
+    """``down(act(in_proj(x) + b))`` (GPT-2 ``c_fc``/``c_proj``, GPT-NeoX
+    ``dense_h_to_4h``/``dense_4h_to_h``): each neuron is split by the components'
     pre-activations ``W_in c_m`` (the bias on the remainder's), which add up to the true
     pre-activation."""
 
-    gate: str = "mlp.c_fc"
+    in_proj: str = "mlp.c_fc"
     down: str = "mlp.c_proj"
+    module: str = "mlp"
+    transposed: bool = False
+
+    @property
+    def split_path(self) -> str:
+        return self.in_proj
 
 
 @dataclass(frozen=True)
@@ -365,12 +820,12 @@ class MixtureMLP:
     shared: GatedMLP | None = None
     shared_up: str | None = None
     shared_gate: str | None = None
-    dense: GatedMLP = field(default_factory=GatedMLP)
+    dense: DenseMLP = field(default_factory=GatedMLP)
 
     #: An expert's output at its positions, and the chunk's sum over experts.
     temporaries = 2
 
-    def for_layer(self, layer: nn.Module) -> MixtureMLP | GatedMLP:
+    def for_layer(self, layer: nn.Module) -> MixtureMLP | DenseMLP:
         """This part for a layer whose MLP has experts, else :attr:`dense`."""
         try:
             layer.get_submodule(self.experts)
@@ -424,6 +879,22 @@ class MixtureMLP:
             columns = slice(lo, lo + shared.columns.stop)
             blocks.append(NeuronBlock(columns, shared.split_input, shared.output))
         return blocks
+
+    def freeze(
+        self,
+        layer: nn.Module,
+        routes: Sequence[torch.Tensor | None],
+        input_bias: torch.Tensor | None,
+        length: int,
+        dtype: torch.dtype,
+        matmul_dtype: torch.dtype,
+        device: torch.device,
+    ) -> FrozenNeurons:
+        """The frozen split inputs of every expert and the shared expert
+        (:meth:`DenseMLP.freeze`; ``routes`` say where each expert runs)."""
+        return freeze_blocks(
+            self.blocks(layer), routes, input_bias, length, dtype, matmul_dtype, device
+        )
 
     def neuron_name(self, layer: nn.Module, index: int) -> str:
         """``E<expert>.N<neuron>``, or ``S.N<neuron>`` for the shared expert's."""
@@ -492,6 +963,10 @@ class Readout:
 
     path: str = "lm_head"
     softcap_attr: str | None = None
+
+    def vocab_size(self, unembed: nn.Module) -> int:
+        """Rows of the unembedding ``unembed`` (the module at :attr:`path`)."""
+        return int(unembed.weight.shape[0])
 
     def softcap(self, config: object) -> float | None:
         if self.softcap_attr is None:

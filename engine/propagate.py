@@ -32,7 +32,6 @@ stay in the compute dtype (float32 by default), which keeps conservation tight.
 from __future__ import annotations
 
 import bisect
-import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -42,12 +41,16 @@ from torch import nn
 from engine.capture import ForwardTrace
 from engine.families import Family
 from engine.memory import attention_block, attention_row_bytes, mlp_chunk, mlp_position_bytes
-from engine.parts import IDENTITY, FrozenNorm, NeuronBlock
+from engine.parts import (
+    IDENTITY,
+    SPLIT_DTYPE,
+    AttentionOperator,
+    FrozenNeuronBlock,
+    FrozenNeurons,
+    FrozenNorm,
+    stack_padded,
+)
 from engine.splits import SplitRule, SplitSpec, neuron_shares
-
-#: The MLP split (gates, coefficients, shares) always runs in float32: a softmax over
-#: components at temperature 0.1 in bfloat16 would round shares to 3 significant digits.
-SPLIT_DTYPE = torch.float32
 
 
 class Cancelled(RuntimeError):
@@ -137,41 +140,14 @@ class Member:
     snapshots: list[Snapshot] = field(default_factory=list)
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``x @ weight.T`` computed in ``weight``'s dtype, returned in ``out_dtype``."""
-    return (x.to(weight.dtype) @ weight.T).to(out_dtype)
-
-
-def _stack_padded(tensors: Sequence[torch.Tensor], length: int) -> torch.Tensor:
-    """(R, length, ...) from R tensors of shape (n_r, ...), zero-padded at the end."""
-    if len(tensors) == 1 and tensors[0].shape[0] == length:
-        return tensors[0][None]
-    out = tensors[0].new_zeros(len(tensors), length, *tensors[0].shape[1:])
-    for r, tensor in enumerate(tensors):
-        out[r, : tensor.shape[0]] = tensor
-    return out
-
-
-@dataclass
-class NeuronBlockWeights:
-    """A run of a layer's neurons (engine/parts.py :class:`NeuronBlock`), cast for
-    propagation: ``columns`` of the neuron axis, its projections, the remainder's own
-    pre-activation bias, and ``routed`` (R, N): where its expert was chosen (``None``:
-    everywhere)."""
-
-    columns: slice
-    w_gate: torch.Tensor
-    w_down: torch.Tensor
-    gate_bias: torch.Tensor | None
-    routed: torch.Tensor | None
-
-
 class LayerWeights:
-    """One layer's weights and, per prompt of a batch, its frozen scales and activations.
+    """One layer's frozen parts for a batch of prompts, as its family's parts give them.
 
-    Weights are in the matmul dtype; frozen per-position quantities (padded to the batch's
-    longest prompt with zeros, which keeps padded positions at exactly zero) in the
-    compute dtype, except the attention probabilities, which feed a matrix product.
+    ``attention`` (:class:`engine.parts.AttentionOperator`) and ``neurons``
+    (:class:`engine.parts.FrozenNeurons`) hold the projections in the matmul dtype; the
+    frozen norms and per-position quantities (padded to the batch's longest prompt with
+    zeros, which keeps padded positions at exactly zero) are in the compute dtype, except
+    the attention probabilities, which feed a matrix product. No weight is read here.
     """
 
     def __init__(
@@ -184,73 +160,59 @@ class LayerWeights:
         matmul_dtype: torch.dtype,
     ) -> None:
         module = family.layer(model, layer)
-        config = model.config
         frozen = [trace.layers[layer] for trace in traces]
         length = max(trace.num_tokens for trace in traces)
-        value = family.attention.value(module, config)
-        output = family.attention.output(module, config)
-        self.device = output.weight.device
+        self.device = next(module.parameters()).device
         self.dtype = dtype
         self.matmul_dtype = matmul_dtype
         cast = self._cast
-        stack = lambda ts, to=dtype: _stack_padded([cast(t, to) for t in ts], length)  # noqa: E731
+        stack = lambda ts, to=dtype: stack_padded([cast(t, to) for t in ts], length)  # noqa: E731
 
         # Each norm frozen at its true input's scale: (R, N, D) inverse scale times gain.
-        norms: dict[str, FrozenNorm] = {}
-        for role, part in family.norms():
-            norm_module = module.get_submodule(part.path)
-            bias = part.bias(norm_module)
-            norms[role] = FrozenNorm(
-                scale=stack([f.scales[role] for f in frozen]) * cast(part.gain(norm_module)),
-                centred=part.centred,
-                bias=None if bias is None else cast(bias),
+        norms: dict[str, FrozenNorm] = {
+            role: part.freeze(
+                module.get_submodule(part.path),
+                stack([f.scales[role] for f in frozen]),
+                self.device,
+                dtype,
             )
+            for role, part in family.norms()
+        }
         self.attn_norm = norms.get("attn_norm", IDENTITY)
         self.attn_post = norms.get("attn_post_norm", IDENTITY)
         self.mlp_norm = norms.get("mlp_norm", IDENTITY)
         self.mlp_post = norms.get("mlp_post_norm", IDENTITY)
 
-        self.w_v = cast(value.weight, matmul_dtype)  # (H_kv * d_h, D)
-        self.w_o = cast(output.weight, matmul_dtype)  # (D, H * d_h)
         # (R, H, N, N): padded with zero rows and columns
-        self.probs = torch.stack(
+        probs = torch.stack(
             [_pad_square(cast(f.attention_probs(), matmul_dtype), length) for f in frozen]
         )
-        self.num_heads = int(self.probs.shape[1])
-        self.head_dim = self.w_o.shape[1] // self.num_heads
-        self.num_kv_heads = self.w_v.shape[0] // self.head_dim
-
-        # Biases belong to no input: the attention output of the value bias and of the
-        # pre-norm's bias (probabilities sum to one), and the output bias, given to the
-        # remainder; through the post-norm when there is one: (D,) or (R, N, D).
-        value_bias = _optional_sum(
-            None if value.bias is None else cast(value.bias),
-            None if self.attn_norm.bias is None else cast(value.weight) @ self.attn_norm.bias,
+        self.attention: AttentionOperator = family.attention.freeze(
+            module, model.config, probs, self.attn_norm.shift, dtype, matmul_dtype
         )
-        bias = torch.zeros(self.w_o.shape[0], device=self.device, dtype=dtype)
-        if value_bias is not None:
-            group = self.num_heads // self.num_kv_heads
-            b_v = value_bias.view(self.num_kv_heads, 1, self.head_dim)
-            bias += cast(output.weight) @ b_v.expand(-1, group, -1).reshape(-1)
-        if output.bias is not None:
-            bias += cast(output.bias)
-        self.attn_bias = _through_post(self.attn_post, bias)
+        # The biases belong to no input: given to the remainder, through the post-norm
+        # when there is one: (D,) or (R, N, D).
+        self.attn_bias = _through_post(self.attn_post, self.attention.constant)
 
         # The MLP's neuron axis, as runs of neurons sharing one projection pair (one run
         # for a dense MLP; one per expert, and the shared expert, for a mixture).
         part = family.mlp.for_layer(module)
         on_axis = [part.on_axis(module, f.frozen_mlp) for f in frozen]
         self.neuron_name = lambda index: part.neuron_name(module, index)
-        blocks = part.blocks(module)
-        routes = [f.routes for f in on_axis]
-        self.neuron_blocks = [self._neuron_block(block, routes, length) for block in blocks]
-        self.split_width = max(b.w_gate.shape[0] for b in self.neuron_blocks)
-        down_bias = _optional_sum(
-            *(cast(b.output.bias) for b in blocks if b.output.bias is not None)
+        self.neurons: FrozenNeurons = part.freeze(
+            module,
+            [f.routes for f in on_axis],
+            self.mlp_norm.shift,
+            length,
+            dtype,
+            matmul_dtype,
+            self.device,
         )
+        self.split_width = self.neurons.split_width
+        down_bias = self.neurons.output_bias
         self.mlp_bias = (
             _through_post(self.mlp_post, down_bias)
-            if down_bias is not None or self.mlp_post.bias is not None
+            if down_bias is not None or self.mlp_post.shift is not None
             else None
         )
         # (R, N, I) in float32: the split's dtype, whatever the components'
@@ -261,65 +223,10 @@ class LayerWeights:
         """``tensor`` on this layer's device, in ``dtype`` (default: the compute dtype)."""
         return tensor.detach().to(self.device, dtype or self.dtype)
 
-    def _neuron_block(
-        self, block: NeuronBlock, routes: list[torch.Tensor | None], length: int
-    ) -> NeuronBlockWeights:
-        if block.expert is not None and block.output.bias is not None:
-            raise ValueError("an expert's output bias would need its routing weight")
-        cast, matmul_dtype = self._cast, self.matmul_dtype
-        split_input = block.split_input
-        routed = None
-        if block.expert is not None:
-            chosen = [(r == block.expert).any(-1) for r in routes]  # type: ignore[union-attr]
-            routed = _stack_padded([c.to(self.device) for c in chosen], length)
-        return NeuronBlockWeights(
-            columns=block.columns,
-            w_gate=cast(split_input.weight, matmul_dtype),  # (I_b, D)
-            w_down=cast(block.output.weight, matmul_dtype),  # (D, I_b)
-            # (I_b,) the remainder's own pre-activation: the input bias, the pre-norm's bias
-            gate_bias=_optional_sum(
-                None if split_input.bias is None else cast(split_input.bias, SPLIT_DTYPE),
-                None
-                if self.mlp_norm.bias is None
-                else (cast(split_input.weight) @ self.mlp_norm.bias).to(SPLIT_DTYPE),
-            ),
-            routed=routed,
-        )
-
-    @functools.cached_property
-    def w_down(self) -> torch.Tensor:
-        """(D, W) the output projection of the whole neuron axis (matmul dtype)."""
-        if len(self.neuron_blocks) == 1:
-            return self.neuron_blocks[0].w_down
-        return torch.cat([b.w_down for b in self.neuron_blocks], dim=1)
-
-    def head_context(
-        self, x: torch.Tensor, start: int = 0, probs: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Attention-mixed values of normalised inputs.
-
-        Args:
-            x: (B, R, N', D) normalised components at positions ``start..N-1``.
-            start: first position; components are zero before it.
-            probs: (R, H, Q, N') probabilities of Q query positions over those N' keys
-                (default: this layer's, every position from ``start`` on).
-
-        Returns:
-            (B, R, Q, H * d_h) per-head contexts (matmul dtype), as the output
-            projection reads them.
-        """
-        batch, members, length, _ = x.shape
-        kv, dh = self.num_kv_heads, self.head_dim
-        group = self.num_heads // kv
-        values = (x.to(self.w_v.dtype) @ self.w_v.T).view(batch, members, length, kv, dh)
-        values = values.permute(1, 3, 2, 0, 4).reshape(members * kv, length, batch * dh)
-        if probs is None:
-            probs = self.probs[:, :, start:, start:]
-        queries = probs.shape[2]
-        probs = probs.reshape(members * kv, group * queries, length)
-        context = torch.bmm(probs, values)  # (R * H_kv, G * Q, B * d_h)
-        context = context.view(members, kv, group, queries, batch, dh).permute(4, 0, 3, 1, 2, 5)
-        return context.reshape(batch, members, queries, self.num_heads * dh)
+    @property
+    def probs(self) -> torch.Tensor:
+        """(R, H, N, N) the frozen attention probabilities (matmul dtype)."""
+        return self.attention.probs
 
     def attend(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """The frozen attention block's output (biases apart) for inputs ``x``.
@@ -334,32 +241,8 @@ class LayerWeights:
         """
         where = (slice(None), slice(start, None))
         normed = self.attn_norm(x, self.attn_norm.at(*where))
-        out = project(self.head_context(normed, start=start), self.w_o, self.dtype)
+        out = self.attention.output(self.attention.head_context(normed, start=start), self.dtype)
         return self.attn_post(out, self.attn_post.at(*where))
-
-    def query_context(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """:meth:`head_context` at a few query positions, mixing before projecting.
-
-        Each head's probabilities first average the normalised inputs over the keys, and
-        only those averages go through the value projection: ``H Q`` projections per
-        component instead of one per key position.
-
-        Args:
-            x: (B, R, N', D) normalised components at the key positions.
-            probs: (R, H, Q, N') probabilities of the Q query positions over those keys.
-
-        Returns:
-            (B, R, Q, H * d_h) per-head contexts (matmul dtype).
-        """
-        batch, members, _, hidden = x.shape
-        kv, dh, heads = self.num_kv_heads, self.head_dim, self.num_heads
-        queries = probs.shape[2]
-        # (B, R, H, Q, D); an einsum, so that no (B, R, H, N', D) broadcast is materialised
-        mixed = torch.einsum("rhqn,brnd->brhqd", probs, x.to(probs.dtype))
-        w_v = self.w_v.view(kv, 1, dh, hidden).expand(-1, heads // kv, -1, -1)
-        w_v = w_v.reshape(heads, dh, hidden)
-        context = torch.einsum("brhqd,hkd->brqhk", mixed.to(w_v.dtype), w_v)
-        return context.reshape(batch, members, queries, heads * dh)
 
     def head_outputs(self, resid: torch.Tensor, member: int = 0) -> torch.Tensor:
         """(H, N, D) each head's share of the attention block's output (through the
@@ -369,16 +252,14 @@ class LayerWeights:
         own = (member, slice(None, length))
         x = self.attn_norm(resid, self.attn_norm.at(*own))
         probs = self.probs[member : member + 1, :, :length, :length]
-        context = self.head_context(x[None, None], probs=probs)[0, 0]
-        context = context.view(length, self.num_heads, self.head_dim).to(self.dtype)
-        w_o = self.w_o.to(self.dtype).view(-1, self.num_heads, self.head_dim)  # (D, H, d_h)
-        heads = torch.einsum("nhd,ehd->hne", context, w_o)
+        context = self.attention.head_context(x[None, None], probs=probs)[0, 0]
+        heads = self.attention.head_outputs(context, self.dtype)
         return self.attn_post(heads, self.attn_post.at(*own))
 
     def neuron_outputs(self, act: torch.Tensor, member: int = 0) -> torch.Tensor:
         """(..., N, D) the MLP block's output for activations ``act`` (..., N, I) of batch
         member ``member`` (through the post-norm, if any; biases apart)."""
-        out = project(act, self.w_down, self.dtype)
+        out = self.neurons.output(act, self.dtype)
         own = (member, slice(None, act.shape[-2]))
         return self.mlp_post(out, self.mlp_post.at(*own))
 
@@ -401,16 +282,10 @@ def _pad_square(probs: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(probs, (0, length - n, 0, length - n))
 
 
-def _optional_sum(*terms: torch.Tensor | None) -> torch.Tensor | None:
-    """The sum of the terms that are not ``None`` (``None`` if all are)."""
-    present = [t for t in terms if t is not None]
-    return None if not present else sum(present[1:], present[0])
-
-
 def _through_post(post: FrozenNorm, bias: torch.Tensor | None) -> torch.Tensor:
     """A mixer's bias (D,) through its frozen post-norm, plus the post-norm's own bias:
     (D,) without a post-norm, else (R, N, D) (the post-norm scales each position)."""
-    if post.bias is None and (bias is None or not bool(bias.any())):
+    if post.shift is None and (bias is None or not bool(bias.any())):
         return bias if bias is not None else post.scale.new_zeros(post.scale.shape[-1])
     if post.identity:
         return bias
@@ -419,7 +294,7 @@ def _through_post(post: FrozenNorm, bias: torch.Tensor | None) -> torch.Tensor:
         if bias is None
         else post(bias.expand_as(post.scale), post.scale)
     )
-    return out if post.bias is None else out + post.bias
+    return out if post.shift is None else out + post.shift
 
 
 class Propagator:
@@ -540,8 +415,8 @@ class Propagator:
     ) -> int:
         return attention_row_bytes(
             hidden,
-            w.w_v.shape[0],
-            w.w_o.shape[1],
+            w.attention.value_width,
+            w.attention.context_width,
             members,
             length,
             element,
@@ -579,12 +454,9 @@ class Propagator:
         the general path, for O(M D^2) instead of O(M N D^2) multiply-adds.
         """
         rows, members, length, hidden = values.shape
-        heads, dh = w.num_heads, w.head_dim
-        group = heads // w.num_kv_heads
         per_row = self._row_bytes(w, members, length, hidden, values.element_size())
         block = attention_block(per_row, 0, self.budget_bytes, length)
         self._attend_rows(w, values, 0, 1, 0, None)  # the remainder: any shape
-        w_o = w.w_o.view(hidden, heads, dh)
         for lo in range(1, rows, block):
             hi = min(rows, lo + block)
             where = first[lo - 1 : hi - 1]
@@ -596,9 +468,7 @@ class Propagator:
             x = w.attn_norm(
                 values[rows_index, :, at], None if scale is None else scale[:, at].transpose(0, 1)
             )  # (B, R, D)
-            v = (x.to(w.w_v.dtype) @ w.w_v.T).view(hi - lo, members, -1, 1, dh)
-            v = v.expand(-1, -1, -1, group, -1).reshape(hi - lo, members, heads, dh)
-            u = torch.einsum("brhd,ehd->brhe", v, w_o)  # (B, R, H, D) per-head outputs
+            u = w.attention.head_vectors(x, at)  # (B, R, H, D) per-head outputs
             spread = w.probs[:, :, :, at].permute(3, 0, 2, 1)  # (B, R, N, H): A[h, n, p_m]
             out = torch.matmul(spread, u).to(self.dtype)  # (B, R, N, D)
             values[lo:hi] += w.attn_post(out, w.attn_post.scale)
@@ -624,12 +494,12 @@ class Propagator:
         probs = w.probs[:, :, index, p0:]  # (R, H, Q, N')
         # Few queries: mix, then project (fewer multiply-adds while H Q < H_kv d_h, and a
         # mixed tensor within the block's estimate while H Q <= 2 N').
-        mixes = w.num_heads * index.numel()
-        if mixes <= min(w.w_v.shape[0], 2 * normed.shape[2]):
-            context = w.query_context(normed, probs)
+        mixes = w.attention.shape.heads * index.numel()
+        if mixes <= min(w.attention.value_width, 2 * normed.shape[2]):
+            context = w.attention.query_context(normed, probs, p0)
         else:
-            context = w.head_context(normed, probs=probs)
-        out = project(context, w.w_o, self.dtype)
+            context = w.attention.head_context(normed, probs=probs)
+        out = w.attention.output(context, self.dtype)
         values[lo:hi, :, index] += w.attn_post(out, w.attn_post.at(slice(None), index))
 
     def _mlp(
@@ -717,8 +587,8 @@ class Propagator:
         present = normed.ne(0).any(-1)  # (live, R, P): eligibility, from the vectors
         present[0] = True  # the remainder: by its gates (it is floored)
         output = None
-        for neurons in w.neuron_blocks:
-            if len(w.neuron_blocks) > 1:  # a mixture's experts: each a unit of work
+        for neurons in w.neurons.blocks:
+            if len(w.neurons.blocks) > 1:  # a mixture's experts: each a unit of work
                 self.check()
             part = self._neuron_block_output(
                 w, neurons, normed, present, where, at_zero, spec, layer, biased
@@ -732,7 +602,7 @@ class Propagator:
     def _neuron_block_output(
         self,
         w: LayerWeights,
-        neurons: NeuronBlockWeights,
+        neurons: FrozenNeuronBlock,
         normed: torch.Tensor,
         present: torch.Tensor,
         where: slice | torch.Tensor,
@@ -755,14 +625,14 @@ class Propagator:
             normed, present = normed[:, :, local], present[:, :, local]
             act, true_gate = act[:, local], true_gate[:, local]
             at_zero = at_zero and int(local[0]) == 0
-        gates = project(normed, neurons.w_gate, SPLIT_DTYPE)  # (live, R, P', I_b)
-        if neurons.gate_bias is not None and biased:
-            gates[0] += neurons.gate_bias * spec.gate_scale
+        gates = neurons.pre_activations(normed)  # (live, R, P', I_b) float32
+        if neurons.remainder_bias is not None and biased:
+            gates[0] += neurons.remainder_bias * spec.gate_scale
         if self.on_mlp is not None:
             self.on_mlp(layer, gates.sum(0) / spec.gate_scale, true_gate)
         spec = replace(spec, starts_at_zero=at_zero)
         shares = neuron_shares(gates, act, true_gate, present, spec, self.fused_split)
-        output = project(shares, neurons.w_down, self.dtype)  # (live, R, P', D)
+        output = neurons.output(shares, self.dtype)  # (live, R, P', D)
         if local is None:
             return output
         full = output.new_zeros(*output.shape[:2], positions, output.shape[-1])

@@ -102,14 +102,14 @@ class FrozenReadout:
         total = snap.total  # (P, D)
         if scaled_output:
             total = frozen(total, lens)
-            if frozen.bias is not None:
-                total = total + frozen.bias
+            if frozen.shift is not None:
+                total = total + frozen.shift
             true = trace.normed_final.to(device, self.dtype)[kept]
         error = float((total - true.to(total.device)).abs().max())
         magnitude = max(float(true.abs().max()), torch.finfo(self.dtype).tiny)
         lensed = frozen(snap.values, lens)  # (M + 1, P, D)
-        if frozen.bias is not None:  # the norm's bias: the remainder's (row 0)
-            lensed[0] += frozen.bias
+        if frozen.shift is not None:  # the norm's bias: the remainder's (row 0)
+            lensed[0] += frozen.shift
         weight = head.weight.to(lensed.device)
         if weight.dim() == 2:
             scores = lensed @ weight.T  # (M + 1, P, T)

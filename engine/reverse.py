@@ -49,21 +49,21 @@ class StageGradients:
         at_stage: stage -> (K, N, D) gradient with respect to the state entering it.
         mlp_input: layer -> (K, N, D) gradient through the MLP path alone of a parallel
             layer (what a component entering at its MLP stage also reaches).
-        bias: stage -> (K,) what that stage's constant (its biases) adds to each logit.
+        constants: stage -> (K,) what that stage's constant (its biases) adds to each logit.
         readout_bias: (K,) what the read-out adds (final-norm and unembedding biases).
         error, relative_error: conservation of the frozen map's final state.
     """
 
     at_stage: dict[int, torch.Tensor]
     mlp_input: dict[int, torch.Tensor]
-    bias: dict[int, torch.Tensor]
+    constants: dict[int, torch.Tensor]
     readout_bias: torch.Tensor
     error: float
     relative_error: float
 
     def remainder_from(self, stage: int) -> torch.Tensor:
         """(K,) what the biases of stages ``stage..`` and the read-out add to each logit."""
-        later = [value for s, value in self.bias.items() if s >= stage]
+        later = [value for s, value in self.constants.items() if s >= stage]
         return sum(later, self.readout_bias.clone())
 
     def entering(self, stage: int) -> torch.Tensor:
@@ -126,7 +126,7 @@ class FrozenPass:
     def _split_bias(self, w: LayerWeights, layer: int, zero: torch.Tensor) -> torch.Tensor:
         """(N, D) what the split's pre-activation biases add to the MLP's output (the
         output of a zero input, whose gates are those biases alone); zero without them."""
-        if all(block.gate_bias is None for block in w.neuron_blocks):
+        if all(block.remainder_bias is None for block in w.neurons.blocks):
             return zero[0, 0]
         with torch.no_grad():
             split = self.propagator.mlp_output(w, zero, slice(None), True, TAYLOR, layer)
@@ -207,7 +207,7 @@ class FrozenPass:
         grads = grads[len(wanted) :]
         mlp_input = dict(zip(parallel_layers, grads[: len(parallel_layers)], strict=True))
         grads = grads[len(parallel_layers) :]
-        bias = {s: g.reshape(count) for s, g in zip(gate_stages, grads, strict=True)}
+        constants = {s: g.reshape(count) for s, g in zip(gate_stages, grads, strict=True)}
         zero_snap = Snapshot(
             layer=self.end_layer,
             values=x.new_zeros(1, kept.numel(), hidden),
@@ -217,7 +217,7 @@ class FrozenPass:
         return StageGradients(
             at_stage={s: g.detach() for s, g in at_stage.items()},
             mlp_input={2 * layer + 1: g.detach() for layer, g in mlp_input.items()},
-            bias={s: g.detach() for s, g in bias.items()},
+            constants={s: g.detach() for s, g in constants.items()},
             readout_bias=readout_bias.scores[:, 0].reshape(count).detach().to(flat.dtype),
             error=view.error,
             relative_error=view.relative_error,

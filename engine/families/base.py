@@ -14,7 +14,16 @@ from typing import Any
 
 from torch import nn
 
-from engine.parts import Attention, GatedMLP, MixtureMLP, NormPart, Readout, RMSNorm
+from engine.parts import (
+    Attention,
+    AttentionPart,
+    DenseMLP,
+    GatedMLP,
+    MixtureMLP,
+    NormPart,
+    Readout,
+    RMSNorm,
+)
 
 #: The norm roles of a layer, in the order the forward pass meets them.
 NORM_ROLES: tuple[str, ...] = ("attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm")
@@ -87,10 +96,10 @@ class Family:
     layers: str = "model.layers"
     embed_tokens: str = "model.embed_tokens"
     attn_norm: NormPart | None = field(default_factory=lambda: RMSNorm("input_layernorm"))
-    attention: Attention = field(default_factory=Attention)
+    attention: AttentionPart = field(default_factory=Attention)
     attn_post_norm: NormPart | None = None
     mlp_norm: NormPart | None = field(default_factory=lambda: RMSNorm("post_attention_layernorm"))
-    mlp: GatedMLP | MixtureMLP = field(default_factory=GatedMLP)
+    mlp: DenseMLP | MixtureMLP = field(default_factory=GatedMLP)
     mlp_post_norm: NormPart | None = None
     parallel: bool = False
     parallel_attr: str | None = None  # config attribute that decides ``parallel`` (NeoX)

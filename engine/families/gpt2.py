@@ -15,7 +15,7 @@ FAMILY = Family(
         module="attn", qkv="attn.c_attn", o_proj="attn.c_proj", transposed=True
     ),
     mlp_norm=LayerNorm("ln_2"),
-    mlp=PlainMLP(gate="mlp.c_fc", down="mlp.c_proj", transposed=True),
+    mlp=PlainMLP(in_proj="mlp.c_fc", down="mlp.c_proj", transposed=True),
     final_norm=LayerNorm("transformer.ln_f"),
     # its own config names; no GQA; LayerNorm and projection biases that matter
     tiny=TinyConfig(

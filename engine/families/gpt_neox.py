@@ -19,7 +19,7 @@ FAMILY = Family(
         layout="per_head",
     ),
     mlp_norm=LayerNorm("post_attention_layernorm"),
-    mlp=PlainMLP(gate="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h"),
+    mlp=PlainMLP(in_proj="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h"),
     parallel_attr="use_parallel_residual",
     final_norm=LayerNorm("gpt_neox.final_layer_norm"),
     # no GQA, LayerNorm (and biases that matter), rotary on half of each head

@@ -27,7 +27,7 @@ from depass_eval.protocols import components, tokens
 from depass_eval.runner import Context
 from depass_eval.source import LocalDePass
 from engine.families import FAMILIES
-from engine.parts import GatedMLP
+from engine.parts import DenseMLP
 from engine.testing import tiny_model, word_tokenizer
 
 #: Every registered family, by its short name.
@@ -136,7 +136,7 @@ def _output_weights(model: EvalModel, layer: int) -> list[tuple[range, torch.Ten
     the shared expert's first four columns."""
     block = model.block(layer)
     part = model.family.mlp.for_layer(block)
-    if isinstance(part, GatedMLP):
+    if isinstance(part, DenseMLP):
         weight = block.get_submodule(part.down).weight
         return [(range(4), weight[:4] if part.transposed else weight[:, :4])]
     down = block.get_submodule(part.experts).down_proj  # (E, D, I)
