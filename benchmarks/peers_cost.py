@@ -24,11 +24,13 @@ Every method runs one warm-up, then ``--repeats`` timed runs, the methods' order
 on every other round; medians are printed. One torch thread in each process. Peak memory:
 the process's peak resident set during a run (``VmHWM``, reset through
 ``/proc/PID/clear_refs`` before each run) above its resident set once the model was
-loaded (so the weights are not counted), the largest over the runs; this process hands
-freed memory back to the system (``malloc_trim``) before each of its runs, so a method
-is not charged for memory an earlier one left in the allocator. The worker is not
+loaded and had run one plain forward pass on 16 tokens (so the weights, which may be
+mapped from their file until first read, are not counted), the largest over the runs;
+this process hands freed memory back to the system (``malloc_trim``) before each of its
+runs, so a method is not charged for memory an earlier one left in the allocator. The worker is not
 trimmed: run the sizes in increasing order (the default) so that what an earlier size
-left is below the current one's peak.
+left is below the current one's peak (its ``peer-plain`` figure is what the AttnLRP runs
+left there, not the plain pass's need).
 
 Side facts: the Spearman correlation of the token scores (tokens 0..N-2, the ones the
 token protocol ranks) between the methods, signed and of the absolute values, how many
@@ -290,6 +292,12 @@ def main() -> None:
     results = []
     with peers.started(["attnlrp"], folder, threads=1) as running:
         worker = running["attnlrp"]
+        # the weights may be mapped from their file: one plain forward pass in each
+        # process brings them all in before the resident sets are read
+        ids = prompt_ids(engine, 16)
+        with torch.no_grad():
+            engine.model(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+        worker.ask({"input_ids": ids, "plain": True})
         trim()
         loaded = {pid: status_kib(pid, "VmRSS") for pid in (os.getpid(), worker.pid)}
         facts["model_loaded_rss_mib"] = {"depass": loaded[os.getpid()] / 1024}
