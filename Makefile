@@ -82,10 +82,12 @@ format: install
 
 # The engine against the naive implementation (seconds), then reverse mode against the
 # forward strategy on SmolLM2 (tens of minutes on 2 cores: token N = 128 / 512, N = 2048 /
-# 4096 against one plain forward pass, every head and neuron of every layer, Captum).
-bench: install real-models
+# 4096 against one plain forward pass, every head and neuron of every layer, Captum),
+# then the peer AttnLRP (lxt, in its own environment) against reverse mode (~10 minutes).
+bench: install real-models peers
 	$(PY) benchmarks/cpu_bench.py --reference-seconds 8.1
 	$(PY) benchmarks/reverse_bench.py
+	$(PY) benchmarks/peers_cost.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

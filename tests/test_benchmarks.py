@@ -79,3 +79,40 @@ def test_gpu_bench_reports_a_refusal_without_running() -> None:
     )
     (line,) = lines
     assert "needs an estimated" in line["refused"] and "seconds" not in line
+
+
+def test_peers_cost_runs_on_the_embedded_model(tmp_path: Path) -> None:
+    """AttnLRP (the peer's own environment) and reverse mode, timed in one run: every
+    method's runs, its ratio to a plain forward pass, the memory and the side facts."""
+    import os
+
+    import pytest
+
+    from depass_eval.peers import PEERS
+
+    why = PEERS["attnlrp"].missing()
+    if why and os.environ.get("CI"):
+        pytest.fail(f"CI builds the peers first (make peers): {why}")
+    if why:
+        pytest.skip(why)
+    out = tmp_path / "peers-cost.json"
+    tiny = str(REPO / "models" / "depass-tiny")
+    args = ["--model", tiny, "--sizes", "16,32", "--forward-sizes", "16", "--repeats", "1"]
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "peers_cost.py"), *args, "--json", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    saved = json.loads(out.read_text())
+    rows = {row["tokens"]: row for row in saved["rows"]}
+    assert set(rows) == {16, 32} and "forward_s" in rows[16] and "forward_s" not in rows[32]
+    for size, row in rows.items():
+        for method in ("plain", "attnlrp", "reverse", "peer-plain"):
+            assert len(row[f"{method}_runs_s"]) == 1 and row[f"{method}_s"] > 0
+            assert row[f"{method}_peak_above_model_mib"] >= 0
+        assert row["attnlrp_over_reverse"] == row["attnlrp_s"] / row["reverse_s"]
+        assert 0 <= row["top1_attnlrp"] < size - 1 and 0 <= row["top1_reverse"] < size - 1
+        assert -1 <= row["spearman_attnlrp_reverse"] <= 1
+    assert -1 <= rows[16]["spearman_reverse_forward"] <= 1

@@ -187,6 +187,11 @@ class PeerProcess:
             raise PeerError(f"{self.peer.method}: {reply['error']}")
         return reply
 
+    @property
+    def pid(self) -> int:
+        """The worker's process id."""
+        return self._process.pid
+
     def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self._process.stdin is not None
         self._process.stdin.write(json.dumps(request) + "\n")

@@ -5,7 +5,10 @@ transformers 4.52.4): it imports nothing of this project. Argument: a model fold
 Reads JSON lines ``{"input_ids": [...], "target": t}`` on stdin and writes one JSON line
 per request: ``{"scores": [...], "logit": z, "seconds": s}``, each token's relevance for
 the target's logit at the last position (the input x gradient that lxt's patched
-backward gives, summed over the embedding: lxt's documented recipe).
+backward gives, summed over the embedding: lxt's documented recipe). A request
+``{"input_ids": [...], "plain": true}`` times one plain forward pass instead (no gradient,
+the last position's logits only) and answers ``{"seconds": s}``: the unit
+``benchmarks/peers_cost.py`` divides the peer's time by, in the peer's own environment.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ def main() -> int:
         request = json.loads(line)
         start = time.perf_counter()
         ids = torch.tensor([request["input_ids"]])
+        if request.get("plain"):
+            with torch.no_grad():
+                model(ids, use_cache=False, logits_to_keep=1)
+            print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+            continue
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         logits = model(inputs_embeds=embeds, use_cache=False).logits
         logit = logits[0, -1, request["target"]]

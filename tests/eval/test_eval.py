@@ -822,7 +822,7 @@ def test_legacy_config_keeps_the_rope_bases() -> None:
 def test_attnlrp_peer_on_the_embedded_model(tiny: EvalModel, depass: LocalDePass) -> None:
     """lxt's AttnLRP in its own environment, on the same weights: the worker's logit is
     the local model's (checked on every call, a different one refused), and on the name
-    mover it ranks A first, as DePass does."""
+    mover it ranks A first, as DePass does; a ``plain`` request times a plain forward."""
     _peer_or_skip("attnlrp")
     from depass_eval import peers
 
@@ -836,6 +836,9 @@ def test_attnlrp_peer_on_the_embedded_model(tiny: EvalModel, depass: LocalDePass
             assert tiny.token_texts([ids[top]])[0] == case.answer
         with pytest.raises(peers.PeerError, match="not the same model"):
             peers.token_scores_attnlrp(running["attnlrp"], ids, answer, logit + 1.0)
+        # the plain forward pass benchmarks/peers_cost.py divides by, in the peer's process
+        plain = running["attnlrp"].ask({"input_ids": ids, "plain": True})
+        assert set(plain) == {"seconds"} and plain["seconds"] > 0
 
 
 def test_context_cite_peer_on_the_embedded_model(tiny: EvalModel) -> None:
