@@ -231,7 +231,8 @@ def test_sdk_facts_equal_the_services() -> None:
 
     from depass_client._types import GRANULARITIES, ModelCard
     from engine.request import GRANULARITIES as ENGINE_GRANULARITIES
-    from service.protocol import AttributionResponse, ModelResponse
+    from service.endpoints.attributions.protocol import AttributionResponse
+    from service.endpoints.model.protocol import ModelResponse
 
     assert GRANULARITIES == ENGINE_GRANULARITIES
     card = {f.name for f in dataclasses.fields(ModelCard)}
