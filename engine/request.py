@@ -1,7 +1,9 @@
 """The attribution request the engine takes, checked as it is built.
 
-A plain dataclass (the engine needs nothing beyond torch, transformers and numpy; the
-HTTP layer has its own pydantic body in ``service/protocol.py`` that maps onto this one).
+A plain dataclass (the engine needs nothing beyond torch, transformers and numpy). It is
+also the one schema of the HTTP body: each field's description and numeric floor live in
+its ``metadata`` here, and ``POST /v1/attributions`` derives its pydantic body from this
+class (``service.endpoints.attributions.protocol``).
 Checks that need no model (types, ranges, conflicting fields, finite numbers) run at
 construction; checks that need the model (layer and position ranges, vocabulary,
 subspace shape) run in the engine. Both raise :class:`RequestError`, which names the field.
@@ -21,16 +23,16 @@ from engine.granularity import GRANULARITY_KINDS
 from engine.splits import SPLIT_RULES, SplitRule
 from engine.tokens import check_one_input
 
-Granularity = Literal["token", "module", "head", "neuron", "subspace"]
+#: The granularity names, from the registry (:data:`engine.granularity.GRANULARITY_KINDS`).
+GRANULARITIES: tuple[str, ...] = tuple(GRANULARITY_KINDS)
+#: A granularity name: the registry's names as a ``Literal`` (the HTTP schema's enum).
+Granularity = Literal[GRANULARITIES]  # type: ignore[valid-type]
 Output = Literal["scores", "states"]
 Role = Literal["system", "user", "assistant"]
 #: How the scores are computed: ``forward`` carries every component through the network;
 #: ``reverse`` (``mlp_split='taylor'``, scores only) takes every component's score from one
 #: gradient; ``auto`` picks reverse when it applies and costs less.
 Strategy = Literal["auto", "forward", "reverse"]
-GRANULARITIES: tuple[str, ...] = get_args(Granularity)
-if tuple(GRANULARITY_KINDS) != GRANULARITIES:  # the names, and what each one is
-    raise ImportError("engine.granularity.GRANULARITY_KINDS must follow Granularity")
 OUTPUTS: tuple[str, ...] = get_args(Output)
 ROLES: tuple[str, ...] = get_args(Role)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -41,37 +43,15 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 MIN_TEMPERATURE = 1e-6
 
 
-#: What each field of :class:`AttributionRequest` means (also the HTTP API's descriptions).
-FIELD_DOCS: dict[str, str] = {
-    "prompt": "Text to attribute (or give input_ids or messages).",
-    "input_ids": "Token ids to attribute (or give prompt or messages); used as given.",
-    "messages": "A chat (role/content list) to attribute, in the model's chat template "
-    "with the generation prompt appended (or give prompt or input_ids).",
-    "granularity": "What the components are: token, module, head, neuron or subspace.",
-    "start_layer": "Layer to decompose; for head, neuron and module runs also a list of layers.",
-    "end_layer": "Stop at the residual entering this layer; None: model output.",
-    "module": "Which module of start_layer (granularity='module'): attn or mlp.",
-    "neurons": "MLP neurons of start_layer to keep apart (granularity='neuron'); None: "
-    "every neuron of each layer.",
-    "groups": "Token groups, each one component (granularity='token').",
-    "subspace": "(K, N, D) components of the residual entering start_layer.",
-    "mlp_split": "MLP split rule: softmax, relu, max, linear or taylor.",
-    "temperature": f"Softmax temperature of the split (at least {MIN_TEMPERATURE:g}; "
-    "below, use mlp_split='max').",
-    "ignore_bos": "First-token rule; None: on for token runs whose first token is a special "
-    "token the tokenizer added (BOS, a chat template's), off otherwise. The result reports "
-    "the value applied.",
-    "all_layers": "Token runs: the decomposition entering every layer from start.",
-    "targets": "Token ids or strings to score at every position; None: each returned "
-    "position's own top-1 next token.",
-    "positions": "Positions to return (negative counts from the end); None: all.",
-    "outputs": "'scores' and/or 'states'.",
-    "strategy": "auto, forward or reverse: reverse (mlp_split='taylor', scores only) "
-    "gives every component's score from one gradient; auto picks it when it applies "
-    "and costs less.",
-    "top_k": "Keep only the k components with the largest |score| at each returned "
-    "position and target (the union over them); None: every component.",
-}
+def _one_of(names: tuple[str, ...]) -> str:
+    """``a, b or c``: a list of names in a description."""
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _about(description: str, minimum: float | None = None) -> dict[str, Any]:
+    """A request field's ``metadata``: its meaning (the HTTP schema's description) and, for
+    numeric fields, the least value every number in it may take (the schema's minimum)."""
+    return {"description": description} | ({} if minimum is None else {"minimum": minimum})
 
 
 def _is_int(value: Any) -> bool:
@@ -120,28 +100,110 @@ class AttributionRequest:
     runs; ``end_layer=e`` stops at the residual entering layer ``e`` (``None``: the model
     output, after the final norm).
 
-    Each field's meaning is in :data:`FIELD_DOCS` (the HTTP schema shows the same text).
+    Each field's meaning is in its ``metadata['description']`` (the HTTP schema shows it).
     """
 
-    prompt: str | None = None
-    input_ids: list[int] | None = None
-    messages: list[dict[str, str]] | None = None
-    granularity: Granularity = "token"
-    start_layer: int | list[int] = 0
-    end_layer: int | None = None
-    module: Literal["attn", "mlp"] | None = None
-    neurons: list[int] | None = None
-    groups: list[list[int]] | None = None
-    subspace: Any = None
-    mlp_split: SplitRule = "softmax"
-    temperature: float = 0.1
-    ignore_bos: bool | None = None
-    all_layers: bool = False
-    targets: list[int | str] | None = None
-    positions: list[int] | None = None
-    outputs: list[Output] = field(default_factory=lambda: ["scores"])
-    strategy: Strategy = "auto"
-    top_k: int | None = None
+    prompt: str | None = field(
+        default=None, metadata=_about("Text to attribute (or give input_ids or messages).")
+    )
+    input_ids: list[int] | None = field(
+        default=None,
+        metadata=_about(
+            "Token ids to attribute (or give prompt or messages); used as given.", minimum=0
+        ),
+    )
+    messages: list[dict[str, str]] | None = field(
+        default=None,
+        metadata=_about(
+            "A chat (role/content list) to attribute, in the model's chat template "
+            "with the generation prompt appended (or give prompt or input_ids)."
+        ),
+    )
+    granularity: Granularity = field(
+        default="token",
+        metadata=_about(f"What the components are: {_one_of(GRANULARITIES)}."),
+    )
+    start_layer: int | list[int] = field(
+        default=0,
+        metadata=_about(
+            "Layer to decompose; for head, neuron and module runs also a list of layers.", minimum=0
+        ),
+    )
+    end_layer: int | None = field(
+        default=None,
+        metadata=_about("Stop at the residual entering this layer; None: model output.", minimum=0),
+    )
+    module: Literal["attn", "mlp"] | None = field(
+        default=None,
+        metadata=_about("Which module of start_layer (granularity='module'): attn or mlp."),
+    )
+    neurons: list[int] | None = field(
+        default=None,
+        metadata=_about(
+            "MLP neurons of start_layer to keep apart (granularity='neuron'); None: "
+            "every neuron of each layer.",
+            minimum=0,
+        ),
+    )
+    groups: list[list[int]] | None = field(
+        default=None, metadata=_about("Token groups, each one component (granularity='token').")
+    )
+    subspace: Any = field(
+        default=None, metadata=_about("(K, N, D) components of the residual entering start_layer.")
+    )
+    mlp_split: SplitRule = field(
+        default="softmax", metadata=_about(f"MLP split rule: {_one_of(SPLIT_RULES)}.")
+    )
+    temperature: float = field(
+        default=0.1,
+        metadata=_about(
+            f"Softmax temperature of the split (at least {MIN_TEMPERATURE:g}; "
+            "below, use mlp_split='max').",
+            minimum=MIN_TEMPERATURE,
+        ),
+    )
+    ignore_bos: bool | None = field(
+        default=None,
+        metadata=_about(
+            "First-token rule; None: on for token runs whose first token is a special "
+            "token the tokenizer added (BOS, a chat template's), off otherwise. The result reports "
+            "the value applied."
+        ),
+    )
+    all_layers: bool = field(
+        default=False,
+        metadata=_about("Token runs: the decomposition entering every layer from start."),
+    )
+    targets: list[int | str] | None = field(
+        default=None,
+        metadata=_about(
+            "Token ids or strings to score at every position; None: each returned "
+            "position's own top-1 next token."
+        ),
+    )
+    positions: list[int] | None = field(
+        default=None,
+        metadata=_about("Positions to return (negative counts from the end); None: all."),
+    )
+    outputs: list[Output] = field(
+        default_factory=lambda: ["scores"], metadata=_about("'scores' and/or 'states'.")
+    )
+    strategy: Strategy = field(
+        default="auto",
+        metadata=_about(
+            "auto, forward or reverse: reverse (mlp_split='taylor', scores only) "
+            "gives every component's score from one gradient; auto picks it when it applies "
+            "and costs less."
+        ),
+    )
+    top_k: int | None = field(
+        default=None,
+        metadata=_about(
+            "Keep only the k components with the largest |score| at each returned "
+            "position and target (the union over them); None: every component.",
+            minimum=1,
+        ),
+    )
 
     def __post_init__(self) -> None:
         self._check_values()

@@ -1,10 +1,20 @@
-"""The attribution result returned by :meth:`engine.DePassEngine.attribute`."""
+"""The attribution result returned by :meth:`engine.DePassEngine.attribute`.
+
+Each field's meaning is in its ``metadata['description']``: the one schema of the result,
+from which the HTTP response of ``POST /v1/attributions`` is derived.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
+
+
+def _about(description: str) -> dict[str, Any]:
+    """A result field's ``metadata``: its meaning (the HTTP schema's description)."""
+    return {"description": description}
 
 
 @dataclass
@@ -15,45 +25,105 @@ class AttributionResult:
     when the arrays carry a leading layer axis (``all_layers`` or a list of head layers).
     """
 
-    tokens: list[str]  # (N,) readable text of each input token
-    input_ids: list[int]  # (N,)
-    # (M,) labels, in the order of the component axis; when they differ by layer (a list
-    # of head layers) they leave the layer out ("rest", "H0", ..) and ``layer_components``
-    # ([layers,] M) names each layer's ("L3.H0", ..).
-    components: list[str]
-    layer_components: list[list[str]] | None
-    first_positions: list[int]  # (M,) first position where each component exists
-    positions: list[int]  # (P,) non-negative positions of the position axis
-    targets: list[int]  # (T,) scored token ids at the last returned position
-    target_tokens: list[str]  # (T,)
-    # (P, T) each position's scored ids and texts: the asked targets at every position,
-    # or by default each position's own top-1 next token (T = 1)
-    position_targets: list[list[int]]
-    position_target_tokens: list[list[str]]
-    granularity: str
-    mlp_split: str
-    end: str  # "output" (final-norm scaled) or "layer e" (residual entering layer e)
-    layers: list[int] | None  # leading-axis layers, or None
-    states: torch.Tensor | None  # ([layers,] P, M, D) components
-    remainder: torch.Tensor | None  # ([layers,] P, D) bias / remainder component
-    scores: torch.Tensor | None  # ([layers,] P, M, T) logit contribution of each component
-    remainder_scores: torch.Tensor | None  # ([layers,] P, T) the remainder's contribution
-    logits: torch.Tensor  # ([layers,] P, T) logit (lens) of each target: scores + remainder
-    conservation_error: float  # max |sum(components) + remainder - true state|
-    relative_conservation_error: float  # conservation_error / max |true state|
-    # The model's final soft-cap c (Gemma 2): it outputs c tanh(z / c), which is not
-    # linear, so ``logits`` (and the scores) are the logits z BEFORE the cap; the capped
-    # ones are ``capped_logits``. Both None for models without a cap.
-    logit_softcap: float | None = None
-    capped_logits: torch.Tensor | None = None  # ([layers,] P, T)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
-    strategy: str = "forward"  # how the scores were computed: "forward" or "reverse"
-    # the request's ``top_k``: the component axis holds only the components among the k
-    # largest |score| of some position and target (their union, in the original order)
-    kept_top_k: int | None = None
-    # The first-token rule applied: the request's ``ignore_bos``, or its default for this
-    # prompt (on for token runs whose first token is a special token the tokenizer added)
-    ignore_bos: bool = False
+    tokens: list[str] = field(metadata=_about("(N,) text of each input token."))
+    input_ids: list[int] = field(metadata=_about("(N,) input token ids."))
+    components: list[str] = field(
+        metadata=_about(
+            "(M,) component labels, e.g. 'tok[3]:\"Paris\"'; for a list of head "
+            "layers without the layer ('H0'), which layer_components adds."
+        )
+    )
+    layer_components: list[list[str]] | None = field(
+        metadata=_about(
+            "([layers,] M) each layer's component labels ('L3.H0') when they differ "
+            "by layer (a list of head layers); null otherwise."
+        )
+    )
+    first_positions: list[int] = field(
+        metadata=_about(
+            "(M,) the first position where each component exists (a later token "
+            "is exactly 0 before it); 0 for all but token components."
+        )
+    )
+    positions: list[int] = field(metadata=_about("(P,) non-negative positions returned."))
+    targets: list[int] = field(
+        metadata=_about("(T,) token ids scored at the last position returned.")
+    )
+    target_tokens: list[str] = field(metadata=_about("(T,) text of each target."))
+    position_targets: list[list[int]] = field(
+        metadata=_about(
+            "(P, T) the token ids scored at each position: the asked targets, or "
+            "by default each position's own top-1 next token (T = 1)."
+        )
+    )
+    position_target_tokens: list[list[str]] = field(metadata=_about("(P, T) their texts."))
+    granularity: str = field(metadata=_about("What the components are."))
+    mlp_split: str = field(metadata=_about("MLP split rule used."))
+    end: str = field(metadata=_about("'output' (after the final norm) or 'layer e'."))
+    layers: list[int] | None = field(metadata=_about("Layers of the leading axis, if any."))
+    states: torch.Tensor | None = field(
+        metadata=_about("([layers,] P, M, D) components of the state.")
+    )
+    remainder: torch.Tensor | None = field(
+        metadata=_about("([layers,] P, D) the remainder (bias) component of the state.")
+    )
+    scores: torch.Tensor | None = field(
+        metadata=_about("([layers,] P, M, T) logit contribution of each component.")
+    )
+    remainder_scores: torch.Tensor | None = field(
+        metadata=_about("([layers,] P, T) the remainder's (biases') logit contribution.")
+    )
+    logits: torch.Tensor = field(
+        metadata=_about("([layers,] P, T) each target's logit: scores summed + remainder.")
+    )
+    conservation_error: float = field(
+        metadata=_about("max |sum(components) + remainder - true state| (completeness check).")
+    )
+    relative_conservation_error: float = field(
+        metadata=_about("conservation_error / max |true state|.")
+    )
+    # The cap is not linear, so ``logits`` (and the scores) are the logits z BEFORE it.
+    logit_softcap: float | None = field(
+        default=None,
+        metadata=_about(
+            "The model's final soft-cap c (Gemma 2): logits are c tanh(z / c), and "
+            "scores add up to the logit z before the cap; null for models without one."
+        ),
+    )
+    capped_logits: torch.Tensor | None = field(
+        default=None,
+        metadata=_about("([layers,] P, T) c tanh(logits / c), what the model outputs."),
+    )
+    timings: dict[str, float] = field(
+        default_factory=dict,
+        metadata=_about(
+            "Seconds per phase: forward_s, decompose_s; and batch_size, the requests run "
+            "together with this one (1: alone), whose forward and decomposition times are "
+            "shared."
+        ),
+    )
+    strategy: Literal["forward", "reverse"] = field(
+        default="forward",
+        metadata=_about(
+            "How the scores were computed: 'forward' (every component carried "
+            "through the network) or 'reverse' (every score from one gradient; taylor split)."
+        ),
+    )
+    kept_top_k: int | None = field(
+        default=None,
+        metadata=_about(
+            "The request's top_k: components holds only those among the k largest "
+            "|score| of some position and target; null: every component."
+        ),
+    )
+    ignore_bos: bool = field(
+        default=False,
+        metadata=_about(
+            "The first-token rule applied: the request's ignore_bos, or its default "
+            "for this prompt (on for token runs whose first token is a special token the "
+            "tokenizer added, off otherwise)."
+        ),
+    )
 
     def labels(self, layer: int = -1) -> list[str]:
         """The component labels at one index of the layer axis (``components`` without one)."""

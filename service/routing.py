@@ -1,4 +1,14 @@
-"""JSON routes: the body must be declared JSON (415) and be strict JSON (400).
+"""The routes' shared base: the routers every endpoint hangs its routes on, the error
+responses they declare, and JSON routes.
+
+:func:`v1_router` and :func:`ops_router` give an endpoint's ``api_router.py`` its router:
+``/v1/*`` routes need the API key when one is configured and take JSON bodies;
+``/health``, ``/ready`` and ``/metrics`` stay open (``/metrics`` needs the key with
+``DEPASS_PROTECT_METRICS``). Every status a route can answer is declared with its model
+(:func:`error_responses`), so that the OpenAPI document is the contract the fuzz tests hold
+the service to.
+
+JSON routes: the body must be declared JSON (415) and be strict JSON (400).
 
 FastAPI's own parsing accepts any byte encoding ``json.loads`` can guess, any nesting its
 recursion allows, and strings holding lone UTF-16 surrogates (``"\\ud800"``), which no
@@ -21,11 +31,14 @@ import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from fastapi import APIRouter, Depends
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 
+from service.dependencies import bearer_scheme
 from service.errors import InvalidJSONError, UnsupportedMediaTypeError
+from service.protocol import SAFETENSORS_MEDIA_TYPE, ErrorResponse
 
 MAX_JSON_DEPTH = 32
 #: A ``\\uD800``-``\\uDFFF`` escape: the only way a lone surrogate gets into valid UTF-8 JSON.
@@ -127,3 +140,56 @@ class JSONRoute(APIRoute):
             return await handler(JSONRequest(request.scope, request.receive))
 
         return json_route_handler
+
+
+# ---------------------------------------------------------------------------- routers
+
+#: What each error status means, as the OpenAPI document describes it.
+ERROR_DESCRIPTIONS = {
+    400: "The body is not valid JSON (syntax, not UTF-8, nested too deeply).",
+    401: "A key is configured and the bearer token is missing or wrong.",
+    413: "The input, the body or the estimated response is over a limit.",
+    415: "The body is not declared as `Content-Type: application/json`.",
+    422: "A field is invalid (for the API or for the loaded model); `param` names it.",
+    429: "The queue is full; retry after `Retry-After` seconds.",
+    503: "The model is not loaded, or it ran out of memory on this request.",
+    504: "The request passed DEPASS_REQUEST_TIMEOUT_S.",
+}
+#: What every route with a JSON body may answer besides 200.
+BODY_ERRORS = (400, 413, 415)
+#: A route that runs on the worker may also find the queue full or pass its deadline.
+WORKER_ERRORS = (429, 504)
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route that may answer these error statuses (the envelope)."""
+    return {
+        code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes
+    }
+
+
+#: The 200 of a route whose arrays may travel as a safetensors file.
+BINARY_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {SAFETENSORS_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        "description": "JSON with encoded arrays; a safetensors file when `Accept` asks for "
+        f"`{SAFETENSORS_MEDIA_TYPE}` (the JSON fields in its metadata under 'depass').",
+    }
+}
+
+
+def v1_router() -> APIRouter:
+    """A router of ``/v1/*`` routes: API key, JSON bodies, the ``v1`` tag, and the errors
+    any of them may answer (401, 422, 503)."""
+    return APIRouter(
+        prefix="/v1",
+        dependencies=[Depends(bearer_scheme)],
+        responses=error_responses(401, 422, 503),
+        tags=["v1"],
+        route_class=JSONRoute,
+    )
+
+
+def ops_router() -> APIRouter:
+    """A router of the open operations routes (``ops`` tag)."""
+    return APIRouter(tags=["ops"])

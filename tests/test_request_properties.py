@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from engine import AttributionRequest, DePassEngine, RequestError
 from engine.granularity import GRANULARITY_KINDS
 from engine.testing import tiny_model, word_tokenizer
-from service.protocol import AttributionBody
+from service.endpoints.attributions.protocol import AttributionBody
 from tests.service.conftest import running
 
 #: Examples per test: enough to meet every granularity and field many times, small

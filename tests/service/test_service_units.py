@@ -201,49 +201,71 @@ def test_operations_page_lists_every_setting() -> None:
         assert f"`DEPASS_{name.upper()}`" in page, name
 
 
-def test_http_body_has_the_engine_requests_fields() -> None:
-    """AttributionBody mirrors engine.AttributionRequest: same names and defaults, so that
-    every body maps onto the engine's request and nothing is silently dropped."""
+def test_http_models_are_derived_from_every_engine_field() -> None:
+    """The HTTP bodies are built from the engine's dataclasses: every field of
+    engine.AttributionRequest (same default), engine.AttributionResult and engine.ModelInfo
+    is in its model with the engine's description, and nothing else is but the
+    transport fields; a field added to the engine reaches the API with nothing to copy."""
     import dataclasses
 
-    from engine import AttributionRequest
-    from service.protocol import AttributionBody
+    from engine import AttributionRequest, AttributionResult, ModelInfo
+    from service.endpoints.attributions.protocol import (
+        BODY_WIRE,
+        RESPONSE_WIRE,
+        AttributionBody,
+        AttributionResponse,
+    )
+    from service.endpoints.model.protocol import ModelResponse
 
-    engine_fields = {f.name: f for f in dataclasses.fields(AttributionRequest)}
-    body_fields = set(AttributionBody.model_fields) - {"array_encoding", "array_dtype"}
-    assert body_fields == set(engine_fields)
-    for name, info in AttributionBody.model_fields.items():
-        if name not in engine_fields:
-            continue
-        engine_field = engine_fields[name]
-        if engine_field.default is not dataclasses.MISSING:
-            assert info.default == engine_field.default, name
-        else:
-            assert info.default_factory() == engine_field.default_factory(), name
-
-
-def test_http_response_has_the_engine_results_fields() -> None:
-    """AttributionResponse carries every field of engine.AttributionResult (the serving
-    layer copies them all), plus the model's name; ModelResponse every ModelInfo fact."""
-    import dataclasses
-
-    from engine import AttributionResult, ModelInfo
-    from service.protocol import AttributionResponse, ModelResponse
-
-    result = {f.name for f in dataclasses.fields(AttributionResult)}
-    assert set(AttributionResponse.model_fields) == result | {"object", "model"}
-    facts = {f.name for f in dataclasses.fields(ModelInfo)}
-    assert facts <= set(ModelResponse.model_fields)
-    for name in facts:  # the engine's descriptions reach the schema
-        assert ModelResponse.model_fields[name].description, name
+    cases = (
+        (AttributionRequest, AttributionBody, {"array_encoding", "array_dtype"}, BODY_WIRE),
+        (AttributionResult, AttributionResponse, {"object", "model"}, RESPONSE_WIRE),
+        (
+            ModelInfo,
+            ModelResponse,
+            set(ModelResponse.model_fields) - ModelInfo.__dataclass_fields__.keys(),
+            {},
+        ),
+    )
+    for source, model, transport, wire in cases:  # wire: fields whose HTTP form differs
+        engine_fields = {f.name: f for f in dataclasses.fields(source)}
+        assert set(model.model_fields) == set(engine_fields) | transport, model
+        for name, field in engine_fields.items():
+            info = model.model_fields[name]
+            description = field.metadata["description"]
+            assert info.description, (model, name)
+            assert description in info.description or name in wire, (model, name)
+            if model is AttributionBody:  # a request keeps the engine's defaults
+                if field.default is not dataclasses.MISSING:
+                    assert info.default == field.default, name
+                else:
+                    assert info.default_factory() == field.default_factory(), name
 
 
 def test_one_temperature_floor_and_granularity_list() -> None:
     from engine.request import GRANULARITIES, MIN_TEMPERATURE
-    from service.protocol import AttributionBody, GenerateBody
+    from service.endpoints.attributions.protocol import AttributionBody
+    from service.endpoints.generate.protocol import GenerateBody
 
     for model, name in ((AttributionBody, "temperature"), (GenerateBody, "split_temperature")):
         bounds = [m.ge for m in model.model_fields[name].metadata if hasattr(m, "ge")]
         assert bounds == [MIN_TEMPERATURE], (model, bounds)
     schema = AttributionBody.model_json_schema()
     assert tuple(schema["properties"]["granularity"]["enum"]) == GRANULARITIES
+
+
+def test_every_endpoint_subpackage_is_served() -> None:
+    """Each subpackage of service.endpoints is listed in service.api_router.ENDPOINTS (an
+    endpoint left out would be silently unserved) and has its routes and bodies."""
+    import pkgutil
+
+    import service.endpoints
+    from service.api_router import ENDPOINTS
+
+    found = {m.name for m in pkgutil.iter_modules(service.endpoints.__path__) if m.ispkg}
+    assert found == set(ENDPOINTS)
+    for name in ENDPOINTS:
+        modules = {
+            m.name for m in pkgutil.iter_modules([f"{service.endpoints.__path__[0]}/{name}"])
+        }
+        assert {"api_router", "protocol"} <= modules, name

@@ -1,0 +1,1 @@
+"""``POST /v1/attributions``: decompose a forward pass into components and score them."""

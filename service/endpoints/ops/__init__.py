@@ -1,0 +1,1 @@
+"""``/health``, ``/ready`` and ``/metrics``: liveness, readiness and Prometheus metrics."""

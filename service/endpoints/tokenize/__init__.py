@@ -1,0 +1,1 @@
+"""``POST /v1/tokenize``: the token ids and texts of a prompt."""
