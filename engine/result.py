@@ -129,6 +129,29 @@ class AttributionResult:
         """The component labels at one index of the layer axis (``components`` without one)."""
         return self.components if self.layer_components is None else self.layer_components[layer]
 
+    def score_row(self, position: int = -1, target: int = 0, layer: int = -1) -> torch.Tensor:
+        """(M,) every component's score at one index of the position, target and layer
+        axes (components absent at that position score exactly 0)."""
+        if self.scores is None:
+            raise ValueError("the result holds no scores; ask for outputs=['scores']")
+        scores = self.scores if self.layers is None else self.scores[layer]
+        return scores[position, :, target]
+
+    def present(self, position: int = -1) -> list[int]:
+        """Indices of the components that exist at index ``position`` of ``positions``
+        (a later token's component is exactly 0 before its position)."""
+        at = self.positions[position]
+        return [m for m, first in enumerate(self.first_positions) if first <= at]
+
+    def target(self, position: int = -1, target: int = 0) -> tuple[int, str]:
+        """The token id and text scored at index ``position`` of ``positions``."""
+        if self.position_targets is None or self.position_target_tokens is None:
+            return self.targets[target], self.target_tokens[target]  # the same everywhere
+        return (
+            self.position_targets[position][target],
+            self.position_target_tokens[position][target],
+        )
+
     def top_components(
         self, k: int = 10, position: int = -1, target: int = 0, layer: int = -1
     ) -> list[tuple[str, float]]:
@@ -137,14 +160,8 @@ class AttributionResult:
         Components that do not exist yet at that position (later tokens, exactly 0 there)
         are not ranked. ``position``, ``target`` and ``layer`` index the result's axes.
         """
-        if self.scores is None:
-            raise ValueError("the result holds no scores; ask for outputs=['scores']")
-        scores = self.scores if self.layers is None else self.scores[layer]
-        row = scores[position, :, target]
-        present = [
-            m for m, first in enumerate(self.first_positions) if first <= self.positions[position]
-        ]
-        order = sorted(present, key=lambda m: -float(row[m]))[:k]
+        row = self.score_row(position, target, layer)
+        order = sorted(self.present(position), key=lambda m: -float(row[m]))[:k]
         names = self.labels(layer)
         return [(names[i], float(row[i])) for i in order]
 

@@ -250,3 +250,13 @@ def test_keep_top_keeps_what_the_engine_keeps() -> None:
     )
     for k in (1, 2, 3):
         assert engine.keep_top(k).components == result.keep_top(k).components
+    # one vocabulary: the score row, component presence, the target and the ranking
+    for layer in (0, 1):
+        np.testing.assert_allclose(
+            engine.score_row(layer=layer).numpy(), result.score_row(layer=layer)
+        )
+        got, want = engine.top_components(2, layer=layer), result.top_components(2, layer=layer)
+        assert [name for name, _ in got] == [name for name, _ in want]
+        assert [score for _, score in got] == pytest.approx([score for _, score in want])
+    assert engine.present() == result.present().tolist()
+    assert engine.target() == result.target()
