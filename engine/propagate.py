@@ -32,13 +32,14 @@ stay in the compute dtype (float32 by default), which keeps conservation tight.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from engine.capture import ForwardTrace
+from engine.capture import ForwardTrace, LayerTrace
 from engine.families import Family
 from engine.memory import attention_block, attention_row_bytes, mlp_chunk, mlp_position_bytes
 from engine.parts import (
@@ -183,16 +184,12 @@ class LayerWeights:
         self.mlp_norm = norms.get("mlp_norm", IDENTITY)
         self.mlp_post = norms.get("mlp_post_norm", IDENTITY)
 
-        # (R, H, N, N): padded with zero rows and columns
-        probs = torch.stack(
-            [_pad_square(cast(f.attention_probs(), matmul_dtype), length) for f in frozen]
+        # The attention operator is frozen when first used: a run that only reads the
+        # MLP (neurons scored in reverse mode) does not recompute the probabilities of a
+        # trace that does not keep them.
+        self._freeze_attention = functools.partial(
+            self._attention_of, module, family, model.config, frozen, length
         )
-        self.attention: AttentionOperator = family.attention.freeze(
-            module, model.config, probs, self.attn_norm.shift, dtype, matmul_dtype
-        )
-        # The biases belong to no input: given to the remainder, through the post-norm
-        # when there is one: (D,) or (R, N, D).
-        self.attn_bias = _through_post(self.attn_post, self.attention.constant)
 
         # The MLP's neuron axis, as runs of neurons sharing one projection pair (one run
         # for a dense MLP; one per expert, and the shared expert, for a mixture).
@@ -222,6 +219,36 @@ class LayerWeights:
     def _cast(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``tensor`` on this layer's device, in ``dtype`` (default: the compute dtype)."""
         return tensor.detach().to(self.device, dtype or self.dtype)
+
+    def _attention_of(
+        self,
+        module: nn.Module,
+        family: Family,
+        config: object,
+        frozen: Sequence[LayerTrace],
+        length: int,
+    ) -> AttentionOperator:
+        # (R, H, N, N): padded with zero rows and columns
+        probs = torch.stack(
+            [
+                _pad_square(self._cast(f.attention_probs(), self.matmul_dtype), length)
+                for f in frozen
+            ]
+        )
+        return family.attention.freeze(
+            module, config, probs, self.attn_norm.shift, self.dtype, self.matmul_dtype
+        )
+
+    @functools.cached_property
+    def attention(self) -> AttentionOperator:
+        """The layer's frozen attention operator (:class:`engine.parts.AttentionOperator`)."""
+        return self._freeze_attention()
+
+    @functools.cached_property
+    def attn_bias(self) -> torch.Tensor | None:
+        """What the attention biases add, the remainder's, through the post-norm when
+        there is one: (D,) or (R, N, D)."""
+        return _through_post(self.attn_post, self.attention.constant)
 
     @property
     def probs(self) -> torch.Tensor:

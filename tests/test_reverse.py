@@ -268,3 +268,32 @@ def test_the_time_estimate_of_a_reverse_run(llama_engine: DePassEngine) -> None:
     with pytest.raises(TimeBudgetError) as caught:
         llama_engine.check_time(plan(200, "forward"), (forward + reverse) / 4, "input_ids")
     assert "strategy='reverse'" in caught.value.message
+
+
+def test_neurons_of_the_last_layer_need_no_attention_probabilities(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scoring the last layer's neurons reads only that layer's MLP and the read-out: on a
+    trace without probabilities none is recomputed (the attention operator is frozen when
+    first used), and the scores are those of the full trace."""
+    from engine.capture import LayerTrace
+    from tests.conftest import family_engine_for
+
+    fields = {"input_ids": IDS, "mlp_split": "taylor", "strategy": "reverse"}
+    fields |= {"granularity": "neuron", "start_layer": 1, "positions": [-1, 4]}
+    roomy = family_engine_for("llama")
+    full_plan = roomy.plan(AttributionRequest(**fields))
+    want = roomy.attribute(AttributionRequest(**fields))
+    tight = family_engine_for("llama", memory_budget_bytes=full_plan.memory.total - 1)
+    assert tight.plan(AttributionRequest(**fields)).light_trace
+    calls: list[int] = []
+    recompute = LayerTrace.attention_probs
+
+    def counted(self: LayerTrace) -> torch.Tensor:
+        calls.append(1)
+        return recompute(self)
+
+    monkeypatch.setattr(LayerTrace, "attention_probs", counted)
+    got = tight.attribute(AttributionRequest(**fields))
+    assert calls == []
+    torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-6)
