@@ -238,12 +238,7 @@ class EvalModel:
         """(D, W) what each neuron of ``layer`` writes per unit of activation: its column
         of the output projection (a mixture's: its expert's, the shared expert's)."""
         block = self.block(layer)
-        blocks = self.family.mlp.for_layer(block).blocks(block)
-        first = blocks[0].output.weight
-        columns = first.new_zeros(first.shape[0], self.neuron_width(layer))
-        for run in blocks:
-            columns[:, run.columns] = run.output.weight
-        return columns
+        return self.family.mlp.for_layer(block).output_columns(block)
 
     def neuron_hook(self, layer: int, edit: Edit) -> list[RemovableHandle]:
         """Call ``edit`` on ``layer``'s neuron activations, (B, N, W) on the engine's

@@ -28,8 +28,9 @@ module it stands for by a dotted path (from the model root, or from one decoder 
 
 Parts own their maths: :mod:`engine.propagate` runs the frozen objects these parts give
 and reads no weight itself. A new layout is a new part type implementing the same
-protocol (:class:`AttentionPart` with its :class:`AttentionOperator`, or an MLP part
-whose :meth:`freeze` gives :class:`FrozenNeurons`); the propagation loop stays untouched.
+protocol (:class:`AttentionPart` with its :class:`AttentionOperator`, or a
+:class:`NeuronAxisMLP` whose :meth:`~NeuronAxisMLP.blocks` lay out its neuron axis); the
+propagation loop stays untouched.
 
 Each part lists the hooks it needs (:meth:`hooks`) as ``(path, kind, key)`` triples;
 :mod:`engine.capture` installs them and knows no family.
@@ -617,7 +618,7 @@ def freeze_blocks(
     matmul_dtype: torch.dtype,
     device: torch.device,
 ) -> FrozenNeurons:
-    """``blocks`` cast for propagation on ``device`` (see :meth:`DenseMLP.freeze`)."""
+    """``blocks`` cast for propagation on ``device`` (see :meth:`NeuronAxisMLP.freeze`)."""
 
     def freeze(block: NeuronBlock) -> FrozenNeuronBlock:
         if block.expert is not None and block.output.bias is not None:
@@ -660,14 +661,49 @@ class FrozenMLP:
     routes: torch.Tensor | None = None
 
 
-class DenseMLP:
+class NeuronAxisMLP:
+    """What every MLP part shares: its neuron axis as runs of neurons that one projection
+    pair serves (:meth:`blocks`: a dense MLP one run, a mixture one per expert and its
+    shared expert), frozen for propagation (:meth:`freeze`) or read whole
+    (:meth:`output_columns`). A part gives :meth:`blocks`; :mod:`engine.propagate` runs
+    what :meth:`freeze` gives and reads no weight."""
+
+    def blocks(self, layer: nn.Module) -> list[NeuronBlock]:
+        raise NotImplementedError
+
+    def freeze(
+        self,
+        layer: nn.Module,
+        routes: Sequence[torch.Tensor | None],
+        input_bias: torch.Tensor | None,
+        length: int,
+        dtype: torch.dtype,
+        matmul_dtype: torch.dtype,
+        device: torch.device,
+    ) -> FrozenNeurons:
+        """The frozen split inputs of ``layer``'s MLP for a batch of prompts.
+
+        Args:
+            routes: per prompt, the chosen experts (N, k) on the neuron axis
+                (:meth:`on_axis`; ``None`` for a dense MLP): where each expert runs.
+            input_bias: (D,) the pre-norm's bias (the remainder's), or ``None``.
+            length: the batch's longest prompt (routing is zero-padded to it).
+            dtype, matmul_dtype: of the biases, and of the projections.
+        """
+        return freeze_blocks(
+            self.blocks(layer), routes, input_bias, length, dtype, matmul_dtype, device
+        )
+
+    def output_columns(self, layer: nn.Module) -> torch.Tensor:
+        """(D, W) what each neuron of the axis writes per unit of activation: its column
+        of its run's output projection (the runs are contiguous, in axis order)."""
+        return torch.cat([block.output.weight for block in self.blocks(layer)], dim=1)
+
+
+class DenseMLP(NeuronAxisMLP):
     """What every dense MLP part shares (:class:`GatedMLP`, :class:`PlainMLP`): one run of
     neurons that one split input projection (:meth:`split_input`) and one output
     projection serve at every position. A subclass says where its projections are.
-
-    An MLP part (this, :class:`MixtureMLP`, or a new layout's) gives :meth:`blocks` and
-    :meth:`freeze`, its frozen split inputs; :mod:`engine.propagate` runs those and reads
-    no weight.
     """
 
     down: str
@@ -715,29 +751,6 @@ class DenseMLP:
         split_input = self.split_input(layer)
         width = split_input.weight.shape[0]
         return [NeuronBlock(slice(0, width), split_input, self.output(layer))]
-
-    def freeze(
-        self,
-        layer: nn.Module,
-        routes: Sequence[torch.Tensor | None],
-        input_bias: torch.Tensor | None,
-        length: int,
-        dtype: torch.dtype,
-        matmul_dtype: torch.dtype,
-        device: torch.device,
-    ) -> FrozenNeurons:
-        """The frozen split inputs of ``layer``'s MLP for a batch of prompts.
-
-        Args:
-            routes: per prompt, the chosen experts (N, k) on the neuron axis
-                (:meth:`on_axis`; ``None`` for a dense MLP).
-            input_bias: (D,) the pre-norm's bias (the remainder's), or ``None``.
-            length: the batch's longest prompt (routing is zero-padded to it).
-            dtype, matmul_dtype: of the biases, and of the projections.
-        """
-        return freeze_blocks(
-            self.blocks(layer), routes, input_bias, length, dtype, matmul_dtype, device
-        )
 
     def neuron_name(self, layer: nn.Module, index: int) -> str:
         """The label of neuron ``index`` of the axis."""
@@ -799,7 +812,7 @@ class PlainMLP(DenseMLP):
 
 
 @dataclass(frozen=True)
-class MixtureMLP:
+class MixtureMLP(NeuronAxisMLP):
     """A sparse mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks ``k``
     experts per position with weights, and the output is the weighted sum of those
     experts' gated MLPs (plus, Qwen2-MoE, a shared expert times ``sigmoid(w_s x)``).
@@ -879,22 +892,6 @@ class MixtureMLP:
             columns = slice(lo, lo + shared.columns.stop)
             blocks.append(NeuronBlock(columns, shared.split_input, shared.output))
         return blocks
-
-    def freeze(
-        self,
-        layer: nn.Module,
-        routes: Sequence[torch.Tensor | None],
-        input_bias: torch.Tensor | None,
-        length: int,
-        dtype: torch.dtype,
-        matmul_dtype: torch.dtype,
-        device: torch.device,
-    ) -> FrozenNeurons:
-        """The frozen split inputs of every expert and the shared expert
-        (:meth:`DenseMLP.freeze`; ``routes`` say where each expert runs)."""
-        return freeze_blocks(
-            self.blocks(layer), routes, input_bias, length, dtype, matmul_dtype, device
-        )
 
     def neuron_name(self, layer: nn.Module, index: int) -> str:
         """``E<expert>.N<neuron>``, or ``S.N<neuron>`` for the shared expert's."""

@@ -3,35 +3,28 @@ generated token to the tokens before it in one engine call."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from engine import AttributionRequest, AttributionResult, DePassEngine
+from engine import AttributionRequest, AttributionResult
 from service.endpoints.generate.protocol import GenerateBody, GenerateResponse
 from service.errors import InvalidFieldError
 from service.generation import Continuation, continue_ids, eos_token_ids
-from service.metrics import Metrics
-from service.serving import Disconnected, FaultInjector, Payload, Serving, as_numpy
-from service.settings import Settings
-from service.worker import StopCheck, Worker
+from service.serving import Disconnected, Payload, Serving, as_numpy
+from service.worker import StopCheck
 
 
 class GenerationServing(Serving):
     """``POST /v1/generate``."""
 
-    def __init__(
-        self,
-        engine: DePassEngine,
-        settings: Settings,
-        metrics: Metrics,
-        worker: Worker,
-        fault_injector: FaultInjector | None = None,
-    ) -> None:
-        super().__init__(engine, settings, metrics, worker, fault_injector)
-        self._stop_ids = eos_token_ids(engine.model, engine.tokenizer)
+    @functools.cached_property
+    def _stop_ids(self) -> set[int]:
+        """The ids that end a generation (the model's and the tokenizer's EOS)."""
+        return eos_token_ids(self.engine.model, self.engine.tokenizer)
 
     async def generate(
         self, body: GenerateBody, accept: str | None, is_disconnected: Disconnected | None
