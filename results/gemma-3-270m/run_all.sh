@@ -4,6 +4,7 @@
 # Usage: bash results/gemma-3-270m/run_all.sh "$(.venv/bin/python scripts/real_models.py path gemma3)" <group>
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source results/report_runs.sh
 MODEL=${1:?path to gemma-3-270m-q4_k_m.gguf}
 GROUP=${2:-all}
 OUT=results/gemma-3-270m
@@ -35,11 +36,6 @@ case $GROUP in
   all) for g in paper-tokens tokens-known tokens-ioi tokens-longra paper-components components paper-truth paper-language; do
          bash "$0" "$MODEL" $g; done ;;
   report)
-    for run in $OUT/*/; do
-      [ -f "$run/run.json" ] || continue
-      read -r protocol dataset rules < <(.venv/bin/python -c \
-        "import json,sys; i=json.load(open(sys.argv[1])); print(i['protocol'], i['dataset'], i.get('rules', 'strict'))" "$run/run.json")
-      $EVAL --rules "$rules" --protocol "$protocol" --dataset "$dataset" --out "$run" --report-only
-    done ;;
+    report_runs $OUT/*/ ;;
   *) echo "unknown group $GROUP"; exit 2 ;;
 esac

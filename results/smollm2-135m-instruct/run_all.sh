@@ -4,6 +4,7 @@
 # Usage: bash results/smollm2-135m-instruct/run_all.sh /path/to/SmolLM2-135M-Instruct.Q4_1.gguf <group>
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source results/report_runs.sh
 MODEL=${1:?path to SmolLM2-135M-Instruct.Q4_1.gguf}
 GROUP=${2:-all}
 OUT=results/smollm2-135m-instruct
@@ -58,12 +59,7 @@ case $GROUP in
   # Rewrite every report from the rows there (e.g. after stopping the runs), and the
   # headline table of README.md.
   report)
-    for run in $OUT/*/; do
-      [ -f "$run/run.json" ] || continue
-      read -r protocol dataset rules < <(.venv/bin/python -c \
-        "import json,sys; i=json.load(open(sys.argv[1])); print(i['protocol'], i['dataset'], i.get('rules', 'strict'))" "$run/run.json")
-      $EVAL --rules "$rules" --protocol "$protocol" --dataset "$dataset" --out "$run" --report-only
-    done
+    report_runs $OUT/*/
     runs=()
     for run in tokens-known tokens-ioi tokens-longra; do
       [ -f "$OUT/$run/results.json" ] && runs+=("$OUT/$run")
