@@ -37,9 +37,10 @@ class RayOptions:
     start_timeout_s: int = 300
 
 
-def add_ray_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+def add_ray_arguments(parser: argparse._ActionsContainer, what: str) -> None:
     """``--ray [ADDRESS]``, ``--actors``, ``--cpus-per-actor``, ``--gpus-per-actor`` and
-    ``--start-timeout``; ``what`` says what each actor holds."""
+    ``--start-timeout`` on ``parser`` (a parser or an argument group); ``what`` says what
+    each actor holds."""
     parser.add_argument(
         "--ray",
         nargs="?",

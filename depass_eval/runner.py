@@ -20,6 +20,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -121,7 +122,7 @@ def select_correct(
     cases: list[Case],
     size: int,
     reverse: bool = False,
-    exclude: set[str] = frozenset(),
+    exclude: AbstractSet[str] = frozenset(),
 ) -> dict[str, Any]:
     """The first ``size`` cases, in seeded random order, whose answer's first token is the
     model's top-1 next token; screened in batches. Cached in ``selection.json``."""

@@ -18,12 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from engine.families import Family
-from engine.parts import FrozenMLP, Hook
+from engine.parts import FrozenMLP, Hook, module_tensor
 
 
 @dataclass
@@ -72,7 +73,11 @@ class LayerTrace:
         """The trace with ``fn`` applied to every tensor (a kept-probabilities trace)."""
         assert self.probs is not None, "only traces that keep probabilities are mapped"
         return LayerTrace(
-            *(fn(getattr(self, f)) for f in ("resid_pre", "resid_mid", "probs", "gate", "act")),
+            resid_pre=fn(self.resid_pre),
+            resid_mid=fn(self.resid_mid),
+            probs=fn(self.probs),
+            gate=fn(self.gate),
+            act=fn(self.act),
             scales={role: fn(t) for role, t in self.scales.items()},
             routes=None if self.routes is None else fn(self.routes),
         )
@@ -137,10 +142,11 @@ def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _kept(kind: str, output: object) -> torch.Tensor:
-    """What a :class:`engine.parts.Hook` of ``kind`` keeps of a module's output."""
+def _kept(kind: str, output: Any) -> torch.Tensor:
+    """What a :class:`engine.parts.Hook` of ``kind`` keeps of a module's output (a tensor,
+    or a tuple whose first element is one)."""
     if kind == "output[1]":
-        value = output[1]  # type: ignore[index]
+        value = output[1]
         if value is None:
             raise RuntimeError(
                 "the attention module returned no probabilities: load the model with "
@@ -150,25 +156,26 @@ def _kept(kind: str, output: object) -> torch.Tensor:
     value = output[0] if isinstance(output, tuple) else output
     if kind == "first_half":
         return value[..., : value.shape[-1] // 2]
-    return value  # type: ignore[return-value]
+    return value
 
 
 def install_hooks(
     model: nn.Module,
     family: Family,
-    store: dict[tuple[int, str], torch.Tensor],
+    store: dict[tuple[int, str], Any],
     keep_probs: bool = True,
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """Hooks that fill ``store`` with what every part of every layer freezes; key
-    ``(layer, name)``, layer ``-1`` for the model root. ``keep_probs=False``: the
-    attention probabilities are not kept, the attention module's call is (key ``call``)."""
+    ``(layer, name)``, layer ``-1`` for the model root: a tensor, an ``arguments`` hook's
+    tuple, or (``keep_probs=False``: the attention probabilities are not kept) the
+    attention module's :class:`AttentionCall` (key ``call``)."""
     handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def on_call(module: nn.Module, key: tuple[int, str]) -> None:
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             detach = lambda v: v.detach() if torch.is_tensor(v) else v  # noqa: E731
             kept = {k: detach(v) for k, v in kwargs.items()}
-            store[key] = AttentionCall(mod, tuple(detach(a) for a in args), kept)  # type: ignore[assignment]
+            store[key] = AttentionCall(mod, tuple(detach(a) for a in args), kept)
 
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
@@ -237,11 +244,11 @@ def trace_forward_many(
     """
     if not keep_probs and len(prompts) != 1:
         raise ValueError("a trace without probabilities is made for one prompt at a time")
-    store: dict[tuple[int, str], torch.Tensor] = {}
+    store: dict[tuple[int, str], Any] = {}
     handles = install_hooks(model, family, store, keep_probs)
     num_layers = len(family.decoder_layers(model))
 
-    device = family.embeddings(model).weight.device
+    device = module_tensor(family.embeddings(model)).device
     lengths = [int(ids.shape[0]) for ids in prompts]
     length = max(lengths)
     batch = torch.zeros(len(prompts), length, dtype=torch.long)
@@ -282,15 +289,13 @@ def trace_forward_many(
                         resid_pre=pre[i],
                         resid_mid=mid[i],
                         probs=store[(i, "probs")][r, :, own, own] if keep_probs else None,
-                        attention_call=None if keep_probs else store[(i, "call")],  # type: ignore[arg-type]
-                        gate=frozen_mlps[i].gate[r, own],
-                        act=frozen_mlps[i].act[r, own],
+                        attention_call=None if keep_probs else store[(i, "call")],
+                        gate=mlp.gate[r, own],
+                        act=mlp.act[r, own],
                         scales={role: store[(i, role)][r, own] for role in roles},
-                        routes=None
-                        if frozen_mlps[i].routes is None
-                        else frozen_mlps[i].routes[r, own],
+                        routes=None if mlp.routes is None else mlp.routes[r, own],
                     )
-                    for i in range(num_layers)
+                    for i, mlp in enumerate(frozen_mlps)
                 ],
                 resid_final=store[(-1, "final")][r, own],
                 normed_final=store[(-1, "normed")][r, own],

@@ -38,7 +38,7 @@ from engine.plan import (
     reverse_is_cheaper,
 )
 from engine.readout import FrozenReadout
-from engine.request import AttributionRequest, RequestError
+from engine.request import AttributionRequest, RequestError, RunStrategy
 from engine.result import AttributionResult
 from engine.runner import BatchRunner
 from engine.tokens import Tokens
@@ -303,7 +303,7 @@ class DePassEngine:
         stages: list[int],
         end: int,
         scored: int,
-    ) -> str:
+    ) -> RunStrategy:
         """``forward`` or ``reverse`` for this request (``auto``: reverse when it applies
         and :func:`engine.plan.reverse_is_cheaper`)."""
         if request.strategy != "auto":

@@ -260,10 +260,17 @@ class RequestFields(Protocol):
     """The request fields a granularity reads: an :class:`engine.request.AttributionRequest`
     (or, for :meth:`Granularity.smaller`, the HTTP body, which has the same fields)."""
 
-    module: str | None
-    neurons: list[int] | None
-    subspace: Any
-    groups: Any
+    @property
+    def module(self) -> str | None: ...
+
+    @property
+    def neurons(self) -> list[int] | None: ...
+
+    @property
+    def subspace(self) -> Any: ...
+
+    @property
+    def groups(self) -> Any: ...
 
     @property
     def start_layers(self) -> list[int]: ...

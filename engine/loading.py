@@ -192,7 +192,9 @@ def load_pretrained(
         **(model_kwargs or {}),
     }
     if device_map is None:
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, **load).to(device)
+        # ``PreTrainedModel.to`` is ``functools.wraps``-decorated, which typeshed does not
+        # bind as a method
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, **load).to(device)  # type: ignore[arg-type]
     else:
         model = AutoModelForCausalLM.from_pretrained(path_or_id, device_map=device_map, **load)
         require_resident(model)

@@ -39,9 +39,9 @@ Each part lists the hooks it needs (:meth:`hooks`) as ``(path, kind, key)`` trip
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ class FrozenNorm:
             x = x - x.mean(-1, keepdim=True)
         return x if scale is None else x * scale
 
-    def at(self, *index: object) -> torch.Tensor | None:
+    def at(self, *index: int | slice | torch.Tensor) -> torch.Tensor | None:
         """The scale at ``index`` (``None`` for the identity)."""
         return None if self.scale is None else self.scale[index]
 
@@ -158,6 +158,19 @@ def _cast(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tor
     return tensor.detach().to(device, dtype)
 
 
+def module_tensor(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """``module``'s parameter (or buffer) ``name``: ``nn.Module.__getattr__`` is typed
+    ``Tensor | Module``."""
+    value = getattr(module, name)
+    assert isinstance(value, torch.Tensor), f"{type(module).__name__}.{name} is not a tensor"
+    return value
+
+
+def _activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module.act_fn``, the activation of a Hugging Face MLP or experts module."""
+    return cast(Callable[[torch.Tensor], torch.Tensor], module.act_fn)
+
+
 def _eps(module: nn.Module) -> float:
     for name in ("variance_epsilon", "eps", "epsilon"):
         if hasattr(module, name):
@@ -178,7 +191,7 @@ class RMSNorm(_Norm):
         return torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + _eps(module))
 
     def gain(self, module: nn.Module) -> torch.Tensor:
-        return module.weight.detach() + self.offset
+        return module_tensor(module).detach() + self.offset
 
     def bias(self, module: nn.Module) -> torch.Tensor | None:
         return None
@@ -198,7 +211,7 @@ class LayerNorm(_Norm):
         return torch.rsqrt(variance + _eps(module))
 
     def gain(self, module: nn.Module) -> torch.Tensor:
-        return module.weight.detach()
+        return module_tensor(module).detach()
 
     def bias(self, module: nn.Module) -> torch.Tensor | None:
         bias = getattr(module, "bias", None)
@@ -253,7 +266,7 @@ class ProjectionWeights:
 
 def _linear(module: nn.Module, transposed: bool, rows: slice | None = None) -> ProjectionWeights:
     """The weight (out, in) and bias of a Linear (or a transposed Conv1D) module."""
-    weight = module.weight.detach()
+    weight = module_tensor(module).detach()
     weight = weight.T if transposed else weight
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.detach()
@@ -335,6 +348,11 @@ class AttentionPart(Protocol):
     @property
     def module(self) -> str:
         """The attention module (inside one layer), whose output is ``(output, probs)``."""
+        ...
+
+    @property
+    def o_proj(self) -> str:
+        """The output projection (inside one layer), whose input is the heads, concatenated."""
         ...
 
     def hooks(self) -> list[Hook]: ...
@@ -855,7 +873,7 @@ class MixtureMLP(NeuronAxisMLP):
 
     def _expert_counts(self, layer: nn.Module) -> tuple[int, int]:
         """Experts, and neurons per expert."""
-        down = self._experts(layer).down_proj  # (E, D, I)
+        down = module_tensor(self._experts(layer), "down_proj")  # (E, D, I)
         return int(down.shape[0]), int(down.shape[2])
 
     def _shared_width(self, layer: nn.Module) -> int:
@@ -869,14 +887,15 @@ class MixtureMLP(NeuronAxisMLP):
         return max(self._expert_counts(layer)[1], self._shared_width(layer))
 
     def trace_width(self, layer: nn.Module) -> int:
-        chosen = int(layer.get_submodule(self.router).top_k)
+        chosen = int(layer.get_submodule(self.router).top_k)  # type: ignore[arg-type]
         return chosen * self._expert_counts(layer)[1] + self._shared_width(layer)
 
     def blocks(self, layer: nn.Module) -> list[NeuronBlock]:
         """One block per expert (its gate rows and down projection), then the shared one."""
         module = self._experts(layer)
         experts, size = self._expert_counts(layer)
-        gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
+        gate_up = module_tensor(module, "gate_up_proj").detach()
+        down = module_tensor(module, "down_proj").detach()
         blocks = [
             NeuronBlock(
                 slice(e * size, (e + 1) * size),
@@ -907,21 +926,23 @@ class MixtureMLP(NeuronAxisMLP):
         flattened over the ``batch`` of (prompts, positions))."""
         x, routes, weights = kept["routed"][:3]  # (B T, D), (B T, k), (B T, k)
         module = self._experts(layer)
-        size = module.down_proj.shape[2]
+        gate_up, act_fn = module_tensor(module, "gate_up_proj"), _activation(module)
+        size = module_tensor(module, "down_proj").shape[2]
         slots = routes.shape[1]
         gate = x.new_zeros(x.shape[0], slots, size)
         act = x.new_zeros(x.shape[0], slots, size)
         for e in routes.unique().tolist():
             rows, slot = torch.where(routes == e)
-            g, up = torch.nn.functional.linear(x[rows], module.gate_up_proj[e]).chunk(2, dim=-1)
+            g, up = torch.nn.functional.linear(x[rows], gate_up[e]).chunk(2, dim=-1)
             gate[rows, slot] = g
-            act[rows, slot] = module.act_fn(g) * up * weights[rows, slot, None].to(x.dtype)
+            act[rows, slot] = act_fn(g) * up * weights[rows, slot, None].to(x.dtype)
         gates, acts = [gate.flatten(1)], [act.flatten(1)]
         if self.shared is not None:
             shared = layer.get_submodule(self.shared.module)
             g = layer.get_submodule(self.shared.gate)(x)
+            assert self.shared_up is not None  # named with every shared expert
             up = layer.get_submodule(self.shared_up)(x)
-            act = shared.act_fn(g) * up
+            act = _activation(shared)(g) * up
             if self.shared_gate is not None:  # frozen per position
                 act = act * torch.sigmoid(layer.get_submodule(self.shared_gate)(x))
             gates.append(g)
@@ -963,7 +984,7 @@ class Readout:
 
     def vocab_size(self, unembed: nn.Module) -> int:
         """Rows of the unembedding ``unembed`` (the module at :attr:`path`)."""
-        return int(unembed.weight.shape[0])
+        return int(module_tensor(unembed).shape[0])
 
     def softcap(self, config: object) -> float | None:
         if self.softcap_attr is None:

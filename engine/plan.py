@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from engine.errors import RequestError
 from engine.granularity import GRANULARITY_KINDS
 from engine.memory import MemoryEstimate, Shape, estimate
-from engine.request import AttributionRequest
+from engine.request import AttributionRequest, RunStrategy
 
 #: One run: (index of the request in the call, start layer).
 Run = tuple[int, int]
@@ -39,7 +39,7 @@ class Plan:
     memory: MemoryEstimate  # peak memory of the request beyond the weights, by part
     chunk_budget: int  # what the estimate leaves for attention blocks and MLP chunks
     late_starts: bool  # components start at different positions (causal skipping pays)
-    strategy: str = "forward"  # "forward" or "reverse", as chosen for this request
+    strategy: RunStrategy = "forward"  # as chosen for this request
     # reverse: the trace keeps no attention probabilities (recomputed layer by layer), as
     # a long prompt's would not fit the budget otherwise
     light_trace: bool = False

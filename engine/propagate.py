@@ -245,7 +245,7 @@ class LayerWeights:
         return self._freeze_attention()
 
     @functools.cached_property
-    def attn_bias(self) -> torch.Tensor | None:
+    def attn_bias(self) -> torch.Tensor:
         """What the attention biases add, the remainder's, through the post-norm when
         there is one: (D,) or (R, N, D)."""
         return _through_post(self.attn_post, self.attention.constant)
@@ -313,9 +313,14 @@ def _through_post(post: FrozenNorm, bias: torch.Tensor | None) -> torch.Tensor:
     """A mixer's bias (D,) through its frozen post-norm, plus the post-norm's own bias:
     (D,) without a post-norm, else (R, N, D) (the post-norm scales each position)."""
     if post.shift is None and (bias is None or not bool(bias.any())):
-        return bias if bias is not None else post.scale.new_zeros(post.scale.shape[-1])
+        if bias is not None:
+            return bias
+        assert post.scale is not None, "no bias, and no post-norm to give a zero one its width"
+        return post.scale.new_zeros(post.scale.shape[-1])
     if post.identity:
+        assert bias is not None  # a non-zero one: the identity has no shift
         return bias
+    assert post.scale is not None  # not IDENTITY: a norm frozen with its scale
     out = (
         torch.zeros_like(post.scale)
         if bias is None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine.capture import ForwardTrace
-from engine.parts import FrozenNorm, NormPart
+from engine.parts import FrozenNorm, NormPart, module_tensor
 from engine.propagate import Snapshot
 
 
@@ -51,23 +51,24 @@ class FrozenReadout:
         """The unembedding rows (and biases) of ``targets``."""
         bias = getattr(self.unembed, "bias", None)
         return TargetHead(
-            weight=self.unembed.weight[targets].to(self.dtype),
+            weight=module_tensor(self.unembed)[targets].to(self.dtype),
             bias=None if bias is None else bias[targets].to(self.dtype),
         )
 
     def for_position_targets(self, targets: list[list[int]]) -> TargetHead:
         """The unembedding rows of each position's own targets (P lists of T ids)."""
-        index = torch.tensor(targets, dtype=torch.long, device=self.unembed.weight.device)
+        weight = module_tensor(self.unembed)
+        index = torch.tensor(targets, dtype=torch.long, device=weight.device)
         bias = getattr(self.unembed, "bias", None)
         return TargetHead(
-            weight=self.unembed.weight[index].to(self.dtype),  # (P, T, D)
+            weight=weight[index].to(self.dtype),  # (P, T, D)
             bias=None if bias is None else bias[index].to(self.dtype),
         )
 
     def top_tokens(self, trace: ForwardTrace, positions: torch.Tensor) -> list[int]:
         """The model's own top-1 next token at each of ``positions`` (the argmax of its
         logits, computed as the forward pass does, a chunk of positions at a time)."""
-        weight = self.unembed.weight
+        weight = module_tensor(self.unembed)
         normed = trace.normed_final[positions.to(trace.normed_final.device)]  # (P, D)
         tops: list[int] = []
         for chunk in normed.split(TOP_TOKEN_CHUNK):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeGuard, get_args
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ Role = Literal["system", "user", "assistant"]
 #: ``reverse`` (``mlp_split='taylor'``, scores only) takes every component's score from one
 #: gradient; ``auto`` picks reverse when it applies and costs less.
 Strategy = Literal["auto", "forward", "reverse"]
+#: The strategy a request runs with (``auto`` resolved).
+RunStrategy = Literal["forward", "reverse"]
 OUTPUTS: tuple[str, ...] = get_args(Output)
 ROLES: tuple[str, ...] = get_args(Role)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -54,7 +56,7 @@ def _about(description: str, minimum: float | None = None) -> dict[str, Any]:
     return {"description": description} | ({} if minimum is None else {"minimum": minimum})
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int | np.integer]:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 

@@ -55,7 +55,7 @@ INPUT_FIELDS = ("prompt", "input_ids", "messages")
 
 
 def check_one_input(
-    prompt: str | None, input_ids: list[int] | None, messages: list[Any] | None = None
+    prompt: str | None, input_ids: list[int] | None, messages: Sequence[Any] | None = None
 ) -> None:
     """Exactly one of ``prompt``, ``input_ids`` and ``messages``, and not an empty one."""
     given = [

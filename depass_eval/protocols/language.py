@@ -30,6 +30,7 @@ from depass_eval.data import read_json
 from depass_eval.probes import Probe, cached_probe, fit_probe, texts_and_labels
 from depass_eval.report import mean, table
 from depass_eval.runner import Context, Timer, run_records
+from engine.parts import module_tensor
 
 NAME = "language"
 #: The record keys of each language, in the probe's label order (0 English .. 5 Spanish).
@@ -91,7 +92,7 @@ def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[di
 def evaluate(ctx: Context, probe: Probe, record: dict[str, Any]) -> dict[str, Any]:
     model = ctx.model
     split, at = layers(ctx)
-    unembed = model.unembedding().weight.detach().float()
+    unembed = module_tensor(model.unembedding()).detach().float()
     prompts = [model.encode(record[lang]["prompt"]) for lang in LANGUAGES]
     resids = [model.residual_all(ids, split) for ids in prompts]
     centre = torch.stack([r[-1] for r in resids]).mean(0)

@@ -17,7 +17,7 @@ absolute score (``depass-<rule>-abs``).
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,10 @@ def run(ctx: Context, dataset: str, size: int, progress: bool = True) -> list[di
         raise ValueError("--peers runs the peers beside this process; leave out --ray")
     sources = "sentence" if dataset == "longra" else "word"
     folder = peers.weights_folder(ctx.model) if names else None
-    with peers.started(names, folder, 1) if folder else nullcontext({}) as running:
+    running_peers: AbstractContextManager[dict[str, peers.PeerProcess]] = (
+        peers.started(names, folder, 1) if folder else nullcontext({})
+    )
+    with running_peers as running:
         work = functools.partial(evaluate, running=running or None, sources=sources)
         if rules_of(ctx.options) == "paper":
             return run_in_order(ctx, load_cases(dataset), size, lambda c: work(ctx, c), progress)
