@@ -36,6 +36,7 @@ case $GROUP in
   all) for g in paper-tokens tokens-known tokens-ioi tokens-longra paper-components components paper-truth paper-language; do
          bash "$0" "$MODEL" $g; done ;;
   report)
-    report_runs $OUT/*/ ;;
+    report_runs $OUT/*/
+    side_by_side $OUT Gemma-3-270M ;;
   *) echo "unknown group $GROUP"; exit 2 ;;
 esac

@@ -64,6 +64,7 @@ case $GROUP in
     for run in tokens-known tokens-ioi tokens-longra; do
       [ -f "$OUT/$run/results.json" ] && runs+=("$OUT/$run")
     done
-    .venv/bin/python -m depass_eval.headline "${runs[@]}" > $OUT/headline.md ;;
+    .venv/bin/python -m depass_eval.headline "${runs[@]}" > $OUT/headline.md
+    side_by_side $OUT SmolLM2-135M-Instruct ;;
   *) echo "unknown group $GROUP"; exit 2 ;;
 esac
