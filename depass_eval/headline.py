@@ -5,6 +5,9 @@ on the first data set; DePass's variants first. Reads each run's ``results.json`
 
 ``--side-by-side STRICT PAPER``: one data set under both rules, each AUC with its
 standard error, and where DePass's best variant stands against the best baseline in each.
+
+``--verdicts RUN...``: per run and curve, DePass's best variant against every other method
+(each baseline, each peer) with the same tie rule, one line per curve.
 """
 
 from __future__ import annotations
@@ -83,32 +86,72 @@ def side_by_side(strict: Path, paper: Path) -> str:
             lines.append(
                 f"- {rules}, {mode}-top: `{c['best_depass']}` {c['best_depass_auc']:.3f} vs"
                 f" `{c['best_baseline']}` {c['best_baseline_auc']:.3f}: DePass"
-                f" {verdict(result, mode, c)}."
+                f" {_explained(verdict(result, mode, c['best_depass'], c['best_baseline']))}."
             )
     return "\n".join(lines)
 
 
-def verdict(result: dict[str, Any], mode: str, comparison: dict[str, Any]) -> str:
-    """``wins``, ``loses`` or ``ties``: a tie when the two AUCs differ by less than twice
-    the standard error of their difference (taken as independent: conservative, the
-    prompts are shared)."""
-    errors = [
-        result["methods"][comparison[key]][mode].get("auc_sem", 0.0)
-        for key in ("best_depass", "best_baseline")
-    ]
-    gap = comparison["best_depass_auc"] - comparison["best_baseline_auc"]
-    if abs(gap) < 2 * math.hypot(*errors):
-        return "ties (within twice the standard error)"
-    return "wins" if comparison["depass_wins"] else "loses"
+def verdicts(run: Path) -> str:
+    """A Markdown list for one tokens run: per curve, DePass's best variant against every
+    non-DePass method (baselines and peers alike), best first, each with its verdict."""
+    result = json.loads((run / "results.json").read_text())
+    methods = result["methods"]
+    depass = [m for m in methods if m.startswith("depass")]
+    others = [m for m in methods if not m.startswith("depass")]
+    lines = [f"## {run.name} ({result.get('rules', 'strict')} rules, n={result['prompts']})", ""]
+    for mode, sign in (("patch", -1), ("recover", 1)):
+        if not depass or not others:
+            break
+        ours = min(depass, key=lambda m: sign * methods[m][mode]["auc"])
+        against = [
+            f"`{other}` {_auc(methods[other], mode)}: {verdict(result, mode, ours, other)}"
+            for other in sorted(others, key=lambda m: sign * methods[m][mode]["auc"])
+        ]
+        lines.append(
+            f"- {mode}-top, `{ours}` {_auc(methods[ours], mode)} against " + "; ".join(against)
+        )
+    return "\n".join(lines)
+
+
+def _auc(entry: dict[str, Any], mode: str) -> str:
+    """An AUC with its standard error, three decimals."""
+    return f"{entry[mode]['auc']:.3f} ± {entry[mode].get('auc_sem', 0.0):.3f}"
+
+
+def _explained(word: str) -> str:
+    """A verdict with its tie rule spelt out."""
+    return f"{word} (within twice the standard error)" if word == "ties" else word
+
+
+def verdict(result: dict[str, Any], mode: str, ours: str, theirs: str) -> str:
+    """Whether DePass's method ``ours`` ``wins``, ``loses`` or ``ties`` against ``theirs``
+    on one curve (patch-top: higher is better; recover-top: lower). A tie when the two
+    AUCs differ by less than twice the standard error of their difference (taken as
+    independent: conservative, the prompts are shared)."""
+    a, b = (result["methods"][m][mode] for m in (ours, theirs))
+    gap = a["auc"] - b["auc"]
+    if abs(gap) < 2 * math.hypot(a.get("auc_sem", 0.0), b.get("auc_sem", 0.0)):
+        return "ties"
+    better = gap > 0 if mode == "patch" else gap < 0
+    return "wins" if better else "loses"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("runs", type=Path, nargs="+", help="output folders of tokens runs")
-    parser.add_argument(
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument(
         "--side-by-side", action="store_true", help="two runs: STRICT PAPER of one data set"
     )
+    shape.add_argument(
+        "--verdicts",
+        action="store_true",
+        help="per run: DePass's best variant against every other method, per curve",
+    )
     args = parser.parse_args()
+    if args.verdicts:
+        print("\n\n".join(verdicts(run) for run in args.runs))
+        return
     if args.side_by_side:
         if len(args.runs) != 2:
             parser.error("--side-by-side takes two runs: STRICT PAPER")

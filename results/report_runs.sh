@@ -29,3 +29,22 @@ side_by_side() {
     } > "$out/side-by-side-$data.md"
   done
 }
+
+# verdicts OUT MODEL_NAME writes OUT/verdicts.md: per token run (both rules, and the
+# peers), DePass's best variant against every other method on each curve.
+verdicts() {
+  local out=$1 name=$2 runs=() run
+  for run in "$out"/tokens-{known,ioi,longra} "$out"/paper-tokens-{known,ioi,longra} "$out"/paper-peers-{known,ioi,longra}; do
+    [ -f "$run/results.json" ] && runs+=("$run")
+  done
+  [ ${#runs[@]} -gt 0 ] || return 0
+  {
+    echo "# DePass against each method ($name)"
+    echo
+    echo "Per run and curve: DePass's best variant against every other method, best first." \
+      "Patch-top: higher is better; recover-top: lower is better. A gap inside twice the" \
+      "standard error of the difference is a tie."
+    echo
+    .venv/bin/python -m depass_eval.headline --verdicts "${runs[@]}"
+  } > "$out/verdicts.md"
+}

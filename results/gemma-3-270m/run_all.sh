@@ -37,6 +37,7 @@ case $GROUP in
          bash "$0" "$MODEL" $g; done ;;
   report)
     report_runs $OUT/*/
-    side_by_side $OUT Gemma-3-270M ;;
+    side_by_side $OUT Gemma-3-270M
+    verdicts $OUT Gemma-3-270M ;;
   *) echo "unknown group $GROUP"; exit 2 ;;
 esac

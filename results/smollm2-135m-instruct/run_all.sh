@@ -65,6 +65,7 @@ case $GROUP in
       [ -f "$OUT/$run/results.json" ] && runs+=("$OUT/$run")
     done
     .venv/bin/python -m depass_eval.headline "${runs[@]}" > $OUT/headline.md
-    side_by_side $OUT SmolLM2-135M-Instruct ;;
+    side_by_side $OUT SmolLM2-135M-Instruct
+    verdicts $OUT SmolLM2-135M-Instruct ;;
   *) echo "unknown group $GROUP"; exit 2 ;;
 esac

@@ -11,6 +11,7 @@ prompts, and DePass by URL (a real service, through the SDK) gives the in-proces
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -777,6 +778,47 @@ def test_side_by_side_table_of_both_rules(tmp_path: Path) -> None:
     assert verdicts[0].endswith("DePass wins.")  # 0.06 apart, sem 0.01 each
     assert "DePass ties (within twice the standard error)" in verdicts[1]  # 0.01 apart
     assert verdicts[2].startswith("- paper, patch-top") and verdicts[2].endswith("loses.")
+
+
+def test_verdicts_judge_depass_against_every_method(tmp_path: Path) -> None:
+    """``--verdicts``: per curve, DePass's best variant against each other method (peers
+    and baselines alike), best first, with the tie rule of the side-by-side table and
+    each curve's direction (patch-top higher is better, recover-top lower)."""
+    from depass_eval.headline import verdicts
+
+    def entry(patch: float, recover: float) -> dict[str, Any]:
+        return {
+            "patch": {"auc": patch, "auc_sem": 0.01},
+            "recover": {"auc": recover, "auc_sem": 0.01},
+        }
+
+    methods = {
+        "depass-softmax": entry(0.95, 0.70),
+        "depass-softmax-abs": entry(0.90, 0.60),
+        "attnlrp": entry(0.96, 0.55),  # patch: 0.01 above DePass's best, a tie; recover: wins
+        "context-cite": entry(0.85, 0.61),  # patch: 0.10 below, DePass wins; recover: a tie
+        "attention-rollout": entry(0.80, 0.80),  # DePass wins both
+    }
+    run = tmp_path / "paper-peers-ioi"
+    run.mkdir()
+    result = {"prompts": 200, "rules": "paper", "methods": methods}
+    (run / "results.json").write_text(json.dumps(result))
+    lines = verdicts(run).splitlines()
+    assert lines[0] == "## paper-peers-ioi (paper rules, n=200)"
+    patch, recover = (line for line in lines if line.startswith("- "))
+    assert patch.startswith("- patch-top, `depass-softmax` 0.950 ± 0.010 against `attnlrp`")
+    assert [part.split(": ")[-1] for part in patch.split("; ")] == ["ties", "wins", "wins"]
+    assert patch.index("`context-cite`") < patch.index("`attention-rollout`")
+    assert recover.startswith("- recover-top, `depass-softmax-abs` 0.600 ± 0.010 against")
+    assert [part.split(": ")[-1] for part in recover.split("; ")] == ["loses", "ties", "wins"]
+    assert "`attnlrp` 0.550 ± 0.010: loses" in recover
+    cli = subprocess.run(
+        [sys.executable, "-m", "depass_eval.headline", "--verdicts", str(run), str(run)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert cli.stdout.count("## paper-peers-ioi") == 2 and patch in cli.stdout
 
 
 # ---------------------------------------------------------------------------- the peers
