@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from depass_eval.report import table
+from depass_eval.report import table, verdict
 
 
 def headline(runs: list[Path]) -> str:
@@ -121,19 +120,6 @@ def _auc(entry: dict[str, Any], mode: str) -> str:
 def _explained(word: str) -> str:
     """A verdict with its tie rule spelt out."""
     return f"{word} (within twice the standard error)" if word == "ties" else word
-
-
-def verdict(result: dict[str, Any], mode: str, ours: str, theirs: str) -> str:
-    """Whether DePass's method ``ours`` ``wins``, ``loses`` or ``ties`` against ``theirs``
-    on one curve (patch-top: higher is better; recover-top: lower). A tie when the two
-    AUCs differ by less than twice the standard error of their difference (taken as
-    independent: conservative, the prompts are shared)."""
-    a, b = (result["methods"][m][mode] for m in (ours, theirs))
-    gap = a["auc"] - b["auc"]
-    if abs(gap) < 2 * math.hypot(a.get("auc_sem", 0.0), b.get("auc_sem", 0.0)):
-        return "ties"
-    better = gap > 0 if mode == "patch" else gap < 0
-    return "wins" if better else "loses"
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,19 @@ def sem(values: Sequence[float]) -> float:
     if len(values) < 2:
         return 0.0
     return float(np.std(values, ddof=1) / np.sqrt(len(values)))
+
+
+def verdict(result: dict[str, Any], mode: str, ours: str, theirs: str) -> str:
+    """Whether DePass's method ``ours`` ``wins``, ``loses`` or ``ties`` against ``theirs``
+    on one curve (patch-top: higher is better; recover-top: lower). A tie when the two
+    AUCs differ by less than twice the standard error of their difference (taken as
+    independent: conservative, the prompts are shared)."""
+    a, b = (result["methods"][m][mode] for m in (ours, theirs))
+    gap = a["auc"] - b["auc"]
+    if abs(gap) < 2 * math.hypot(a.get("auc_sem", 0.0), b.get("auc_sem", 0.0)):
+        return "ties"
+    better = gap > 0 if mode == "patch" else gap < 0
+    return "wins" if better else "loses"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

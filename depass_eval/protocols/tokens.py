@@ -27,7 +27,7 @@ import torch
 from depass_eval import baselines, peers, perturb
 from depass_eval.data import load_cases
 from depass_eval.model import EvalModel
-from depass_eval.report import line_plot, mean, sem, table
+from depass_eval.report import line_plot, mean, sem, table, verdict
 from depass_eval.runner import Context, Timer, run_correct, run_in_order
 from depass_eval.source import Split
 
@@ -311,11 +311,12 @@ def markdown(summary: dict[str, Any], title: str) -> str:
         if mode not in comparison:
             continue
         c = comparison[mode]
-        verdict = "wins" if c["depass_wins"] else "loses"
+        word = verdict(summary, mode, c["best_depass"], c["best_baseline"])
+        how = "within twice the standard error, a gap of" if word == "ties" else "by"
         text.append(
             f"- {mode}-top: best DePass `{c['best_depass']}` {c['best_depass_auc']:.3f} vs best"
-            f" baseline `{c['best_baseline']}` {c['best_baseline_auc']:.3f}: DePass {verdict}"
-            f" by {abs(c['margin']):.3f}."
+            f" baseline `{c['best_baseline']}` {c['best_baseline_auc']:.3f}: DePass {word}"
+            f" ({how} {abs(c['margin']):.3f})."
         )
     return "\n".join(text)
 

@@ -780,6 +780,46 @@ def test_side_by_side_table_of_both_rules(tmp_path: Path) -> None:
     assert verdicts[2].startswith("- paper, patch-top") and verdicts[2].endswith("loses.")
 
 
+def test_run_summary_calls_a_gap_inside_the_standard_error_a_tie() -> None:
+    """A run's own summary.md judges its best DePass variant against its best baseline
+    with the tie rule of the side-by-side table, not by the sign of the gap alone."""
+    from depass_eval.protocols.tokens import markdown
+
+    def entry(patch: float, recover: float) -> dict[str, Any]:
+        return {
+            "patch": {"auc": patch, "auc_sem": 0.003},
+            "recover": {"auc": recover, "auc_sem": 0.010},
+            "seconds_per_prompt": 1.0,
+        }
+
+    def comparison(mode: str, ours: float, theirs: float) -> dict[str, Any]:
+        better = ours > theirs if mode == "patch" else ours < theirs
+        return {
+            "best_depass": "depass-softmax",
+            "best_depass_auc": ours,
+            "best_baseline": "gradient-norm",
+            "best_baseline_auc": theirs,
+            "depass_wins": better,
+            "margin": ours - theirs,
+        }
+
+    summary = {
+        "prompts": 100,
+        "rules": "paper",
+        "mean_tokens": 42.0,
+        "mean_answer_prob": 0.15,
+        "answered_correctly": 0.4,
+        "methods": {"depass-softmax": entry(0.991, 0.684), "gradient-norm": entry(0.993, 0.541)},
+        "comparison": {
+            "patch": comparison("patch", 0.991, 0.993),
+            "recover": comparison("recover", 0.684, 0.541),
+        },
+    }
+    lines = [line for line in markdown(summary, "t").splitlines() if line.startswith("- ")]
+    assert lines[0].endswith("DePass ties (within twice the standard error, a gap of 0.002).")
+    assert lines[1].endswith("DePass loses (by 0.143).")
+
+
 def test_verdicts_judge_depass_against_every_method(tmp_path: Path) -> None:
     """``--verdicts``: per curve, DePass's best variant against each other method (peers
     and baselines alike), best first, with the tie rule of the side-by-side table and
