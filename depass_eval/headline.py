@@ -98,6 +98,7 @@ def verdicts(run: Path) -> str:
     depass = [m for m in methods if m.startswith("depass")]
     others = [m for m in methods if not m.startswith("depass")]
     lines = [f"## {run.name} ({result.get('rules', 'strict')} rules, n={result['prompts']})", ""]
+    # sign orders best first: higher AUCs on patch-top, lower on recover-top
     for mode, sign in (("patch", -1), ("recover", 1)):
         if not depass or not others:
             break
