@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from depass_eval.report import table, verdict
+from depass_eval.report import HIGHER_IS_BETTER, best_first, table, verdict
 
 
 def headline(runs: list[Path]) -> str:
@@ -98,14 +98,13 @@ def verdicts(run: Path) -> str:
     depass = [m for m in methods if m.startswith("depass")]
     others = [m for m in methods if not m.startswith("depass")]
     lines = [f"## {run.name} ({result.get('rules', 'strict')} rules, n={result['prompts']})", ""]
-    # sign orders best first: higher AUCs on patch-top, lower on recover-top
-    for mode, sign in (("patch", -1), ("recover", 1)):
-        if not depass or not others:
-            break
-        ours = min(depass, key=lambda m: sign * methods[m][mode]["auc"])
+    if not depass or not others:
+        return "\n".join(lines)
+    for mode in HIGHER_IS_BETTER:
+        ours = best_first(methods, depass, mode)[0]
         against = [
             f"`{other}` {_auc(methods[other], mode)}: {verdict(result, mode, ours, other)}"
-            for other in sorted(others, key=lambda m: sign * methods[m][mode]["auc"])
+            for other in best_first(methods, others, mode)
         ]
         lines.append(
             f"- {mode}-top, `{ours}` {_auc(methods[ours], mode)} against " + "; ".join(against)

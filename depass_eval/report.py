@@ -10,6 +10,10 @@ from typing import Any
 
 import numpy as np
 
+#: Per curve of the tokens protocol, whether a higher AUC is the better one: patch-top
+#: (restoring the top tokens brings the answer back) yes, recover-top (removing them) no.
+HIGHER_IS_BETTER = {"patch": True, "recover": False}
+
 
 def mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
@@ -22,6 +26,12 @@ def sem(values: Sequence[float]) -> float:
     return float(np.std(values, ddof=1) / np.sqrt(len(values)))
 
 
+def best_first(methods: Mapping[str, Any], names: Sequence[str], mode: str) -> list[str]:
+    """``names`` from the best AUC on curve ``mode`` to the worst (equal AUCs keep their
+    order), read from ``methods`` (a results' ``methods``)."""
+    return sorted(names, key=lambda m: methods[m][mode]["auc"], reverse=HIGHER_IS_BETTER[mode])
+
+
 def verdict(result: dict[str, Any], mode: str, ours: str, theirs: str) -> str:
     """Whether DePass's method ``ours`` ``wins``, ``loses`` or ``ties`` against ``theirs``
     on one curve (patch-top: higher is better; recover-top: lower). A tie when the two
@@ -31,7 +41,7 @@ def verdict(result: dict[str, Any], mode: str, ours: str, theirs: str) -> str:
     gap = a["auc"] - b["auc"]
     if abs(gap) < 2 * math.hypot(a.get("auc_sem", 0.0), b.get("auc_sem", 0.0)):
         return "ties"
-    better = gap > 0 if mode == "patch" else gap < 0
+    better = gap > 0 if HIGHER_IS_BETTER[mode] else gap < 0
     return "wins" if better else "loses"
 
 

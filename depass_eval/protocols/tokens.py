@@ -27,7 +27,7 @@ import torch
 from depass_eval import baselines, peers, perturb
 from depass_eval.data import load_cases
 from depass_eval.model import EvalModel
-from depass_eval.report import line_plot, mean, sem, table, verdict
+from depass_eval.report import HIGHER_IS_BETTER, best_first, line_plot, mean, sem, table, verdict
 from depass_eval.runner import Context, Timer, run_correct, run_in_order
 from depass_eval.source import Split
 
@@ -251,16 +251,16 @@ def _comparison(rows: list[dict[str, Any]], per_method: dict[str, Any]) -> dict[
     if not depass or not others:
         return {}
     out: dict[str, Any] = {}
-    for mode, better in (("patch", max), ("recover", min)):
-        best_ours = better(depass, key=lambda m: per_method[m][mode]["auc"])
-        best_theirs = better(others, key=lambda m: per_method[m][mode]["auc"])
+    for mode in perturb.MODES:
+        best_ours = best_first(per_method, depass, mode)[0]
+        best_theirs = best_first(per_method, others, mode)[0]
         ours, theirs = per_method[best_ours][mode]["auc"], per_method[best_theirs][mode]["auc"]
         out[mode] = {
             "best_depass": best_ours,
             "best_depass_auc": ours,
             "best_baseline": best_theirs,
             "best_baseline_auc": theirs,
-            "depass_wins": bool(ours > theirs) if mode == "patch" else bool(ours < theirs),
+            "depass_wins": bool(ours > theirs) if HIGHER_IS_BETTER[mode] else bool(ours < theirs),
             "margin": ours - theirs,
         }
     default = "depass-softmax" if "depass-softmax" in per_method else depass[0]
@@ -270,7 +270,7 @@ def _comparison(rows: list[dict[str, Any]], per_method: dict[str, Any]) -> dict[
         for mode in perturb.MODES:
             a = np.array([np.mean(r["curves"][default][mode]) for r in rows])
             b = np.array([np.mean(r["curves"][other][mode]) for r in rows])
-            wins[other][mode] = float(np.mean(a > b) if mode == "patch" else np.mean(a < b))
+            wins[other][mode] = float(np.mean(a > b) if HIGHER_IS_BETTER[mode] else np.mean(a < b))
     out["default"] = default
     out["default_beats_per_prompt"] = wins
     return out
@@ -334,9 +334,7 @@ def plot(summary: dict[str, Any], out_dir: Path, title: str) -> None:
     x = summary["percents"]
     panels = [
         (
-            f"{mode}-top (higher is better)"
-            if mode == "patch"
-            else f"{mode}-top (lower is better)",
+            f"{mode}-top ({'higher' if HIGHER_IS_BETTER[mode] else 'lower'} is better)",
             "relative change of p(answer)",
             {m: (x, e[mode]["curve"]) for m, e in summary["methods"].items()},
         )
